@@ -1,0 +1,1 @@
+"""nchunk core: flash-resident VLM weights streamed with Neuron Chunking (no ROS imports)."""

@@ -1,0 +1,313 @@
+"""`nchunk bench io`: I/O efficiency of selection methods on the decoder shapes of a 7B VLM.
+
+A store with the decoder projections of LLaVA-OneVision-Qwen2-7B (hidden 3584, 28 query / 4 key-value
+heads of 128, intermediate 18 944, fp16; random weights, since only I/O is measured) is written once
+on the drive under test, bundled (q|k|v and gate|up share rows) and unbundled, and reused later.
+
+For every method, storage layout and sparsity, each test frame's importance vectors are turned into a
+selection per matrix, the selected rows are read cold (direct I/O) through the reader, and we record
+measured and estimated I/O time, retained importance, requests and run lengths. Reordering is applied
+the way the runtime sees it: the importance vector is put in hot–cold order (permutation from
+calibration frames) before selection, and the selected stored positions are read; the I/O pattern is
+exactly that of a store written in hot–cold order.
+
+The paper's comparison: the speedup of a method over magnitude at matched retained importance, with
+magnitude's time interpolated linearly along its retained-importance curve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..latency import LatencyTable
+from ..reader import Reader
+from ..reorder import hot_cold_permutation
+from ..select import select
+from ..store import Store, StoreError, StoreWriter
+from .importance import ImportanceModel, cv
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 3584, 28, 4, 128, 18944
+SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+EXTRA_MAGNITUDE = [0.8, 0.9]  # extends magnitude's curve so matched-importance interpolation has support
+STORE_VERSION = 1
+
+# input name -> [(projection, out_features)], in_features
+INPUTS = {
+    "attn_in": ([("q_proj", HEADS * HEAD_DIM), ("k_proj", KV_HEADS * HEAD_DIM), ("v_proj", KV_HEADS * HEAD_DIM)], HIDDEN),
+    "attn_out": ([("o_proj", HIDDEN)], HEADS * HEAD_DIM),
+    "mlp_in": ([("gate_proj", INTER), ("up_proj", INTER)], HIDDEN),
+    "mlp_out": ([("down_proj", HIDDEN)], INTER),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    method: str  # selection method
+    reorder: bool
+    bundled: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}{' + reorder' if self.reorder else ''} ({'bundled' if self.bundled else 'unbundled'})"
+
+
+def _random_fp16(rng, out_features: int, in_features: int) -> np.ndarray:
+    """[out, in] finite fp16 values (bit patterns below the exponent of inf), cheap to generate."""
+    bits = rng.integers(0, 0x7BFF, (out_features, in_features), dtype=np.uint16)
+    return bits.view(np.float16)
+
+
+def build_store(path: Path, layers: int, bundled: bool, progress: bool = True) -> Store:
+    """Write (or reuse) the benchmark store."""
+    info = {"bench": "io", "version": STORE_VERSION, "layers": layers, "bundled": bundled,
+            "shape": "llava-onevision-qwen2-7b"}
+    if (path / "manifest.json").exists():
+        try:
+            store = Store.open(path)
+            if store.model_info == info:
+                return store
+        except StoreError:
+            pass
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(1234)
+    todo = [(layer, name) for layer in range(layers) for name in INPUTS]
+    with StoreWriter(path, model_info=info, overwrite=True) as w:
+        for layer, inp in tqdm(todo, desc=f"writing {'bundled' if bundled else 'unbundled'} store", disable=not progress):
+            outs, in_features = INPUTS[inp]
+            mats = [(p, _random_fp16(rng, o, in_features)) for p, o in outs]
+            if bundled or len(mats) == 1:
+                w.add_group(f"layers.{layer}.{inp}", input=f"layers.{layer}.{inp}", matrices=mats, layer=layer)
+            else:
+                for p, m in mats:
+                    w.add_group(f"layers.{layer}.{p}", input=f"layers.{layer}.{inp}", matrices=[(p, m)], layer=layer)
+    return Store.open(path)
+
+
+class Matrix:
+    """The groups of one input in a store, opened for reading, with its importance stream."""
+
+    def __init__(self, store: Store, reader: Reader, input_name: str, table: LatencyTable):
+        from ..layers import combined_table
+
+        self.groups = store.groups_for_input(input_name)
+        self.rows = self.groups[0].rows
+        self.row_bytes = sum(g.row_bytes for g in self.groups)
+        self.table = combined_table(table, [g.row_bytes for g in self.groups],
+                                    max_rows=max(1, -(-table.max_bytes // min(g.row_bytes for g in self.groups))))
+        self.handles = [reader.open(str(g.file)) for g in self.groups]
+
+    def extents(self, runs: np.ndarray) -> list[np.ndarray]:
+        """[k, 3] extents per group for runs [k, 2] (start row, length), rows packed in one buffer."""
+        out, base = [], 0
+        rows = int(runs[:, 1].sum())
+        dest = np.concatenate([[0], np.cumsum(runs[:, 1])[:-1]])
+        for g in self.groups:
+            e = np.empty((len(runs), 3), dtype=np.int64)
+            e[:, 0] = g.offset + runs[:, 0] * g.row_bytes
+            e[:, 1] = runs[:, 1] * g.row_bytes
+            e[:, 2] = base + dest * g.row_bytes
+            out.append(e)
+            base += rows * g.row_bytes
+        return out
+
+
+def run(directory, layers: int = 2, frames: int = 12, calib_frames: int = 64, methods=("magnitude", "chunking"),
+        threads: int = 6, table: LatencyTable | None = None, model: ImportanceModel | None = None,
+        progress: bool = True, log=print) -> dict:
+    """Run the sweep; returns the JSON-able result (points, summary)."""
+    from tqdm import tqdm
+
+    from ..profile import load_or_profile
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = model or ImportanceModel()
+    table = table or load_or_profile(directory, threads=threads, quick=True, progress=progress, log=log)
+    stores = {b: build_store(directory / f"bench-io-{'bundled' if b else 'unbundled'}", layers, b, progress)
+              for b in (True, False)}
+
+    # Importance: per (layer, input) a persistent base, calibration frames, and test frames.
+    names = [(layer, inp) for layer in range(layers) for inp in INPUTS]
+    test_v, perms, cvs = {}, {}, []
+    for k, (layer, inp) in enumerate(names):
+        base = model.base(INPUTS[inp][1], seed=100 + k)
+        perms[(layer, inp)] = hot_cold_permutation(model.frames(base, calib_frames, seed=200 + k))
+        test_v[(layer, inp)] = model.frames(base, frames, seed=300 + k)
+        cvs.extend(cv(test_v[(layer, inp)]).tolist())
+
+    variants = [Variant(m, r, b) for b in (True, False) for m in methods for r in (False, True)]
+    points = []
+    with Reader(threads=threads) as reader:
+        mats = {b: {(layer, inp): Matrix(stores[b], reader, f"layers.{layer}.{inp}", table) for layer, inp in names}
+                for b in stores}
+        largest = max(sum(g.nbytes for g in m.groups) for m in mats[True].values())
+        buf = reader.empty(largest)
+        jobs = [(v, s) for v in variants for s in SPARSITIES + (EXTRA_MAGNITUDE if v.method == "magnitude" else [])]
+        for v, s in tqdm(jobs, desc="bench io", disable=not progress):
+            per_frame = []
+            for f in range(frames):
+                acc = dict(io_s=0.0, est_s=0.0, bytes=0, requests=0, rows=0, runs=0, select_s=0.0,
+                           kept=0.0, total=0.0, runlens=[], select_largest_s=0.0)
+                for key in names:
+                    m = mats[v.bundled][key]
+                    imp = test_v[key][f]
+                    if v.reorder:
+                        imp = imp[perms[key]]  # stored order of a hot–cold store
+                    budget = m.rows - int(round(s * m.rows))
+                    sel = select(imp, budget, v.method, m.table, m.row_bytes)
+                    io = sum(reader.read(h, e, buf).wall_s for h, e in zip(m.handles, m.extents(sel.runs)))
+                    acc["io_s"] += io
+                    acc["est_s"] += sel.est_latency_s
+                    acc["bytes"] += int(sel.rows) * m.row_bytes
+                    acc["requests"] += len(sel.runs) * len(m.groups)
+                    acc["rows"] += int(sel.rows)
+                    acc["runs"] += len(sel.runs)
+                    acc["select_s"] += sel.select_s
+                    if key[1] == "mlp_out":
+                        acc["select_largest_s"] = max(acc["select_largest_s"], sel.select_s)
+                    acc["kept"] += float(imp[sel.row_indices()].sum())
+                    acc["total"] += float(imp.sum())
+                    acc["runlens"].extend(sel.runs[:, 1].tolist())
+                per_frame.append(acc)
+            med = lambda k: float(np.median([a[k] for a in per_frame]))  # noqa: E731
+            runlens = np.concatenate([np.asarray(a["runlens"]) for a in per_frame])
+            points.append({
+                "method": v.method, "reorder": v.reorder, "bundled": v.bundled, "label": v.label, "sparsity": s,
+                "io_ms": med("io_s") * 1e3, "est_ms": med("est_s") * 1e3,
+                "io_ms_frames": [a["io_s"] * 1e3 for a in per_frame], "est_ms_frames": [a["est_s"] * 1e3 for a in per_frame],
+                "retained": float(np.median([a["kept"] / a["total"] for a in per_frame])),
+                "requests": med("requests"), "mean_run_rows": float(runlens.mean()) if runlens.size else 0.0,
+                "mib": med("bytes") / 2**20, "physical_limit_ms": med("bytes") / table.peak_bytes_per_s * 1e3,
+                "select_ms": med("select_s") * 1e3, "select_largest_ms": med("select_largest_s") * 1e3,
+                "runlen_hist": np.bincount(np.minimum(runlens, 256).astype(np.int64), minlength=257).tolist()
+                if abs(s - 0.5) < 1e-9 else None,
+            })
+    return summarize(points, table, cvs, layers=layers, frames=frames, calib_frames=calib_frames, model=model)
+
+
+def matched_speedup(points: list[dict], label: str, baseline: str) -> dict[float, float]:
+    """Speedup of `label` over `baseline` at the retained importance `label` reaches, per sparsity."""
+    base = sorted((p for p in points if p["label"] == baseline), key=lambda p: p["retained"])
+    r = np.array([p["retained"] for p in base])
+    t = np.array([p["io_ms"] for p in base])
+    out = {}
+    for p in points:
+        if p["label"] != label or p["sparsity"] not in SPARSITIES:
+            continue
+        if r[0] <= p["retained"] <= r[-1]:
+            out[p["sparsity"]] = float(np.interp(p["retained"], r, t) / p["io_ms"])
+    return out
+
+
+def summarize(points, table, cvs, **meta) -> dict:
+    by_label = sorted({p["label"] for p in points})
+    speedups = {}
+    for label in by_label:
+        bundled = "(bundled)" in label
+        baseline = f"magnitude ({'bundled' if bundled else 'unbundled'})"
+        if label != baseline:
+            speedups[label] = matched_speedup(points, label, baseline)
+    headline = "chunking + reorder (bundled)"
+    mid = [v for s, v in speedups.get(headline, {}).items() if 0.3 - 1e-9 <= s <= 0.7 + 1e-9]
+    all_best = [v for d in speedups.values() for v in d.values()]
+    meas = np.concatenate([p["io_ms_frames"] for p in points])
+    est = np.concatenate([p["est_ms_frames"] for p in points])
+    sel_largest = [p["select_largest_ms"] for p in points if p["method"] == "chunking"]
+    model = meta.pop("model")
+    return {
+        "machine": table.meta.get("drive"),
+        "saturation_kib": table.saturation_bytes // 1024,
+        "peak_mb_per_s": table.peak_bytes_per_s / 1e6,
+        "importance_model": dataclasses.asdict(model),
+        "importance_cv": {"min": float(np.min(cvs)), "median": float(np.median(cvs)), "max": float(np.max(cvs))},
+        "mean_speedup_30_70": float(np.mean(mid)) if mid else None,
+        "max_speedup": float(np.max(all_best)) if all_best else None,
+        "select_ms_p50": float(np.median(sel_largest)) if sel_largest else None,
+        "estimate_pearson_r": float(np.corrcoef(meas, est)[0, 1]),
+        "speedups": {k: {str(s): v for s, v in d.items()} for k, d in speedups.items()},
+        "points": points,
+        **meta,
+    }
+
+
+def format_table(res: dict) -> str:
+    lines = [
+        f"bench io: {res['layers']} decoder layers of LLaVA-OneVision-Qwen2-7B shape, fp16, {res['frames']} frames; "
+        f"drive {res['machine']}, saturation {res['saturation_kib']} KiB, peak {res['peak_mb_per_s']:.0f} MB/s",
+        f"importance CV over channels: median {res['importance_cv']['median']:.2f} "
+        f"(range {res['importance_cv']['min']:.2f}-{res['importance_cv']['max']:.2f})",
+        "",
+        f"{'method':<34}{'sparsity':>8}{'io ms':>9}{'est ms':>9}{'limit ms':>9}{'retained':>9}{'requests':>9}"
+        f"{'mean run':>9}{'MiB':>8}{'sel ms':>8}{'speedup':>8}",
+    ]
+    for p in res["points"]:
+        if p["sparsity"] not in SPARSITIES:
+            continue
+        sp = res["speedups"].get(p["label"], {}).get(str(p["sparsity"]))
+        lines.append(
+            f"{p['label']:<34}{p['sparsity']:>8.1f}{p['io_ms']:>9.1f}{p['est_ms']:>9.1f}{p['physical_limit_ms']:>9.1f}"
+            f"{p['retained']:>9.3f}{p['requests']:>9.0f}{p['mean_run_rows']:>9.1f}{p['mib']:>8.1f}{p['select_ms']:>8.1f}"
+            f"{(f'{sp:.2f}x' if sp else '-'):>8}")
+    fmt = lambda v, f: (f % v) if v is not None else "n/a"  # noqa: E731
+    lines += [
+        "",
+        f"mean_speedup_30_70 (chunking + reorder, bundled, over magnitude at matched retained importance): "
+        f"{fmt(res['mean_speedup_30_70'], '%.2f')}x",
+        f"max_speedup: {fmt(res['max_speedup'], '%.2f')}x   select_ms_p50 (18 944 rows): {fmt(res['select_ms_p50'], '%.2f')} ms   "
+        f"estimate_pearson_r: {res['estimate_pearson_r']:.3f}",
+    ]
+    return "\n".join(lines)
+
+
+def plot(res: dict, out_dir) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, bundled in zip(axes, (True, False)):
+        for label in sorted({p["label"] for p in res["points"] if p["bundled"] == bundled}):
+            pts = sorted((p for p in res["points"] if p["label"] == label), key=lambda p: p["sparsity"])
+            ax.plot([p["io_ms"] for p in pts], [p["retained"] for p in pts], "o-", ms=3, label=label.split(" (")[0])
+        lim = sorted((p for p in res["points"] if p["bundled"] == bundled and p["method"] == "magnitude" and not p["reorder"]),
+                     key=lambda p: p["sparsity"])
+        ax.plot([p["physical_limit_ms"] for p in lim], [p["retained"] for p in lim], "k:", lw=1,
+                label="physical limit (magnitude's bytes at peak)")
+        ax.set(xlabel="I/O time per frame (ms, median, direct I/O)", title="bundled q|k|v, gate|up" if bundled else "unbundled",
+               xscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("retained importance")
+    fig.suptitle(f"Retained importance vs I/O time — {res['machine']}", fontsize=10)
+    fig.tight_layout()
+    paths.append(str(out_dir / "bench_io_curves.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p in res["points"]:
+        if p["runlen_hist"] and p["bundled"] and p["method"] in ("magnitude", "chunking"):
+            h = np.array(p["runlen_hist"], dtype=float)
+            lengths = np.nonzero(h)[0]
+            ax.step(lengths, h[lengths] * lengths / (h * np.arange(h.size)).sum(), where="mid", label=p["label"].split(" (")[0])
+    ax.set(xscale="log", xlabel="run length (rows)", ylabel="fraction of selected rows", title="Run lengths at 50 % sparsity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(str(out_dir / "bench_io_runlengths.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def to_json(res: dict) -> str:
+    slim = {k: v for k, v in res.items() if k != "points"}
+    slim["points"] = [{k: v for k, v in p.items() if not k.endswith("_frames") and k != "runlen_hist"} for p in res["points"]]
+    return json.dumps(slim, indent=1)

@@ -1,0 +1,596 @@
+// Implementation of the threaded direct-I/O reader declared in reader.hpp: alignment queries, file
+// opening with the buffered fallback, the per-task read strategy, and the worker pool.
+#include "reader.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <utility>
+
+namespace nchunk {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr uint32_t kStatxDioAlign = 0x00002000U;  // STATX_DIOALIGN, Linux 6.1
+constexpr int64_t kPage = 4096;
+// A task whose aligned span is at most this long is read whole into the bounce buffer (one syscall);
+// a longer unaligned one reads its aligned middle straight into the destination.
+constexpr int64_t kWholeBounceBytes = 64 * 1024;
+// Sizes tried, smallest first, when the kernel does not report the alignment.
+constexpr uint32_t kProbeSizes[] = {512, 1024, 2048, 4096};
+
+// The kernel's struct statx (include/uapi/linux/stat.h). Declared here because C library headers that
+// predate Linux 6.1 lack the direct-I/O fields; the layout is part of the kernel ABI.
+struct KernelStatx {
+  struct Timestamp {
+    int64_t sec;
+    uint32_t nsec;
+    int32_t reserved;
+  };
+  uint32_t mask, blksize;
+  uint64_t attributes;
+  uint32_t nlink, uid, gid;
+  uint16_t mode, spare0;
+  uint64_t ino, size, blocks, attributes_mask;
+  Timestamp atime, btime, ctime, mtime;
+  uint32_t rdev_major, rdev_minor, dev_major, dev_minor;
+  uint64_t mnt_id;
+  uint32_t dio_mem_align, dio_offset_align;
+  uint64_t spare[12];
+};
+static_assert(sizeof(KernelStatx) == 256, "struct statx is 256 bytes");
+static_assert(offsetof(KernelStatx, dio_mem_align) == 152, "statx direct-I/O fields at byte 152");
+
+int64_t round_down(int64_t x, int64_t a) { return x / a * a; }
+int64_t round_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+size_t next_power_of_two(size_t x) {
+  size_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+// A heap buffer with a power-of-two alignment that only ever grows.
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { std::free(data_); }
+
+  char* get(size_t size, size_t alignment) {
+    alignment = next_power_of_two(std::max<size_t>(alignment, kPage));
+    if (data_ && size <= size_ && alignment <= alignment_) return data_;
+    size = std::max(size, size_);
+    alignment = std::max(alignment, alignment_);
+    std::free(data_);
+    data_ = nullptr;
+    size_ = alignment_ = 0;
+    void* p = nullptr;
+    if (posix_memalign(&p, alignment, size) != 0) throw std::bad_alloc();
+    data_ = static_cast<char*>(p);
+    size_ = size;
+    alignment_ = alignment;
+    return data_;
+  }
+
+ private:
+  char* data_ = nullptr;
+  size_t size_ = 0;
+  size_t alignment_ = 0;
+};
+
+ssize_t pread_retrying(int fd, void* buf, size_t n, int64_t offset) {
+  ssize_t r;
+  do {
+    r = ::pread(fd, buf, n, offset);
+  } while (r < 0 && errno == EINTR);
+  return r;
+}
+
+// Asks the kernel for the direct-I/O alignment of `path` (relative to `dirfd`, with statx `flags`).
+// Returns false when it does not say (kernel before 6.1, or a file system that does not report it).
+bool statx_alignment(int dirfd, const char* path, int flags, const std::string& name,
+                     DioAlignment* out) {
+#ifdef SYS_statx
+  KernelStatx sx;
+  std::memset(&sx, 0, sizeof sx);
+  if (syscall(SYS_statx, dirfd, path, flags, kStatxDioAlign, &sx) != 0) {
+    if (errno == ENOSYS || errno == EPERM) return false;  // no statx, or a sandbox forbids it
+    throw IoError(errno, name, "statx");
+  }
+  if (!(sx.mask & kStatxDioAlign)) return false;
+  if (sx.dio_offset_align == 0 || sx.dio_mem_align == 0) {
+    *out = DioAlignment{};  // the kernel says: no direct I/O for this file
+  } else {
+    *out = DioAlignment{sx.dio_mem_align, sx.dio_offset_align, true};
+  }
+  return true;
+#else
+  (void)dirfd, (void)path, (void)flags, (void)name, (void)out;
+  return false;
+#endif
+}
+
+// Finds the alignment of an O_DIRECT descriptor by trying small reads at offset 0: the smallest
+// length that works gives the offset alignment, the smallest buffer misalignment that works gives the
+// memory alignment. An empty file cannot be probed; it gets a conservative 4096/4096.
+DioAlignment probe_alignment(int fd, int64_t file_size) {
+  if (file_size == 0) return DioAlignment{static_cast<uint32_t>(kPage), static_cast<uint32_t>(kPage), true};
+  AlignedBuffer buffer;
+  char* base = buffer.get(3 * kPage, 2 * kPage);
+  DioAlignment a;
+  a.offset = 0;
+  for (uint32_t size : kProbeSizes) {
+    if (pread_retrying(fd, base, size, 0) >= 0) {
+      a.offset = size;
+      break;
+    }
+  }
+  if (a.offset == 0) return DioAlignment{};  // nothing works: treat as no direct I/O
+  a.memory = 2 * kPage;                      // `base` itself worked
+  for (uint32_t shift : kProbeSizes) {
+    if (pread_retrying(fd, base + shift, a.offset, 0) >= 0) {
+      a.memory = shift;
+      break;
+    }
+  }
+  a.direct = true;
+  return a;
+}
+
+// Alignment of files created in directory `dir`, found on an unnamed temporary file (O_TMPFILE).
+DioAlignment directory_alignment(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC | O_DIRECT, 0600);
+  if (fd < 0 && errno == EINVAL) {  // O_DIRECT refused, or no O_TMPFILE: find out which
+    fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+      ::close(fd);
+      return DioAlignment{};
+    }
+  }
+  if (fd < 0) throw IoError(errno, dir, "create a temporary file (to probe the alignment) in");
+  DioAlignment a;
+  try {
+    if (!statx_alignment(fd, "", AT_EMPTY_PATH, dir, &a)) {
+      AlignedBuffer buffer;
+      char* zeros = buffer.get(2 * kPage, kPage);
+      std::memset(zeros, 0, 2 * kPage);
+      bool written = ::pwrite(fd, zeros, 2 * kPage, 0) == 2 * kPage;
+      a = written ? probe_alignment(fd, 2 * kPage) : DioAlignment{static_cast<uint32_t>(kPage),
+                                                                  static_cast<uint32_t>(kPage), true};
+    }
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);
+  return a;
+}
+
+std::string describe(const std::string& path, size_t index, const Extent& e) {
+  return "'" + path + "' extent " + std::to_string(index) + " (file offset " +
+         std::to_string(e.file_offset) + ", length " + std::to_string(e.length) + ", dest offset " +
+         std::to_string(e.dest_offset) + ")";
+}
+
+// One piece of an extent, read by one worker.
+struct Task {
+  int64_t offset;
+  int64_t length;
+  char* dest;
+};
+
+// Reads up to `n` bytes at `offset`, looping over short reads; fewer come back only at end of file.
+// Errors name the task (the caller's byte range), not the aligned span actually asked of the kernel.
+int64_t pread_full(const File& f, const Task& task, char* buf, int64_t n, int64_t offset) {
+  int64_t got = 0;
+  while (got < n) {
+    ssize_t r = pread_retrying(f.fd(), buf + got, static_cast<size_t>(n - got), offset + got);
+    if (r < 0) {
+      throw IoError(errno, f.path(),
+                    "read of " + std::to_string(task.length) + " bytes at offset " +
+                        std::to_string(task.offset),
+                    task.offset, task.length);
+    }
+    if (r == 0) break;
+    got += r;
+  }
+  return got;
+}
+
+void require_bytes(const File& f, const Task& task, int64_t got, int64_t needed) {
+  if (got >= needed) return;
+  throw EndOfFileError("'" + f.path() + "': file ended early while reading " +
+                       std::to_string(task.length) + " bytes at offset " + std::to_string(task.offset) +
+                       " (it was " + std::to_string(f.size()) + " bytes when opened; truncated since?)");
+}
+
+// Reads the aligned span [begin, begin + n) into the bounce buffer and copies `length` bytes starting
+// at file offset `from` to `dest`. Returns the bytes pread returned.
+int64_t read_via_bounce(const File& f, const Task& task, AlignedBuffer& bounce, int64_t begin,
+                        int64_t n, int64_t from, int64_t length, char* dest) {
+  char* buf = bounce.get(static_cast<size_t>(n), f.alignment().memory);
+  int64_t got = pread_full(f, task, buf, n, begin);
+  require_bytes(f, task, got, from + length - begin);
+  std::memcpy(dest, buf + (from - begin), static_cast<size_t>(length));
+  return got;
+}
+
+// Reads one task into its destination; returns the bytes pread returned, alignment padding included.
+int64_t read_task(const File& f, const Task& t, AlignedBuffer& bounce) {
+  const int64_t end = t.offset + t.length;
+  if (!f.direct()) {
+    int64_t got = pread_full(f, t, t.dest, t.length, t.offset);
+    require_bytes(f, t, got, t.length);
+    return got;
+  }
+  const int64_t oa = f.alignment().offset;
+  const int64_t ma = f.alignment().memory;
+  const int64_t span_begin = round_down(t.offset, oa), span_end = round_up(end, oa);
+  const int64_t mid_begin = round_up(t.offset, oa), mid_end = round_down(end, oa);
+  char* mid_dest = t.dest + (mid_begin - t.offset);
+  const bool direct_mid = mid_end > mid_begin && reinterpret_cast<uintptr_t>(mid_dest) % ma == 0;
+
+  if (direct_mid && mid_begin == t.offset && mid_end == end) {  // fully aligned: no copy
+    int64_t got = pread_full(f, t, t.dest, t.length, t.offset);
+    require_bytes(f, t, got, t.length);
+    return got;
+  }
+  if (!direct_mid || span_end - span_begin <= kWholeBounceBytes) {
+    return read_via_bounce(f, t, bounce, span_begin, span_end - span_begin, t.offset, t.length, t.dest);
+  }
+  // Large and unaligned: head block and tail block through the bounce buffer, middle direct.
+  int64_t got = 0;
+  if (t.offset < mid_begin) {
+    got += read_via_bounce(f, t, bounce, span_begin, oa, t.offset, mid_begin - t.offset, t.dest);
+  }
+  int64_t mid = pread_full(f, t, mid_dest, mid_end - mid_begin, mid_begin);
+  require_bytes(f, t, mid, mid_end - mid_begin);
+  got += mid;
+  if (end > mid_end) {
+    got += read_via_bounce(f, t, bounce, mid_end, oa, mid_end, end - mid_end,
+                           t.dest + (mid_end - t.offset));
+  }
+  return got;
+}
+
+}  // namespace
+
+// ---- errors ----
+
+IoError::IoError(int error_code, const std::string& path, const std::string& detail, int64_t offset,
+                 int64_t length)
+    : std::runtime_error("'" + path + "': " + detail + " failed: " + std::strerror(error_code)),
+      error_code_(error_code),
+      path_(path),
+      detail_(detail + " failed"),
+      offset_(offset),
+      length_(length) {}
+
+// ---- alignment ----
+
+DioAlignment dio_alignment(const std::string& path) {
+  DioAlignment a;
+  if (statx_alignment(AT_FDCWD, path.c_str(), 0, path, &a)) return a;
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) throw IoError(errno, path, "stat");
+  if (S_ISDIR(st.st_mode)) return directory_alignment(path);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+  if (fd < 0 && errno == EINVAL) return DioAlignment{};  // the file system refuses O_DIRECT
+  if (fd < 0) throw IoError(errno, path, "open");
+  a = probe_alignment(fd, st.st_size);
+  ::close(fd);
+  return a;
+}
+
+// ---- files ----
+
+std::shared_ptr<File> File::open(const std::string& path) {
+  std::shared_ptr<File> f(new File());
+  f->path_ = path;
+  bool direct = true;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+  if (fd < 0 && errno == EINVAL) {
+    direct = false;
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  }
+  if (fd < 0) throw IoError(errno, path, "open");
+  f->fd_ = fd;  // closed by ~File from here on
+
+  struct stat st;
+  if (::fstat(fd, &st) != 0) throw IoError(errno, path, "fstat");
+  if (S_ISDIR(st.st_mode)) throw IoError(EISDIR, path, "open");
+  off_t end = ::lseek(fd, 0, SEEK_END);  // also right for block devices, whose st_size is 0
+  if (end < 0) throw IoError(errno, path, "seek");
+  f->size_ = end;
+
+  if (direct) {
+    DioAlignment a;
+    if (!statx_alignment(fd, "", AT_EMPTY_PATH, path, &a)) a = probe_alignment(fd, f->size_);
+    if (!a.direct) {  // O_DIRECT was accepted at open but does not work for this file
+      int flags = ::fcntl(fd, F_GETFL);
+      if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) != 0) {
+        throw IoError(errno, path, "turn off O_DIRECT");
+      }
+    }
+    f->alignment_ = a;
+  }
+  return f;
+}
+
+File::~File() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+// ---- requests ----
+
+struct RequestState {
+  std::shared_ptr<File> file;
+  std::vector<Extent> extents;
+  char* dest = nullptr;
+  int64_t max_task_bytes = 0;
+  Clock::time_point start;
+  uint64_t total_tasks = 0;
+  std::atomic<bool> failed{false};
+
+  // Dispatch cursor, touched only under the reader's queue lock.
+  size_t next_extent = 0;
+  int64_t next_pos = 0;
+  uint64_t dispatched = 0;
+
+  // Completion, guarded by `mu`.
+  std::mutex mu;
+  std::condition_variable finished_cv;
+  uint64_t unfinished = 0;
+  bool complete = false;
+  ReadStats stats;
+  std::exception_ptr error;
+
+  // True when every task has been handed out; skips spent and zero-length extents.
+  bool exhausted() {
+    while (next_extent < extents.size() && next_pos >= extents[next_extent].length) {
+      ++next_extent;
+      next_pos = 0;
+    }
+    return next_extent == extents.size();
+  }
+
+  bool next_task(Task* t) {
+    if (exhausted()) return false;
+    const Extent& e = extents[next_extent];
+    int64_t n = std::min(max_task_bytes, e.length - next_pos);
+    *t = Task{e.file_offset + next_pos, n, dest + e.dest_offset + next_pos};
+    next_pos += n;
+    ++dispatched;
+    return true;
+  }
+
+  void finish_tasks(uint64_t count, int64_t bytes_read, std::exception_ptr err) {
+    if (err) failed.store(true, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(mu);
+    stats.bytes_read += static_cast<uint64_t>(bytes_read);
+    if (err && !error) error = err;
+    unfinished -= count;
+    if (unfinished == 0) {
+      stats.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
+      complete = true;
+      finished_cv.notify_all();
+    }
+  }
+
+  void wait_complete() {
+    std::unique_lock<std::mutex> lock(mu);
+    finished_cv.wait(lock, [this] { return complete; });
+  }
+};
+
+ReadRequest::ReadRequest(std::shared_ptr<RequestState> state) : state_(std::move(state)) {}
+
+ReadRequest& ReadRequest::operator=(ReadRequest&& other) noexcept {
+  if (this != &other) {
+    if (state_) state_->wait_complete();
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+ReadRequest::~ReadRequest() {
+  if (state_) state_->wait_complete();
+}
+
+ReadStats ReadRequest::wait() {
+  if (!state_) throw std::logic_error("wait() on an empty (moved-from) read request");
+  state_->wait_complete();
+  std::lock_guard<std::mutex> lock(state_->mu);
+  if (state_->error) std::rethrow_exception(state_->error);
+  return state_->stats;
+}
+
+bool ReadRequest::done() const {
+  if (!state_) return true;
+  std::lock_guard<std::mutex> lock(state_->mu);
+  return state_->complete;
+}
+
+// ---- reader ----
+
+struct Reader::Impl {
+  int threads = 0;
+  int64_t max_task_bytes = 0;
+  size_t max_queued = 0;
+
+  std::mutex mu;  // guards the queue, `closing` and every request's dispatch cursor
+  std::condition_variable work_cv;   // a request was queued, or the reader is closing
+  std::condition_variable space_cv;  // a request left the queue, or the reader is closing
+  std::deque<std::shared_ptr<RequestState>> queue;
+  bool closing = false;
+
+  std::mutex join_mu;
+  std::vector<std::thread> workers;
+
+  void worker_main();
+  void enqueue(const std::shared_ptr<RequestState>& request);
+  void stop();
+};
+
+void Reader::Impl::worker_main() {
+  AlignedBuffer bounce;
+  for (;;) {
+    std::shared_ptr<RequestState> request;
+    Task task{};
+    bool have_task = false;
+    uint64_t abandoned = 0;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      work_cv.wait(lock, [this] { return closing || !queue.empty(); });
+      if (queue.empty()) return;  // closing, and all queued work is handed out
+      request = queue.front();
+      if (!request->failed.load(std::memory_order_relaxed)) have_task = request->next_task(&task);
+      if (!have_task || request->exhausted()) {
+        queue.pop_front();
+        abandoned = request->total_tasks - request->dispatched;  // tasks skipped after an error
+        space_cv.notify_one();
+      }
+    }
+    if (abandoned > 0) request->finish_tasks(abandoned, 0, nullptr);
+    if (!have_task) continue;
+    int64_t got = 0;
+    std::exception_ptr error;
+    try {
+      got = read_task(*request->file, task, bounce);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    request->finish_tasks(1, got, error);
+  }
+}
+
+void Reader::Impl::enqueue(const std::shared_ptr<RequestState>& request) {
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    space_cv.wait(lock, [this] { return closing || queue.size() < max_queued; });
+    if (closing) throw std::runtime_error("the reader is closed");
+    queue.push_back(request);
+  }
+  if (request->total_tasks >= static_cast<uint64_t>(threads)) {
+    work_cv.notify_all();
+  } else {
+    for (uint64_t i = 0; i < request->total_tasks; ++i) work_cv.notify_one();
+  }
+}
+
+void Reader::Impl::stop() {
+  std::lock_guard<std::mutex> join_lock(join_mu);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    closing = true;
+  }
+  work_cv.notify_all();
+  space_cv.notify_all();
+  for (std::thread& w : workers) w.join();
+  workers.clear();
+}
+
+Reader::Reader(int threads, int64_t max_task_bytes, int max_queued_requests) : impl_(new Impl()) {
+  if (threads < 1 || threads > 1024) {
+    throw std::invalid_argument("threads must be between 1 and 1024, got " + std::to_string(threads));
+  }
+  if (max_task_bytes < kPage || max_task_bytes % kPage != 0 || max_task_bytes > (int64_t{1} << 30)) {
+    throw std::invalid_argument("max_task_bytes must be a multiple of 4096 between 4 KiB and 1 GiB, got " +
+                                std::to_string(max_task_bytes));
+  }
+  if (max_queued_requests < 1) {
+    throw std::invalid_argument("max_queued_requests must be at least 1, got " +
+                                std::to_string(max_queued_requests));
+  }
+  impl_->threads = threads;
+  impl_->max_task_bytes = max_task_bytes;
+  impl_->max_queued = static_cast<size_t>(max_queued_requests);
+  try {
+    for (int i = 0; i < threads; ++i) impl_->workers.emplace_back([this] { impl_->worker_main(); });
+  } catch (...) {
+    impl_->stop();
+    throw;
+  }
+}
+
+Reader::~Reader() { impl_->stop(); }
+
+void Reader::close() { impl_->stop(); }
+
+int Reader::threads() const { return impl_->threads; }
+
+int64_t Reader::max_task_bytes() const { return impl_->max_task_bytes; }
+
+std::shared_ptr<File> Reader::open(const std::string& path) const { return File::open(path); }
+
+ReadRequest Reader::submit(std::shared_ptr<File> file, std::vector<Extent> extents, void* dest,
+                           size_t dest_bytes) {
+  const Clock::time_point start = Clock::now();
+  if (!file) throw std::invalid_argument("submit() needs an open file");
+  if (dest == nullptr && dest_bytes > 0) throw std::invalid_argument("null destination buffer");
+  const int64_t size = file->size();
+  const int64_t capacity = static_cast<int64_t>(dest_bytes);
+  const int64_t step = impl_->max_task_bytes;
+  uint64_t tasks = 0, bytes = 0;
+  for (size_t i = 0; i < extents.size(); ++i) {
+    const Extent& e = extents[i];
+    if (e.file_offset < 0 || e.length < 0 || e.dest_offset < 0) {
+      throw ExtentError(describe(file->path(), i, e) + ": negative value");
+    }
+    if (e.file_offset > size || e.length > size - e.file_offset) {
+      throw EndOfFileError(describe(file->path(), i, e) + ": reads past the end of the file (" +
+                           std::to_string(size) + " bytes)");
+    }
+    if (e.dest_offset > capacity || e.length > capacity - e.dest_offset) {
+      throw ExtentError(describe(file->path(), i, e) + ": destination range ends beyond the " +
+                        std::to_string(dest_bytes) + "-byte buffer");
+    }
+    tasks += static_cast<uint64_t>((e.length + step - 1) / step);
+    bytes += static_cast<uint64_t>(e.length);
+  }
+
+  auto state = std::make_shared<RequestState>();
+  state->file = std::move(file);
+  state->dest = static_cast<char*>(dest);
+  state->max_task_bytes = step;
+  state->start = start;
+  state->total_tasks = tasks;
+  state->unfinished = tasks;
+  state->stats.bytes = bytes;
+  state->stats.requests = extents.size();
+  state->stats.tasks = tasks;
+  state->extents = std::move(extents);
+  if (tasks == 0) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    if (impl_->closing) throw std::runtime_error("the reader is closed");
+    state->complete = true;
+    state->stats.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
+  } else {
+    impl_->enqueue(state);
+  }
+  return ReadRequest(std::move(state));
+}
+
+ReadStats Reader::read(std::shared_ptr<File> file, std::vector<Extent> extents, void* dest,
+                       size_t dest_bytes) {
+  return submit(std::move(file), std::move(extents), dest, dest_bytes).wait();
+}
+
+}  // namespace nchunk

@@ -1,0 +1,273 @@
+// Standalone test of the C++ reader core (no Python): correctness of reads for aligned and unaligned
+// extents, task splitting and statistics, async requests, concurrent callers, and every error path.
+// Build: g++ -std=c++17 -O1 -pthread -I nchunk_core/csrc nchunk_core/csrc/tests/test_reader.cpp
+//        nchunk_core/csrc/reader.cpp -o test_reader && ./test_reader [scratch_dir]
+// Exits 0 when every check passes; each failure prints a line. The scratch directory (default /tmp)
+// must be on a file system with O_DIRECT.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "reader.hpp"
+
+using nchunk::Extent;
+
+namespace {
+
+int g_failures = 0;
+
+void check(bool ok, const std::string& what) {
+  if (!ok) {
+    ++g_failures;
+    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+  }
+}
+
+// Runs `body`, which must throw E; returns the exception's message ("" if it did not throw E).
+template <typename E>
+std::string expect_throw(const std::function<void()>& body, const std::string& what,
+                         const std::function<bool(const E&)>& accept = nullptr) {
+  try {
+    body();
+  } catch (const E& e) {
+    check(!accept || accept(e), what + ": wrong details in \"" + e.what() + "\"");
+    return e.what();
+  } catch (const std::exception& e) {
+    check(false, what + ": threw a different exception: " + e.what());
+    return "";
+  }
+  check(false, what + ": did not throw");
+  return "";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+// An aligned scratch buffer of `n` bytes plus slack so callers can misalign the start on purpose.
+struct Buffer {
+  explicit Buffer(size_t n) : size(n) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 4096, n + 4096) != 0) std::abort();
+    data = static_cast<char*>(p);
+    std::memset(data, 0, n + 4096);
+  }
+  ~Buffer() { std::free(data); }
+  char* data;
+  size_t size;
+};
+
+std::string write_file(const std::string& dir, const std::string& name, const std::vector<char>& bytes) {
+  std::string path = dir + "/" + name;
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (!f || std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size() || std::fclose(f) != 0) {
+    std::fprintf(stderr, "cannot write %s\n", path.c_str());
+    std::exit(2);
+  }
+  return path;
+}
+
+// Checks that `dest` holds the file bytes each extent names.
+bool matches(const std::vector<char>& file, const std::vector<Extent>& extents, const char* dest) {
+  for (const Extent& e : extents) {
+    if (std::memcmp(dest + e.dest_offset, file.data() + e.file_offset, e.length) != 0) return false;
+  }
+  return true;
+}
+
+void test_alignment(const std::string& dir, const std::string& path) {
+  nchunk::DioAlignment a = nchunk::dio_alignment(path);
+  check(a.direct, "dio_alignment reports direct I/O on " + path);
+  check(a.memory >= 1 && a.memory <= 4096 && (a.memory & (a.memory - 1)) == 0, "memory alignment power of 2");
+  check(a.offset >= 512 && a.offset <= 4096 && (a.offset & (a.offset - 1)) == 0, "offset alignment power of 2");
+  nchunk::DioAlignment d = nchunk::dio_alignment(dir);
+  check(d.direct && d.offset == a.offset, "directory alignment matches a file's");
+  expect_throw<nchunk::IoError>([&] { nchunk::dio_alignment(dir + "/missing"); }, "alignment of missing file",
+                                [](const nchunk::IoError& e) { return e.error_code() == ENOENT; });
+}
+
+void test_reads(const std::string& path, const std::vector<char>& file) {
+  const int64_t size = static_cast<int64_t>(file.size());
+  nchunk::Reader reader(3, 16 * 1024);  // small tasks, so big extents split into many
+  auto f = reader.open(path);
+  check(f->size() == size && f->direct(), "open: size and direct");
+  std::mt19937_64 rng(7);
+
+  // Boundaries: first byte, last byte, whole file, unaligned tail.
+  Buffer whole(file.size());
+  std::vector<Extent> edges = {{0, 1, 0}, {size - 1, 1, 1}, {size - 700, 700, 2}};
+  nchunk::ReadStats s = reader.read(f, edges, whole.data, whole.size);
+  check(matches(file, edges, whole.data), "first byte, last byte, unaligned tail");
+  std::vector<Extent> all = {{0, size, 0}};
+  s = reader.read(f, all, whole.data, whole.size);
+  check(matches(file, all, whole.data), "whole file into an aligned buffer");
+  check(s.bytes == file.size() && s.requests == 1 && s.tasks == (file.size() + 16383) / 16384,
+        "stats of the whole-file read");
+  check(s.bytes_read >= s.bytes && s.wall_s > 0, "bytes_read and wall time");
+
+  // Random extents: unaligned offsets, lengths and destinations, some longer than a task.
+  for (int trial = 0; trial < 60; ++trial) {
+    std::vector<Extent> extents;
+    int64_t dest = static_cast<int64_t>(rng() % 1000);
+    const int n = 1 + static_cast<int>(rng() % 12);
+    uint64_t tasks = 0;
+    for (int i = 0; i < n; ++i) {
+      int64_t off = static_cast<int64_t>(rng() % size);
+      int64_t len = std::min<int64_t>(static_cast<int64_t>(rng() % 100000), size - off);
+      if (trial % 3 == 0) off = off / 4096 * 4096, len = std::min<int64_t>(len / 4096 * 4096, size - off);
+      extents.push_back({off, len, dest});
+      dest += len + static_cast<int64_t>(rng() % 3);
+      tasks += (len + 16383) / 16384;
+    }
+    Buffer out(dest);
+    char* base = out.data + (trial % 2 ? 0 : 1 + rng() % 511);  // aligned and misaligned destinations
+    s = reader.read(f, extents, base, out.size);
+    check(matches(file, extents, base), "random extents, trial " + std::to_string(trial));
+    check(s.requests == extents.size() && s.tasks == tasks, "random extents stats, trial " + std::to_string(trial));
+  }
+
+  // Zero-length extents read nothing and are counted.
+  s = reader.read(f, {{5, 0, 0}, {size, 0, 0}}, nullptr, 0);
+  check(s.bytes == 0 && s.requests == 2 && s.tasks == 0, "zero-length extents");
+}
+
+void test_async_and_threads(const std::string& path, const std::vector<char>& file) {
+  const int64_t size = static_cast<int64_t>(file.size());
+  nchunk::Reader reader(4, 64 * 1024);
+  auto f = reader.open(path);
+  std::vector<Extent> all = {{0, size, 0}};
+
+  // Several requests in flight, waited out of order; waiting twice returns the same stats.
+  Buffer a(file.size()), b(file.size()), c(file.size() + 1);
+  nchunk::ReadRequest ra = reader.submit(f, all, a.data, a.size);
+  nchunk::ReadRequest rb = reader.submit(f, all, b.data, b.size);
+  nchunk::ReadRequest rc = reader.submit(f, all, c.data + 1, c.size);
+  nchunk::ReadStats sc = rc.wait();
+  check(rc.wait().bytes == sc.bytes && rc.done(), "wait twice");
+  rb.wait();
+  ra.wait();
+  check(matches(file, all, a.data) && matches(file, all, b.data) && matches(file, all, c.data + 1),
+        "async requests");
+
+  // A request dropped unwaited is finished when its handle is destroyed.
+  Buffer d(file.size());
+  { nchunk::ReadRequest dropped = reader.submit(f, all, d.data, d.size); }
+  check(matches(file, all, d.data), "destroying an unwaited request waits for it");
+
+  // Concurrent callers.
+  std::vector<std::thread> callers;
+  std::vector<int> ok(4, 0);
+  for (int t = 0; t < 4; ++t) {
+    callers.emplace_back([&, t] {
+      Buffer out(file.size());
+      bool good = true;
+      for (int i = 0; i < 5; ++i) {
+        std::vector<Extent> parts = {{t * 1000 + i, size / 3, 7}, {size / 2 + t, size / 3, size / 3 + 7}};
+        reader.read(f, parts, out.data, out.size);
+        good = good && matches(file, parts, out.data);
+      }
+      ok[t] = good;
+    });
+  }
+  for (std::thread& t : callers) t.join();
+  check(ok == std::vector<int>(4, 1), "concurrent callers");
+
+  // close() finishes queued work; later submits fail.
+  Buffer e(file.size());
+  nchunk::ReadRequest re = reader.submit(f, all, e.data, e.size);
+  reader.close();
+  check(re.done() && matches(file, all, e.data), "close finishes queued reads");
+  expect_throw<std::runtime_error>([&] { reader.submit(f, all, e.data, e.size); }, "submit after close");
+}
+
+void test_errors(const std::string& dir, const std::string& path, const std::vector<char>& file) {
+  const int64_t size = static_cast<int64_t>(file.size());
+  nchunk::Reader reader(2, 16 * 1024);
+  Buffer out(file.size());
+
+  std::string missing = dir + "/does-not-exist";
+  std::string m = expect_throw<nchunk::IoError>([&] { reader.open(missing); }, "open missing file",
+                                                [](const nchunk::IoError& e) { return e.error_code() == ENOENT; });
+  check(contains(m, missing), "ENOENT message names the path");
+  expect_throw<nchunk::IoError>([&] { reader.open(dir); }, "open a directory",
+                                [](const nchunk::IoError& e) { return e.error_code() == EISDIR; });
+
+  auto f = reader.open(path);
+  auto submit = [&](std::vector<Extent> extents) { reader.read(f, extents, out.data, out.size); };
+  m = expect_throw<nchunk::EndOfFileError>([&] { submit({{size - 10, 11, 0}}); }, "read past end");
+  check(contains(m, path) && contains(m, std::to_string(size)) && contains(m, "offset " + std::to_string(size - 10)),
+        "past-end message names path, offset and file size: " + m);
+  expect_throw<nchunk::EndOfFileError>([&] { submit({{size + 1, 0, 0}}); }, "zero-length extent past end");
+  expect_throw<nchunk::ExtentError>([&] { submit({{-1, 10, 0}}); }, "negative offset");
+  expect_throw<nchunk::ExtentError>([&] { submit({{0, -10, 0}}); }, "negative length");
+  expect_throw<nchunk::ExtentError>([&] { submit({{0, 10, -1}}); }, "negative dest offset");
+  m = expect_throw<nchunk::ExtentError>([&] { submit({{0, 100, size - 50}}); }, "dest out of range");
+  check(contains(m, "length 100"), "dest message names the length: " + m);
+  expect_throw<nchunk::EndOfFileError>([&] { submit({{1, INT64_MAX, 10}}); }, "overflowing file range");
+  expect_throw<nchunk::ExtentError>([&] { submit({{0, 10, INT64_MAX}}); }, "overflowing dest range");
+  expect_throw<std::invalid_argument>([] { nchunk::Reader bad(0); }, "zero threads");
+  expect_throw<std::invalid_argument>([] { nchunk::Reader bad(2, 1000); }, "unaligned max_task_bytes");
+
+  // Errors raised on a worker thread reach the caller: point the descriptor at other objects.
+  auto broken = reader.open(path);
+  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  check(dir_fd >= 0 && ::dup2(dir_fd, broken->fd()) >= 0, "dup2 a directory onto the file");
+  std::vector<Extent> extents = {{0, 4096, 0}, {40000, 50000, 4096}};
+  nchunk::ReadRequest r = reader.submit(broken, extents, out.data, out.size);
+  auto is_eisdir = [&](const nchunk::IoError& e) {
+    return e.error_code() == EISDIR && e.path() == path && e.length() > 0;
+  };
+  m = expect_throw<nchunk::IoError>([&] { r.wait(); }, "read error from a worker", is_eisdir);
+  check(contains(m, path) && contains(m, "at offset"), "read error names path and offset: " + m);
+  expect_throw<nchunk::IoError>([&] { r.wait(); }, "second wait rethrows", is_eisdir);
+  ::close(dir_fd);
+
+  int mem_fd = ::open("/proc/self/mem", O_RDONLY);  // address 0 is unmapped: pread gives EIO
+  if (mem_fd >= 0 && ::dup2(mem_fd, broken->fd()) >= 0) {
+    expect_throw<nchunk::IoError>([&] { reader.read(broken, {{0, 4096, 0}}, out.data, out.size); }, "EIO",
+                                  [](const nchunk::IoError& e) { return e.error_code() == EIO; });
+  }
+  if (mem_fd >= 0) ::close(mem_fd);
+
+  // A file truncated after open: the 0-byte read before the end is an error.
+  std::string victim = write_file(dir, "reader_truncated.bin", file);
+  auto shrinking = reader.open(victim);
+  check(::truncate(victim.c_str(), 1000) == 0, "truncate");
+  m = expect_throw<nchunk::EndOfFileError>([&] { reader.read(shrinking, {{0, size, 0}}, out.data, out.size); },
+                                           "file truncated while open");
+  check(contains(m, victim), "truncation message names the path: " + m);
+  ::unlink(victim.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string dir = argc > 1 ? argv[1] : "/tmp";
+  std::vector<char> file(3 * 100000 + 1234);  // not a multiple of 512
+  std::mt19937 rng(1);
+  for (char& c : file) c = static_cast<char>(rng());
+  const std::string path = write_file(dir, "reader_test_" + std::to_string(::getpid()) + ".bin", file);
+
+  test_alignment(dir, path);
+  test_reads(path, file);
+  test_async_and_threads(path, file);
+  test_errors(dir, path, file);
+
+  ::unlink(path.c_str());
+  if (g_failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", g_failures);
+    return 1;
+  }
+  std::printf("all reader checks passed\n");
+  return 0;
+}

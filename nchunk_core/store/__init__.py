@@ -1,0 +1,24 @@
+"""The nchunk store: one model's offloaded weights as rows on a drive, plus its resident tensors.
+
+Layout of a store directory (format "nchunk-store", version 1):
+
+    manifest.json               written last and atomically; describes everything below
+    weights-00000.bin, ...      rows of matrix groups; every group starts at a multiple of the
+                                store alignment A and every file is padded to a multiple of A
+    resident.safetensors        tensors kept in RAM (embeddings, norms, biases, vision tower, ...)
+    permutations.safetensors    int64 row permutation per input name (hot-cold reordering)
+
+A group is one or more matrices that read the same input activation. Input channel i of all of them
+is one contiguous row: the concatenation of W[:, i] over the group's matrices (Wᵀ layout), so
+selecting channels means reading rows. q|k|v or gate|up may be one bundled group or separate groups
+sharing an input name; both are valid. Each group carries crc32 checksums per 1 MiB block.
+
+A = max(4096, the writing drive's direct-I/O offset alignment); the manifest records both.
+"""
+from .format import (GroupInfo, StoreCorruptError, StoreError, StoreFormatError,
+                     FORMAT, VERSION)
+from .loader import BadBlock, Store, VerifyReport, group_rows_to_torch
+from .writer import StoreWriter
+
+__all__ = ["FORMAT", "VERSION", "BadBlock", "GroupInfo", "Store", "StoreCorruptError",
+           "StoreError", "StoreFormatError", "StoreWriter", "VerifyReport", "group_rows_to_torch"]

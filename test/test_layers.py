@@ -1,0 +1,96 @@
+"""Flash sparse layers: exact at sparsity 0 (any layout), sparse when asked, live settings."""
+import numpy as np
+import pytest
+import torch
+
+from nchunk_core.latency import LatencyTable
+from nchunk_core.layers import FlashProjections, SparsityConfig, Workspace
+from nchunk_core.reader import Reader
+from nchunk_core.store import Store, StoreWriter
+
+IN, OUTS = 96, [("q_proj", 96), ("k_proj", 32), ("v_proj", 32)]
+
+
+def make_store(path, dtype, bundled, perm):
+    g = torch.Generator().manual_seed(0)
+    weights = {n: torch.randn(o, IN, generator=g).to(dtype) for n, o in OUTS}
+    biases = {n: torch.randn(o, generator=g) for n, o in OUTS}
+    with StoreWriter(path, model_info={"test": True}) as w:
+        mats = [(n, weights[n]) for n, _ in OUTS]
+        if bundled:
+            w.add_group("l0.qkv", input="l0.attn_in", matrices=mats, permutation=perm)
+        else:
+            for n, m in mats:
+                w.add_group(f"l0.{n}", input="l0.attn_in", matrices=[(n, m)], permutation=perm)
+    return Store.open(path), weights, biases
+
+
+@pytest.fixture
+def reader():
+    with Reader(threads=3) as r:
+        yield r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bundled", [True, False])
+@pytest.mark.parametrize("reordered", [False, True])
+@pytest.mark.parametrize("method", ["chunking", "magnitude", "dense"])
+def test_exact_at_sparsity_zero(tmp_path, reader, dtype, bundled, reordered, method):
+    perm = np.random.default_rng(1).permutation(IN) if reordered else None
+    store, weights, biases = make_store(tmp_path / "s", dtype, bundled, perm)
+    cfg = SparsityConfig(sparsity=0.0, method=method)
+    layer = FlashProjections(store, "l0.attn_in", LatencyTable.synthetic(), cfg, Workspace(reader, "cpu"),
+                             dtype=torch.float32, biases=biases)
+    x = torch.randn(2, 7, IN)
+    outs = layer(x)
+    assert layer.outputs == [n for n, _ in OUTS]
+    for (name, _), y in zip(OUTS, outs):
+        ref = torch.nn.functional.linear(x, weights[name].float(), biases[name])
+        assert y.shape == ref.shape
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    s = layer.last_stats
+    assert s.rows == IN and s.retained == pytest.approx(1.0) and s.tokens == 14
+    assert s.bytes == IN * sum(o for _, o in OUTS) * weights["q_proj"].element_size()
+
+
+def test_sparsity_changes_take_effect_on_next_call(tmp_path, reader):
+    store, weights, biases = make_store(tmp_path / "s", torch.float32, True, None)
+    cfg = SparsityConfig(sparsity=0.0, method="chunking")
+    layer = FlashProjections(store, "l0.attn_in", LatencyTable.synthetic(), cfg, Workspace(reader, "cpu"))
+    x = torch.randn(5, IN)
+    dense = layer(x)
+    full_bytes = layer.last_stats.bytes
+    cfg.sparsity = 0.5
+    sparse = layer(x)
+    assert layer.last_stats.rows == IN // 2
+    assert layer.last_stats.bytes == full_bytes // 2
+    assert 0.5 < layer.last_stats.retained < 1.0
+    assert not torch.allclose(dense[0], sparse[0])
+    # the sparse result is exactly the product over the selected input channels
+    cfg.method = "magnitude"
+    sparse = layer(x)
+    keep = torch.topk(x.abs().mean(0), IN // 2).indices
+    ref = x[:, keep] @ weights["q_proj"][:, keep].T
+    torch.testing.assert_close(sparse[0], ref, rtol=1e-5, atol=1e-4)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="sparsity"):
+        SparsityConfig(sparsity=1.0)
+    assert SparsityConfig(sparsity=0.3).budget(100) == 70
+    assert SparsityConfig(sparsity=0.9, method="dense").budget(100) == 100
+
+
+def test_unknown_input(tmp_path, reader):
+    store, _, _ = make_store(tmp_path / "s", torch.float32, True, None)
+    with pytest.raises(ValueError, match="no matrix group"):
+        FlashProjections(store, "nope", LatencyTable.synthetic(), SparsityConfig(), Workspace(reader, "cpu"))
+
+
+def test_refused_setting_keeps_previous_value():
+    cfg = SparsityConfig(sparsity=0.2, method="chunking")
+    with pytest.raises(ValueError, match="unknown selection method"):
+        cfg.method = "random"
+    with pytest.raises(ValueError):
+        cfg.sparsity = -0.1
+    assert (cfg.sparsity, cfg.method) == (0.2, "chunking")
