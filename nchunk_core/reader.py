@@ -12,6 +12,10 @@ A thin wrapper over the C++ reader (``nchunk_core/csrc/reader.hpp``)::
 Offsets and lengths are in bytes, whatever the dtype of ``out``. Zero-length extents are allowed and
 read nothing. Destination ranges of one request must not overlap (not checked).
 
+A span goes straight from the drive into ``out`` when its file offset and its destination address
+agree with the alignment (``f.alignment``), e.g. 4096-aligned offsets into ``r.empty()``; anything else
+goes through a per-thread aligned buffer and a copy, which costs memory bandwidth.
+
 Errors: an errno from open or read raises ``OSError`` of the matching subclass (``FileNotFoundError``,
 ``PermissionError``, ``IsADirectoryError``...) with ``.errno``, ``.filename`` = path and a message naming
 the offset and length; an extent past the end of the file (or a file that shrank while being read)
@@ -99,7 +103,11 @@ class ReadRequest:
 
 
 def _destination(out):
-    """(address, nbytes) of a writable C-contiguous NumPy array or CPU torch tensor."""
+    """(address, nbytes, owner) of a writable C-contiguous NumPy array, CPU torch tensor or buffer.
+
+    ``owner`` is what a request must keep alive: the array or tensor itself, or for other buffers
+    (bytearray, memoryview) an array over them, whose buffer export also stops a bytearray resizing.
+    """
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(out, torch.Tensor):
         if out.device.type != "cpu":
@@ -107,14 +115,14 @@ def _destination(out):
                              "(read into a pinned CPU tensor and copy it to the device)")
         if not out.is_contiguous():
             raise ValueError("out must be a contiguous tensor")
-        return out.data_ptr(), out.numel() * out.element_size()
+        return out.data_ptr(), out.numel() * out.element_size(), out
     if not isinstance(out, np.ndarray):
         out = np.frombuffer(out, dtype=np.uint8)  # bytearray, memoryview, ...
     if not out.flags.c_contiguous:
         raise ValueError("out must be a C-contiguous array")
     if not out.flags.writeable:
         raise ValueError("out must be writable")
-    return out.__array_interface__["data"][0], out.nbytes
+    return out.__array_interface__["data"][0], out.nbytes, out
 
 
 def _extent_array(extents) -> np.ndarray:
@@ -155,13 +163,13 @@ class Reader:
 
     def read(self, f: OpenFile, extents, out) -> ReadStats:
         """Read ``extents`` of ``f`` into ``out`` and wait for them."""
-        address, nbytes = _destination(out)
+        address, nbytes, _ = _destination(out)
         return ReadStats(*self._native.read(f._native, _extent_array(extents), address, nbytes))
 
     def submit(self, f: OpenFile, extents, out) -> ReadRequest:
         """Queue a read and return at once; ``out`` is kept alive until the read is over."""
-        address, nbytes = _destination(out)
-        return ReadRequest(self._native.submit(f._native, _extent_array(extents), address, nbytes, out))
+        address, nbytes, owner = _destination(out)
+        return ReadRequest(self._native.submit(f._native, _extent_array(extents), address, nbytes, owner))
 
     @staticmethod
     def empty(nbytes: int) -> np.ndarray:

@@ -21,6 +21,7 @@ reference implementations of the same rules that the tests compare with (``impl=
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import time
 from typing import NamedTuple
@@ -119,27 +120,17 @@ class Selection:
         return self.rows / self.n_runs if self.n_runs else 0.0
 
 
-def dp_lambda(importance: np.ndarray, table: LatencyTable, row_bytes: int, lam_rel: float) -> float:
-    """Price of one second, in importance, for the ``dp`` method.
-
-    lam_rel = 1 prices the time to read one row at the drive's peak throughput like one row of mean
-    importance; larger values favour fewer, longer runs.
-    """
-    t_row = float(table.estimate(table.saturation_bytes)) / table.saturation_bytes * row_bytes
-    mean = float(np.mean(importance, dtype=np.float64)) if importance.size else 0.0
-    return lam_rel * mean / t_row
-
-
-DP_LAM_REL = 1.0
+# Search limits of the "dp" method, as kDpMaxSolves and kDpPriceTolerance in select.hpp.
+DP_MAX_SOLVES = 12
+DP_PRICE_TOLERANCE = 1e-3
 
 
 def select(importance, budget_rows: int, method: str, table: LatencyTable, row_bytes: int,
-           params: ChunkParams | None = None, impl: str = "native",
-           lam_rel: float | None = None) -> Selection:
+           params: ChunkParams | None = None, impl: str = "native") -> Selection:
     """Choose `budget_rows` rows of a matrix to read for one input.
 
-    importance: float32 [rows], finite and >= 0, in stored-row order. ``params`` (chunking) defaults
-    to default_params(row_bytes, rows); ``lam_rel`` (dp) to DP_LAM_REL.
+    importance: float32 [rows], finite and >= 0, in stored-row order. ``params`` (chunking only)
+    defaults to default_params(row_bytes, rows). ``impl="numpy"`` runs the reference code.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -159,24 +150,32 @@ def select(importance, budget_rows: int, method: str, table: LatencyTable, row_b
         raise ValueError(f"row_bytes must be a positive integer, got {row_bytes!r}")
     row_bytes = int(row_bytes)
     windows = (params or default_params(row_bytes, rows)).for_matrix(row_bytes, rows, table)
-    lam = 0.0
-    if method == "dp":
-        lam = dp_lambda(v, table, row_bytes, DP_LAM_REL if lam_rel is None else lam_rel)
 
     if impl == "native":
         from nchunk_core import _native
         runs, latency, retained = _native.select_rows(
-            v, budget, method, table.latency_s, table.step_bytes, row_bytes, *windows, lam)
+            v, budget, method, table.latency_s, table.step_bytes, row_bytes, *windows)
     else:
         _check_importance_numpy(v)
-        runs = _select_numpy(v, budget, method, table, row_bytes, windows, lam)
+        runs = _select_numpy(v, budget, method, table, row_bytes, windows)
         latency = table.estimate_runs(runs[:, 1], row_bytes)
         total = float(v.sum(dtype=np.float64))
         kept = float(v[_mask_of(runs, rows)].sum(dtype=np.float64))
         retained = kept / total if total > 0 else 1.0
-    return Selection(runs=runs, rows=budget if method != "dense" else rows,
+    return Selection(runs=runs, rows=rows if method == "dense" else budget,
                      est_latency_s=float(latency), retained=float(retained),
                      select_s=time.perf_counter() - t0, method=method)
+
+
+def optimal_runs(importance, lam: float, table: LatencyTable, row_bytes: int) -> np.ndarray:
+    """Runs maximising Σ selected importance - lam * Σ T[run bytes], with no row budget.
+
+    Each lam >= 0 (importance per second) gives one point of the best importance-versus-estimated-
+    time frontier; used by studies. Returns int64 [k, 2] (start, length).
+    """
+    from nchunk_core import _native
+    v = np.ascontiguousarray(importance, dtype=np.float32)
+    return _native.lagrangian_runs(v, float(lam), table.latency_s, table.step_bytes, int(row_bytes))
 
 
 # ---- NumPy reference implementations ---------------------------------------------------------------
@@ -256,72 +255,170 @@ def _chunking_numpy(v: np.ndarray, budget: int, table: LatencyTable, row_bytes: 
     return _runs_of(mask)
 
 
-def _piece_costs(rows: int, lam: float, table: LatencyTable, row_bytes: int) -> np.ndarray:
-    """lam * T[L * row_bytes] for L = 0..max_len (max_len = 2m - 1, m rows fill the table)."""
-    m = max(1, -(-table.max_bytes // row_bytes))
-    max_len = max(1, min(rows, 2 * m - 1))
-    cost = lam * table.estimate(np.arange(max_len + 1) * float(row_bytes))
-    cost[0] = 0.0
-    return cost
+class _RunProgram:
+    """NumPy twin of RunProgram in select.cpp (same recurrences, same floating-point order)."""
+
+    def __init__(self, v: np.ndarray, table: LatencyTable, row_bytes: int):
+        self.v = v
+        rows = v.size
+        self.prefix = np.concatenate(([0.0], np.cumsum(v, dtype=np.float64)))  # [rows + 1]
+        m = max(1, -(-table.max_bytes // row_bytes))  # rows that fill the latency table
+        self.m = min(m, rows + 1)
+        self.piece_t = np.zeros(self.m)  # [m] T of a piece of L rows, L < m
+        self.piece_t[1:] = table.estimate(np.arange(1, self.m) * float(row_bytes))
+        self.t_long = float(table.estimate(self.m * row_bytes))
+
+    def solve(self, lam: float) -> np.ndarray:
+        """Rows maximising Σ v - lam Σ T[run bytes]: bool [rows]."""
+        v, prefix, m, n = self.v, self.prefix, self.m, self.v.size
+        cost_rev = np.zeros(m)  # cost_rev[t] = lam * T[m - 1 - t]
+        cost_rev[:m - 1] = (lam * self.piece_t[1:])[::-1]
+        long_cost = lam * self.t_long
+        per_row = long_cost / m
+        one_cost = float(cost_rev[m - 2]) if m > 1 else math.inf
+        f, g = np.zeros(n + 1), np.zeros(n + 1)
+        e, best = np.full(n + 1, -math.inf), np.full(n + 1, -math.inf)
+        f_prev, e_prev = 0.0, -math.inf
+        for i in range(1, n + 1):
+            x = float(v[i - 1])
+            k = min(i, m - 1)
+            b = float(np.max(g[i - k:i - 1] - cost_rev[m - 1 - k:m - 2])) if k > 1 else -math.inf
+            e_i = max(e_prev + x - per_row, g[i - m] + prefix[i] - long_cost) if i >= m else -math.inf
+            f_prev = max(f_prev + max(0.0, x - one_cost), max(e_i, prefix[i] + b))
+            best[i], e[i], f[i] = b, e_i, f_prev
+            e_prev = e_i
+            g[i] = f_prev - prefix[i]
+        mask = np.zeros(n, dtype=bool)
+        i = n
+        while i > 0:
+            if f[i] == f[i - 1]:
+                i -= 1
+                continue
+            if f[i] == e[i]:
+                j = i
+                while e[j] != g[j - m] + prefix[j] - long_cost:
+                    j -= 1
+                start = j - m
+            elif f[i] == f[i - 1] + max(0.0, float(v[i - 1]) - one_cost):
+                start = i - 1
+            else:
+                length = 2
+                while g[i - length] - cost_rev[m - 1 - length] != best[i]:
+                    length += 1
+                start = i - length
+            mask[start:i] = True
+            i = start
+        return mask
 
 
-def _solve_pieces_numpy(prefix: np.ndarray, cost: np.ndarray, mu: float) -> np.ndarray:
-    """Rows maximising Σ(v - mu) - Σ cost[piece length] (pieces of 1..len(cost)-1 rows): bool mask."""
-    rows = prefix.size - 1
-    max_len = cost.size - 1
-    f = np.zeros(rows + 1)
-    g = np.zeros(rows + 1)  # g[j] = f[j] - prefix[j] + mu * j
-    pick = np.zeros(rows + 1, dtype=np.int64)  # length of the piece ending at row i - 1, 0 = skip
-    for i in range(1, rows + 1):
-        lengths = np.arange(1, min(i, max_len) + 1)
-        values = g[i - lengths] - cost[lengths]
-        k = int(np.argmax(values))
-        take = prefix[i] - mu * i + values[k]
-        if take > f[i - 1]:
-            f[i], pick[i] = take, lengths[k]
-        else:
-            f[i] = f[i - 1]
-        g[i] = f[i] - prefix[i] + mu * i
-    mask = np.zeros(rows, dtype=bool)
-    i = rows
-    while i > 0:
-        if pick[i] == 0:
-            i -= 1
-        else:
-            mask[i - pick[i]:i] = True
-            i -= pick[i]
-    return mask
+def _trim_run_ends(mask: np.ndarray, v: np.ndarray, count: int) -> None:
+    """Unselect `count` rows, each time the least important run end (ties: lower row)."""
+    ends = []
+    for start, length in _runs_of(mask):
+        ends.append((float(v[start]), int(start)))
+        if length > 1:
+            ends.append((float(v[start + length - 1]), int(start + length - 1)))
+    heapq.heapify(ends)
+    while count > 0 and ends:
+        _, row = heapq.heappop(ends)
+        if not mask[row]:
+            continue
+        mask[row] = False
+        count -= 1
+        for nxt in (row - 1, row + 1):
+            if 0 <= nxt < mask.size and mask[nxt]:
+                heapq.heappush(ends, (float(v[nxt]), nxt))
 
 
-def _dp_numpy(v: np.ndarray, budget: int, table: LatencyTable, row_bytes: int,
-              lam: float) -> np.ndarray:
+def _grow_run_ends(mask: np.ndarray, v: np.ndarray, count: int) -> None:
+    """Select `count` rows, each time the most important row next to a run (ties: lower row)."""
+    rows = mask.size
+    next_to = []  # (-importance, row)
+    for start, length in _runs_of(mask):
+        if start > 0:
+            next_to.append((-float(v[start - 1]), int(start - 1)))
+        if start + length < rows:
+            next_to.append((-float(v[start + length]), int(start + length)))
+    if not next_to and rows:
+        best = int(np.argmax(v))  # first of the largest
+        next_to.append((-float(v[best]), best))
+    heapq.heapify(next_to)
+    while count > 0 and next_to:
+        _, row = heapq.heappop(next_to)
+        if mask[row]:
+            continue
+        mask[row] = True
+        count -= 1
+        for nxt in (row - 1, row + 1):
+            if 0 <= nxt < rows and not mask[nxt]:
+                heapq.heappush(next_to, (-float(v[nxt]), nxt))
+
+
+def _dp_numpy(v: np.ndarray, budget: int, table: LatencyTable, row_bytes: int) -> np.ndarray:
     rows = v.size
     if budget == 0:
         return np.zeros((0, 2), dtype=np.int64)
     if budget == rows:
         return np.array([[0, rows]], dtype=np.int64)
-    prefix = np.concatenate(([0.0], np.cumsum(v, dtype=np.float64)))
-    cost = _piece_costs(rows, lam, table, row_bytes)
-    mu_lo, mu_hi = -cost[1] - 1.0, float(v.max())
-    chosen = np.zeros(rows, dtype=bool)
-    for _ in range(40):
-        if mu_hi - mu_lo <= 1e-12 * (1.0 + abs(mu_hi)):
-            break
-        mu = 0.5 * (mu_lo + mu_hi)
-        mask = _solve_pieces_numpy(prefix, cost, mu)
+    program = _RunProgram(v, table, row_bytes)
+    total = float(program.prefix[-1])
+    if not total > 0:
+        mask = np.zeros(rows, dtype=bool)
+        _fill_best_rows(v, budget, mask)
+        return _runs_of(mask)
+    t_row = float(table.estimate(table.max_bytes)) / table.max_bytes * row_bytes
+    x0 = math.log(total / rows / t_row)
+    close = max(program.m, budget // 64)
+    def logit(count):  # of the selected fraction, kept finite at 0 and rows
+        return math.log((count + 1.0) / (rows - count + 1.0))
+
+    f_budget = logit(budget)
+    have_lo = have_hi = False
+    x_lo = x_hi = f_lo = f_hi = x_prev = f_prev = 0.0
+    count_lo = count_hi = 0
+    side = 0
+    above = below = None
+    x, n = x0, 0
+    while n < DP_MAX_SOLVES:
+        mask = program.solve(math.exp(x))
+        n += 1
         count = int(mask.sum())
+        if count == budget:
+            return _runs_of(mask)
+        fx = logit(count) - f_budget
         if count > budget:
-            mu_lo = mu
+            if have_lo and have_hi and side == 1:
+                f_hi *= 0.5
+            have_lo, x_lo, f_lo, count_lo, above, side = True, x, fx, count, mask, 1
         else:
-            mu_hi, chosen = mu, mask
-            if count == budget:
+            if have_lo and have_hi and side == -1:
+                f_lo *= 0.5
+            have_hi, x_hi, f_hi, count_hi, below, side = True, x, fx, count, mask, -1
+        if (have_lo and count_lo - budget <= close) or (have_hi and budget - count_hi <= close):
+            break
+        if have_lo and have_hi:
+            if x_hi - x_lo <= DP_PRICE_TOLERANCE:
                 break
-    _fill_best_rows(v, budget - int(chosen.sum()), chosen)
-    return _runs_of(chosen)
+            t = min(0.98, max(0.02, f_lo / (f_lo - f_hi)))
+            nxt = x_lo + t * (x_hi - x_lo)
+        else:
+            slope = (fx - f_prev) / (x - x_prev) if n > 1 and x != x_prev else -2.0
+            sign = 1.0 if fx > 0.0 else -1.0
+            step = -1.2 * fx / slope if slope < 0.0 else sign * math.log(8.0)
+            step = sign * min(math.log(8.0), max(math.log(1.25), abs(step)))
+            nxt = x + step
+            if abs(nxt - x0) > 30.0:
+                break
+        x_prev, f_prev, x = x, fx, nxt
+    if have_lo and (not have_hi or count_lo - budget <= budget - count_hi):
+        _trim_run_ends(above, v, count_lo - budget)
+        return _runs_of(above)
+    _grow_run_ends(below, v, budget - count_hi)
+    return _runs_of(below)
 
 
 def _select_numpy(v: np.ndarray, budget: int, method: str, table: LatencyTable, row_bytes: int,
-                  windows: WindowRows, lam: float) -> np.ndarray:
+                  windows: WindowRows) -> np.ndarray:
     rows = v.size
     if method == "dense" or budget == rows:
         return np.array([[0, rows]] if rows else [], dtype=np.int64).reshape(-1, 2)
@@ -331,4 +428,4 @@ def _select_numpy(v: np.ndarray, budget: int, method: str, table: LatencyTable, 
         return _runs_of(mask)
     if method == "chunking":
         return _chunking_numpy(v, budget, table, row_bytes, windows)
-    return _dp_numpy(v, budget, table, row_bytes, lam)
+    return _dp_numpy(v, budget, table, row_bytes)

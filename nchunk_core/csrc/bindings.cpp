@@ -192,7 +192,7 @@ py::array_t<int64_t> runs_array(const std::vector<nchunk::Run>& runs) {
 // importance [rows] -> (runs int64 [k, 2], estimated seconds, retained importance fraction)
 py::tuple select_rows(const F32& importance, int64_t budget_rows, const std::string& method,
                       const F64& latency_s, int64_t step_bytes, int64_t row_bytes, int64_t r_min,
-                      int64_t r_max, int64_t r_step, int64_t jump_cap, double lam) {
+                      int64_t r_max, int64_t r_step, int64_t jump_cap) {
   const float* v = importance_data(importance);
   const int64_t rows = importance.shape(0);
   const nchunk::LatencyModel table = latency_model(latency_s, step_bytes);
@@ -214,7 +214,7 @@ py::tuple select_rows(const F32& importance, int64_t budget_rows, const std::str
       runs = nchunk::select_chunking(v, rows, budget_rows, {r_min, r_max, r_step, jump_cap}, table,
                                      row_bytes);
     else
-      runs = nchunk::select_dp(v, rows, budget_rows, lam, table, row_bytes);
+      runs = nchunk::select_dp(v, rows, budget_rows, table, row_bytes);
     latency = nchunk::estimate_runs(runs, row_bytes, table);
     retained = nchunk::retained_importance(runs, v, rows);
   }
@@ -228,7 +228,6 @@ static void bind_select(py::module_& m) {
   m.def("select_rows", &select_rows, py::arg("importance"), py::arg("budget_rows"),
         py::arg("method"), py::arg("latency_s"), py::arg("step_bytes"), py::arg("row_bytes"),
         py::arg("r_min") = 1, py::arg("r_max") = 1, py::arg("r_step") = 1, py::arg("jump_cap") = 1,
-        py::arg("lam") = 0.0,
         "Select budget_rows rows of one matrix ('dense' ignores the budget unless it is all rows).\n"
         "Window sizes are in rows. Returns (runs int64 [k, 2] of (start, length), estimated\n"
         "seconds, retained importance fraction). Releases the GIL.");
@@ -246,7 +245,7 @@ static void bind_select(py::module_& m) {
       "Estimated seconds per chunk of each size in run_bytes (flattened), as in LatencyTable.");
   m.def(
       "lagrangian_runs",
-      [](const F32& importance, double lam, double mu, const F64& latency_s, int64_t step_bytes,
+      [](const F32& importance, double lam, const F64& latency_s, int64_t step_bytes,
          int64_t row_bytes) {
         const float* v = importance_data(importance);
         const int64_t rows = importance.shape(0);
@@ -256,13 +255,13 @@ static void bind_select(py::module_& m) {
         {
           py::gil_scoped_release release;
           nchunk::check_importance(v, rows);
-          runs = nchunk::lagrangian_runs(v, rows, lam, mu, table, row_bytes);
+          runs = nchunk::lagrangian_runs(v, rows, lam, table, row_bytes);
         }
         return runs_array(runs);
       },
-      py::arg("importance"), py::arg("lam"), py::arg("mu"), py::arg("latency_s"),
+      py::arg("importance"), py::arg("lam"), py::arg("latency_s"),
       py::arg("step_bytes"), py::arg("row_bytes"),
-      "Runs maximising sum(v - mu) - lam * sum T over runs (no row budget), for studies.");
+      "Runs maximising sum of selected importance - lam * sum over runs of T (no row budget).");
 }
 // ---- select section (end) ----
 

@@ -294,7 +294,8 @@ DioAlignment dio_alignment(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
   if (fd < 0 && errno == EINVAL) return DioAlignment{};  // the file system refuses O_DIRECT
   if (fd < 0) throw IoError(errno, path, "open");
-  a = probe_alignment(fd, st.st_size);
+  const off_t size = ::lseek(fd, 0, SEEK_END);  // st_size is 0 for block devices
+  a = probe_alignment(fd, size > 0 ? size : 0);
   ::close(fd);
   return a;
 }

@@ -32,7 +32,8 @@ struct DioAlignment {
 };
 
 // Queries the alignment with statx(STATX_DIOALIGN); if the kernel or file system does not report it,
-// probes with small O_DIRECT reads. Throws IoError if the file cannot be inspected (ENOENT, EACCES...).
+// probes with small O_DIRECT reads (an empty file cannot be probed and gets 4096/4096). For a directory,
+// answers for new files created in it. Throws IoError if the path cannot be inspected (ENOENT...).
 DioAlignment dio_alignment(const std::string& path);
 
 // An errno from a system call on `path`; offset/length are the byte range being read (-1 for open).

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <queue>
+#include <utility>
 #include <stdexcept>
 #include <string>
 
@@ -105,6 +107,7 @@ class RowMask {
   }
 
   bool test(int64_t row) const { return (words_[row >> 6] >> (row & 63)) & 1u; }
+  void reset(int64_t row) { words_[row >> 6] &= ~(1ull << (row & 63)); }
 
   // Maximal runs of set bits, in row order.
   std::vector<Run> runs() const {
@@ -218,8 +221,7 @@ struct Scratch {
   std::vector<double> prefix;
   std::vector<uint64_t> keys, sorted;
   std::vector<size_t> bucket_end;
-  std::vector<double> f, g, best;
-  std::vector<double> piece_cost;
+  std::vector<double> f, g, e, best, piece_t, cost_rev;
 };
 
 Scratch& scratch() {
@@ -335,120 +337,264 @@ std::vector<Run> select_chunking(const float* importance, int64_t rows, int64_t 
 
 namespace {
 
-// Maximises  sum over selected rows (v_i - mu) - sum over pieces piece_cost[length]  over sets of
-// non-overlapping pieces of 1..max_len rows (pieces may touch). Writes the selected rows into
-// `mask` and returns their number.
-//   f[i]: best value on rows [0, i);  g[j] = f[j] - prefix[j] + mu * j
-//   f[i] = max(f[i-1], prefix[i] - mu * i + max_L (g[i-L] - piece_cost[L]))
-int64_t solve_pieces(const double* prefix, int64_t rows, const double* piece_cost, int64_t max_len,
-                     double mu, Scratch& s, RowMask& mask) {
-  s.f.assign(static_cast<size_t>(rows) + 1, 0.0);
-  s.g.assign(static_cast<size_t>(rows) + 1, 0.0);
-  s.best.assign(static_cast<size_t>(rows) + 1, 0.0);
-  double* f = s.f.data();
-  double* g = s.g.data();
-  double* best = s.best.data();
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 1; i <= rows; ++i) {
-    const int64_t lmax = std::min(i, max_len);
-    // Four independent maxima keep the loop pipelined; the order of the max does not matter.
-    double m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
-    int64_t len = 1;
-    for (; len + 3 <= lmax; len += 4) {
-      m0 = std::max(m0, g[i - len] - piece_cost[len]);
-      m1 = std::max(m1, g[i - len - 1] - piece_cost[len + 1]);
-      m2 = std::max(m2, g[i - len - 2] - piece_cost[len + 2]);
-      m3 = std::max(m3, g[i - len - 3] - piece_cost[len + 3]);
-    }
-    for (; len <= lmax; ++len) m0 = std::max(m0, g[i - len] - piece_cost[len]);
-    const double m = std::max(std::max(m0, m1), std::max(m2, m3));
-    best[i] = m;
-    const double take = prefix[i] - mu * static_cast<double>(i) + m;
-    f[i] = std::max(f[i - 1], take);
-    g[i] = f[i] - prefix[i] + mu * static_cast<double>(i);
+// max over t in [0, n) of a[t] - b[t], n >= 1. Max is exact, so the order does not matter.
+double max_difference(const double* a, const double* b, int64_t n) {
+#if defined(__GNUC__)
+  typedef double double2 __attribute__((vector_size(16)));
+  double2 m0 = {-HUGE_VAL, -HUGE_VAL}, m1 = m0;
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    double2 a0, a1, b0, b1;
+    std::memcpy(&a0, a + t, sizeof a0);
+    std::memcpy(&a1, a + t + 2, sizeof a1);
+    std::memcpy(&b0, b + t, sizeof b0);
+    std::memcpy(&b1, b + t + 2, sizeof b1);
+    const double2 d0 = a0 - b0, d1 = a1 - b1;
+    m0 = d0 > m0 ? d0 : m0;
+    m1 = d1 > m1 ? d1 : m1;
   }
-  // Walk back; recomputing g[i-L] - piece_cost[L] gives bit-identical values, so == finds the piece.
-  int64_t count = 0;
-  int64_t i = rows;
-  while (i > 0) {
-    if (f[i] == f[i - 1]) {
-      --i;
-      continue;
-    }
-    const int64_t lmax = std::min(i, max_len);
-    int64_t len = 1;
-    while (len < lmax && g[i - len] - piece_cost[len] != best[i]) ++len;
-    mask.set(i - len, len);
-    count += len;
-    i -= len;
-  }
-  return count;
+  double m = std::max(std::max(m0[0], m0[1]), std::max(m1[0], m1[1]));
+#else
+  double m = -HUGE_VAL;
+  int64_t t = 0;
+#endif
+  for (; t < n; ++t) m = std::max(m, a[t] - b[t]);
+  return m;
 }
 
-// piece_cost[L] = lambda * T[L * row_bytes] for L = 0..max_len. Pieces of at least m rows (m = rows
-// that fill the table) cost in proportion to their length, so any run splits into pieces shorter
-// than 2m at no extra cost: max_len = 2m - 1 loses nothing.
-int64_t piece_costs(int64_t rows, double lambda, const LatencyModel& table, int64_t row_bytes,
-                    int64_t table_bytes, std::vector<double>& cost) {
-  const int64_t m = std::max<int64_t>(1, (table_bytes + row_bytes - 1) / row_bytes);
-  const int64_t max_len = std::max<int64_t>(1, std::min(rows, 2 * m - 1));
-  cost.assign(static_cast<size_t>(max_len) + 1, 0.0);
-  for (int64_t len = 1; len <= max_len; ++len)
-    cost[len] = lambda * table.estimate(static_cast<double>(len * row_bytes));
-  return max_len;
+// Removes `count` selected rows, each time the least important row at the end of a run (ties:
+// lower row). Removing run ends never splits a run, so the estimated time does not grow.
+void trim_run_ends(RowMask& mask, const float* importance, int64_t rows, int64_t count) {
+  using Entry = std::pair<float, int64_t>;  // (importance, row), smallest first
+  std::priority_queue<Entry, std::vector<Entry>, std::greater<Entry>> ends;
+  for (const Run& r : mask.runs()) {
+    ends.push({importance[r.start], r.start});
+    if (r.length > 1) ends.push({importance[r.start + r.length - 1], r.start + r.length - 1});
+  }
+  while (count > 0 && !ends.empty()) {
+    const int64_t row = ends.top().second;
+    ends.pop();
+    if (!mask.test(row)) continue;  // already removed
+    mask.reset(row);
+    --count;
+    for (const int64_t next : {row - 1, row + 1})
+      if (next >= 0 && next < rows && mask.test(next)) ends.push({importance[next], next});
+  }
 }
+
+// Adds `count` rows, each time the most important unselected row next to a run (ties: lower row);
+// with no run yet, the most important row starts one. Growing runs adds no new reads.
+void grow_run_ends(RowMask& mask, const float* importance, int64_t rows, int64_t count) {
+  using Entry = std::pair<float, int64_t>;  // (importance, -row), largest first
+  std::priority_queue<Entry> next_to;
+  for (const Run& r : mask.runs()) {
+    if (r.start > 0) next_to.push({importance[r.start - 1], -(r.start - 1)});
+    if (r.start + r.length < rows) next_to.push({importance[r.start + r.length], -(r.start + r.length)});
+  }
+  if (next_to.empty() && rows > 0) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < rows; ++i)
+      if (importance[i] > importance[best]) best = i;
+    next_to.push({importance[best], -best});
+  }
+  while (count > 0 && !next_to.empty()) {
+    const int64_t row = -next_to.top().second;
+    next_to.pop();
+    if (mask.test(row)) continue;  // already added
+    mask.set(row, 1);
+    --count;
+    for (const int64_t next : {row - 1, row + 1})
+      if (next >= 0 && next < rows && !mask.test(next)) next_to.push({importance[next], -next});
+  }
+}
+
+// The program for one matrix: maximise  sum of selected importance - lambda * sum over maximal runs
+// of T[run bytes]. A run of at least m rows (m rows fill the latency table) costs T in proportion to
+// its length, so runs are built from short pieces of 1..m-1 rows and long runs priced per row.
+// Pieces may touch; touching pieces cost at least their merged run when T is subadditive, so the
+// optimum of the program is then the optimum over run sets.
+class RunProgram {
+ public:
+  RunProgram(const float* importance, int64_t rows, const LatencyModel& table, int64_t row_bytes,
+             Scratch& s)
+      : v_(importance), rows_(rows), s_(s) {
+    prefix_sums(importance, rows, s.prefix);
+    m_ = std::max<int64_t>(1, (table.table_bytes() + row_bytes - 1) / row_bytes);
+    m_ = std::min(m_, rows + 1);  // no long runs when m > rows
+    s.piece_t.assign(static_cast<size_t>(m_), 0.0);
+    for (int64_t len = 1; len < m_; ++len)
+      s.piece_t[len] = table.estimate(static_cast<double>(len * row_bytes));
+    t_long_ = table.estimate(static_cast<double>(m_ * row_bytes));  // = m * per-row cost
+  }
+
+  int64_t long_rows() const { return m_; }
+
+  // Solves at price `lambda`, writes the rows into `mask` and returns their number.
+  //   f[i]  best value on rows [0, i);   g[j] = f[j] - prefix[j];   v = importance[i - 1]
+  //   e[i]  best value on rows [0, i) whose last run is a long run ending at row i - 1:
+  //         e[i] = max(e[i-1] + v - lambda T[m] / m,  g[i-m] + prefix[i] - lambda T[m])
+  //   f[i] = max(f[i-1] + max(0, v - lambda T[1]),                   skip row, or a piece of one row
+  //              e[i],                                                a long run
+  //              prefix[i] + max over L in [2, m) of g[i-L] - lambda T[L])   a short piece
+  // The one-row term keeps the step-to-step dependency short; longer pieces read g from at least
+  // two steps back.
+  int64_t solve(double lambda, RowMask& mask) {
+    Scratch& s = s_;
+    const int64_t n = rows_, m = m_;
+    const double* prefix = s.prefix.data();
+    // cost_rev[t] = lambda * T[m - 1 - t], so the short pieces read g[i-k .. i-2] forwards.
+    s.cost_rev.assign(static_cast<size_t>(m), 0.0);
+    for (int64_t len = 1; len < m; ++len) s.cost_rev[m - 1 - len] = lambda * s.piece_t[len];
+    const double* cost_rev = s.cost_rev.data();
+    const double long_cost = lambda * t_long_;
+    const double per_row = long_cost / static_cast<double>(m);
+    const double one_cost = m > 1 ? cost_rev[m - 2] : HUGE_VAL;  // no one-row piece when m == 1
+    s.f.resize(static_cast<size_t>(n) + 1);
+    s.g.resize(static_cast<size_t>(n) + 1);
+    s.e.resize(static_cast<size_t>(n) + 1);
+    s.best.resize(static_cast<size_t>(n) + 1);
+    double *f = s.f.data(), *g = s.g.data(), *e = s.e.data(), *best = s.best.data();
+    f[0] = g[0] = 0.0;
+    e[0] = best[0] = -HUGE_VAL;
+    double f_prev = 0.0, e_prev = -HUGE_VAL;
+    for (int64_t i = 1; i <= n; ++i) {
+      const double v = static_cast<double>(v_[i - 1]);
+      const int64_t k = std::min(i, m - 1);  // short pieces of 2..k rows
+      const double b =
+          k > 1 ? max_difference(g + (i - k), cost_rev + (m - 1 - k), k - 1) : -HUGE_VAL;
+      const double e_i =
+          i >= m ? std::max(e_prev + v - per_row, g[i - m] + prefix[i] - long_cost) : -HUGE_VAL;
+      f_prev = std::max(f_prev + std::max(0.0, v - one_cost), std::max(e_i, prefix[i] + b));
+      best[i] = b;
+      e[i] = e_prev = e_i;
+      f[i] = f_prev;
+      g[i] = f_prev - prefix[i];
+    }
+    // Walk back. Recomputing a candidate value gives the same bits, so == identifies the choice;
+    // ties prefer skipping a row, then a long run, then a piece of one row.
+    int64_t count = 0, i = n;
+    while (i > 0) {
+      int64_t start = i;
+      if (f[i] == f[i - 1]) {
+        --i;
+        continue;
+      }
+      if (f[i] == e[i]) {
+        int64_t j = i;
+        while (e[j] != g[j - m] + prefix[j] - long_cost) --j;  // extensions back to the start
+        start = j - m;
+      } else if (f[i] == f[i - 1] + std::max(0.0, static_cast<double>(v_[i - 1]) - one_cost)) {
+        start = i - 1;
+      } else {
+        int64_t len = 2;
+        while (g[i - len] - cost_rev[m - 1 - len] != best[i]) ++len;
+        start = i - len;
+      }
+      mask.set(start, i - start);
+      count += i - start;
+      i = start;
+    }
+    return count;
+  }
+
+  double total() const { return s_.prefix[static_cast<size_t>(rows_)]; }
+
+ private:
+  const float* v_;
+  int64_t rows_;
+  Scratch& s_;
+  int64_t m_ = 1;
+  double t_long_ = 0.0;
+};
 
 }  // namespace
 
-std::vector<Run> lagrangian_runs(const float* importance, int64_t rows, double lambda, double mu,
+std::vector<Run> lagrangian_runs(const float* importance, int64_t rows, double lambda,
                                  const LatencyModel& table, int64_t row_bytes) {
   check_rows_budget(rows, 0);
-  if (!(lambda >= 0.0) || !std::isfinite(lambda) || !std::isfinite(mu))
-    throw std::invalid_argument("lambda must be finite and >= 0, mu finite");
-  Scratch& s = scratch();
-  RowMask mask(rows);
-  if (rows == 0) return {};
-  prefix_sums(importance, rows, s.prefix);
-  const int64_t max_len =
-      piece_costs(rows, lambda, table, row_bytes, table.table_bytes(), s.piece_cost);
-  solve_pieces(s.prefix.data(), rows, s.piece_cost.data(), max_len, mu, s, mask);
-  return mask.runs();
-}
-
-std::vector<Run> select_dp(const float* importance, int64_t rows, int64_t budget, double lambda,
-                           const LatencyModel& table, int64_t row_bytes) {
-  check_rows_budget(rows, budget);
   if (!(lambda >= 0.0) || !std::isfinite(lambda))
     throw std::invalid_argument("lambda must be finite and >= 0");
   if (row_bytes <= 0) throw std::invalid_argument("row_bytes must be positive");
+  RowMask mask(rows);
+  RunProgram program(importance, rows, table, row_bytes, scratch());
+  program.solve(lambda, mask);
+  return mask.runs();
+}
+
+std::vector<Run> select_dp(const float* importance, int64_t rows, int64_t budget,
+                           const LatencyModel& table, int64_t row_bytes, int* solves) {
+  check_rows_budget(rows, budget);
+  if (row_bytes <= 0) throw std::invalid_argument("row_bytes must be positive");
+  if (solves) *solves = 0;
   if (budget == 0) return {};
   if (budget == rows) return select_dense(rows);
   Scratch& s = scratch();
-  prefix_sums(importance, rows, s.prefix);
-  const int64_t max_len =
-      piece_costs(rows, lambda, table, row_bytes, table.table_bytes(), s.piece_cost);
-  // Row count is non-increasing in the row price mu: at mu_lo every row pays for itself as a piece
-  // of one row (all rows selected), at mu_hi no row does (none selected).
-  float v_max = 0.0f;
-  for (int64_t i = 0; i < rows; ++i) v_max = std::max(v_max, importance[i]);
-  double mu_lo = -s.piece_cost[1] - 1.0, mu_hi = static_cast<double>(v_max);
-  RowMask chosen(rows);  // solution at mu_hi: fewest rows <= budget seen so far
-  for (int iter = 0; iter < 40 && mu_hi - mu_lo > 1e-12 * (1.0 + std::fabs(mu_hi)); ++iter) {
-    const double mu = 0.5 * (mu_lo + mu_hi);
+  RunProgram program(importance, rows, table, row_bytes, s);
+  const double total = program.total();
+  if (!(total > 0.0)) return select_magnitude(importance, rows, budget);
+
+  // Search the price of time (x = log lambda). The row count falls as the price rises and moves in
+  // jumps (a run appears or grows), so the search stops once a solution is within `close` rows of
+  // the budget (it is then trimmed or grown at its run ends) or the price bracket is narrow. Secant
+  // steps on F = logit(count / rows) - logit(budget / rows): extrapolated until the budget is
+  // bracketed, then regula falsi with the Illinois correction against one-sided stalls.
+  // Start where reading one row at peak throughput costs one row of mean importance.
+  const double table_bytes = static_cast<double>(table.table_bytes());
+  const double t_row = table.estimate(table_bytes) / table_bytes * static_cast<double>(row_bytes);
+  const double x0 = std::log(total / static_cast<double>(rows) / t_row);
+  const int64_t close = std::max<int64_t>(program.long_rows(), budget / 64);
+  auto logit = [rows](int64_t count) {  // of the selected fraction, kept finite at 0 and rows
+    return std::log((static_cast<double>(count) + 1.0) / (static_cast<double>(rows - count) + 1.0));
+  };
+  const double f_budget = logit(budget);
+  bool have_lo = false, have_hi = false;  // lo: count > budget; hi: count < budget
+  double x_lo = 0.0, x_hi = 0.0, f_lo = 0.0, f_hi = 0.0, x_prev = 0.0, f_prev = 0.0;
+  int64_t count_lo = 0, count_hi = 0;
+  int side = 0;  // +1 if the last solve moved lo, -1 if it moved hi
+  RowMask above(rows), below(rows);
+  double x = x0;
+  int n = 0;
+  while (n < kDpMaxSolves) {
     RowMask mask(rows);
-    const int64_t count = solve_pieces(s.prefix.data(), rows, s.piece_cost.data(), max_len, mu, s, mask);
-    if (count > budget) {
-      mu_lo = mu;
-    } else {
-      mu_hi = mu;
-      chosen = mask;
-      if (count == budget) break;
+    const int64_t count = program.solve(std::exp(x), mask);
+    ++n;
+    if (count == budget) {
+      if (solves) *solves = n;
+      return mask.runs();
     }
+    const double fx = logit(count) - f_budget;
+    if (count > budget) {
+      if (have_lo && have_hi && side == 1) f_hi *= 0.5;  // Illinois
+      have_lo = true, x_lo = x, f_lo = fx, count_lo = count, above = mask, side = 1;
+    } else {
+      if (have_lo && have_hi && side == -1) f_lo *= 0.5;
+      have_hi = true, x_hi = x, f_hi = fx, count_hi = count, below = mask, side = -1;
+    }
+    if ((have_lo && count_lo - budget <= close) || (have_hi && budget - count_hi <= close)) break;
+    double next;
+    if (have_lo && have_hi) {
+      if (x_hi - x_lo <= kDpPriceTolerance) break;
+      const double t = std::min(0.98, std::max(0.02, f_lo / (f_lo - f_hi)));
+      next = x_lo + t * (x_hi - x_lo);
+    } else {
+      // Not bracketed: secant through the last two solves (slope -2 after the first),
+      // overshooting by 20 %, and a step of at least log(1.25) and at most log(8).
+      const double slope = n > 1 && x != x_prev ? (fx - f_prev) / (x - x_prev) : -2.0;
+      double step = slope < 0.0 ? -1.2 * fx / slope : (fx > 0.0 ? 1.0 : -1.0) * std::log(8.0);
+      step = (fx > 0.0 ? 1.0 : -1.0) * std::min(std::log(8.0), std::max(std::log(1.25), std::fabs(step)));
+      next = x + step;
+      if (std::fabs(next - x0) > 30.0) break;
+    }
+    x_prev = x, f_prev = fx, x = next;
   }
-  int64_t have = 0;
-  for (const Run& r : chosen.runs()) have += r.length;
-  fill_best_rows(importance, rows, budget - have, chosen, s.keys);
-  return chosen.runs();
+  if (solves) *solves = n;
+  // Complete the solution nearest to the budget: trim the one above or grow the one below.
+  if (have_lo && (!have_hi || count_lo - budget <= budget - count_hi)) {
+    trim_run_ends(above, importance, rows, count_lo - budget);
+    return above.runs();
+  }
+  grow_run_ends(below, importance, rows, budget - count_hi);
+  return below.runs();
 }
 
 }  // namespace nchunk

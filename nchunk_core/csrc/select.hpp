@@ -59,17 +59,24 @@ std::vector<Run> select_chunking(const float* importance, int64_t rows, int64_t 
                                  const WindowRows& windows, const LatencyModel& table,
                                  int64_t row_bytes);
 
-// Lagrangian dynamic program over row positions: exactly `budget` rows that maximise
-//   sum of selected importance - lambda * sum over maximal runs of T[run bytes].
-// A row price is bisected until the program selects `budget` rows or the price interval closes; the
-// rows still missing are filled with the best unselected single rows. `lambda` is in importance per
-// second. Exact for the relaxed objective whenever T is subadditive (T[a + b] <= T[a] + T[b]).
-std::vector<Run> select_dp(const float* importance, int64_t rows, int64_t budget, double lambda,
-                           const LatencyModel& table, int64_t row_bytes);
+// Search limits of select_dp: most solves of the program, and the relative width of the price
+// bracket at which the search stops (counts jump; a finer price rarely changes the selection).
+constexpr int kDpMaxSolves = 12;
+constexpr double kDpPriceTolerance = 1e-3;
 
-// One solve of the program above at a given row price `mu` (no budget): selected rows as runs.
-std::vector<Run> lagrangian_runs(const float* importance, int64_t rows, double lambda, double mu,
+// Runs maximising  sum of selected importance - lambda * sum over maximal runs of T[run bytes]
+// (lambda in importance per second), by dynamic programming over row positions. Exact for the
+// program whenever T is subadditive (T[a + b] <= T[a] + T[b]).
+std::vector<Run> lagrangian_runs(const float* importance, int64_t rows, double lambda,
                                  const LatencyModel& table, int64_t row_bytes);
+
+// Exactly `budget` rows on the best importance-versus-estimated-time trade-off: lambda is searched
+// (geometric bisection) until lagrangian_runs selects `budget` rows; if the count jumps over the
+// budget, the solution just below it is completed with the best unselected single rows. Then no
+// selection of at most the same estimated time retains more importance (before completion).
+// `solves`, if given, receives the number of program solves.
+std::vector<Run> select_dp(const float* importance, int64_t rows, int64_t budget,
+                           const LatencyModel& table, int64_t row_bytes, int* solves = nullptr);
 
 // Sum of T over the runs, each run being length * row_bytes bytes.
 double estimate_runs(const std::vector<Run>& runs, int64_t row_bytes, const LatencyModel& table);
