@@ -130,6 +130,7 @@ class VLMAdapter:
         """
         if chunk.num_tokens == 0:
             raise ValueError("cannot append an empty chunk")
+        chunk = self._on_model_device(chunk)
         position_ids, next_position = self.positions(chunk, next_position)
         out = self.model(
             input_ids=chunk.input_ids,
@@ -140,6 +141,14 @@ class VLMAdapter:
             **chunk.vision,
         )
         return out.logits[:, -1].float(), next_position
+
+    def _on_model_device(self, chunk: Chunk) -> Chunk:
+        """The chunk's tensors on the model's device; pixel tensors in the model's dtype."""
+        device, dtype = self.model.device, self.model.dtype
+        vision = {
+            k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in chunk.vision.items()
+        }
+        return dataclasses.replace(chunk, input_ids=chunk.input_ids.to(device), vision=vision)
 
     def append_text(self, text_ids, cache: DynamicCache, next_position: int) -> tuple[torch.Tensor, int]:
         """Append token ids (list, [T] or [1, T]) as a text chunk; same return as `append`."""

@@ -56,8 +56,8 @@ class ChunkParams:
     of ``step_kib``; a window of r rows slides with stride min(r, jump cap).
     """
 
-    start_kib: float = 8.0
-    step_kib: float = 8.0
+    start_kib: float = 32.0
+    step_kib: float = 32.0
     max_kib: float | None = None
     jump_cap_kib: float = 32.0
 
@@ -86,10 +86,20 @@ class ChunkParams:
                           _kib_to_rows(self.jump_cap_kib, row_bytes))
 
 
+# Chosen by the window sweep of nchunk_core/bench/select_sweep.py (table and method in
+# docs/selection.md): the best mean retained importance at 10-50 % of the dense read time whose
+# selection stays under half the 2 ms budget at 18 944 rows. Small rows (q+k+v, q, down of a 7B
+# model: 7-9 KiB) gave 32/32/32 KiB; large rows (gate+up: 74 KiB) gave one-row windows at every
+# row, which 32/32/32 KiB also converts to for any row above 64 KiB.
+SMALL_ROWS = ChunkParams(start_kib=32.0, step_kib=32.0, max_kib=None, jump_cap_kib=32.0)
+LARGE_ROWS = ChunkParams(start_kib=4.0, step_kib=4.0, max_kib=None, jump_cap_kib=8.0)
+LARGE_ROW_BYTES = 32 * 1024  # rows above this use LARGE_ROWS
+
+
 def default_params(row_bytes: int, rows: int) -> ChunkParams:
-    """Chunking windows for a matrix of `rows` rows of `row_bytes` bytes (placeholder)."""
-    del row_bytes, rows
-    return ChunkParams()
+    """Chunking windows for a matrix of `rows` rows of `row_bytes` bytes (see the sweep above)."""
+    del rows  # the sweep found no dependence on the row count beyond selection time
+    return LARGE_ROWS if row_bytes > LARGE_ROW_BYTES else SMALL_ROWS
 
 
 @dataclasses.dataclass
@@ -149,7 +159,9 @@ def select(importance, budget_rows: int, method: str, table: LatencyTable, row_b
     if isinstance(row_bytes, bool) or not isinstance(row_bytes, (int, np.integer)) or row_bytes <= 0:
         raise ValueError(f"row_bytes must be a positive integer, got {row_bytes!r}")
     row_bytes = int(row_bytes)
-    windows = (params or default_params(row_bytes, rows)).for_matrix(row_bytes, rows, table)
+    windows = WindowRows(1, 1, 1, 1)  # used by "chunking" only
+    if method == "chunking":
+        windows = (params or default_params(row_bytes, rows)).for_matrix(row_bytes, rows, table)
 
     if impl == "native":
         from nchunk_core import _native

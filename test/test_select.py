@@ -3,6 +3,7 @@ invariants every selection keeps, the latency estimator, exactness of the dynami
 cases and errors."""
 import itertools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -165,6 +166,17 @@ def test_dp_is_not_dominated_by_chunking():
         chunk = select(v, budget, "chunking", TABLE, 9216)
         dp = select(v, budget, "dp", TABLE, 9216)
         assert not (chunk.est_latency_s <= dp.est_latency_s and chunk.retained > dp.retained)
+
+
+def test_threads_get_the_same_selections():
+    rng = np.random.default_rng(8)
+    jobs = [(rng.lognormal(0.0, 2.0, 4000).astype(np.float32), int(rng.integers(0, 4000)), method)
+            for method in ("chunking", "dp", "magnitude") for _ in range(8)]
+    serial = [select(v, r, m, TABLE, 7168).runs for v, r, m in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda job: select(job[0], job[1], job[2], TABLE, 7168).runs, jobs))
+    for a, b in zip(serial, threaded):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -228,7 +228,7 @@ static void bind_select(py::module_& m) {
   m.def("select_rows", &select_rows, py::arg("importance"), py::arg("budget_rows"),
         py::arg("method"), py::arg("latency_s"), py::arg("step_bytes"), py::arg("row_bytes"),
         py::arg("r_min") = 1, py::arg("r_max") = 1, py::arg("r_step") = 1, py::arg("jump_cap") = 1,
-        "Select budget_rows rows of one matrix ('dense' ignores the budget unless it is all rows).\n"
+        "Select budget_rows rows of one matrix ('dense' selects every row whatever the budget).\n"
         "Window sizes are in rows. Returns (runs int64 [k, 2] of (start, length), estimated\n"
         "seconds, retained importance fraction). Releases the GIL.");
   m.def(
