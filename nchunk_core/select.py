@@ -8,8 +8,10 @@ all of them) and returns them as sorted, maximal, non-overlapping runs, with the
 - ``dense``: every row.
 - ``magnitude``: the R most important rows (TEAL / LLM-in-a-flash), adjacent ones read as one run.
 - ``chunking``: the paper's greedy over candidate windows ranked by importance per unit of T.
-- ``dp``: a Lagrangian dynamic program over row positions that maximises importance minus a price
-  on estimated time, with a row price bisected so that exactly R rows are chosen.
+- ``dp``: an exact dynamic program over row positions that maximises importance minus a price on
+  estimated time; the price is searched until R rows are chosen (the nearest solution is trimmed or
+  grown at its run ends). Its selections lie on the best importance-versus-time frontier: at equal
+  estimated time it keeps more importance than ``chunking`` (docs/selection.md has the study).
 
 The kernels live in the native extension (csrc/select.cpp); the ``_*_numpy`` functions here are plain
 reference implementations of the same rules that the tests compare with (``impl="numpy"``).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import numbers
 import time
 from typing import NamedTuple
 
@@ -66,8 +69,8 @@ class ChunkParams:
             value = getattr(self, name)
             if value is None and name == "max_kib":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                    value) or value <= 0:
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"ChunkParams.{name} must be a positive number, got {value!r}")
         if self.max_kib is not None and self.max_kib < self.start_kib:
             raise ValueError(f"ChunkParams.max_kib ({self.max_kib}) is below start_kib "

@@ -171,7 +171,7 @@ if ! { "${build_env[@]}" "$CMAKE" -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_MAKE_PR
   die "building nchunk_interfaces failed; the full log is $BUILD/build.log"
 fi
 
-# The check runs from / so the source tree's nchunk_interfaces/ folder cannot shadow the install.
+# The check runs from / in a clean environment: it must import the way any later process will.
 if ! check=$(cd / && vpy -c '
 from nchunk_interfaces.srv import Ask
 from rclpy.type_support import check_for_type_support

@@ -12,8 +12,9 @@
 #      the default pins the CPU build torch==2.13.0 (an unpinned torch pulls GBs of CUDA packages).
 #   4. ROS 2 Python packages: only if rclpy is not importable (a sourced ROS 2 install wins); on
 #      CPython 3.11 they come from PyPI wheels (ros-rclpy and friends), elsewhere source ROS 2 first.
-#   5. fio (optional, for 'nchunk bench reader') with apt-get when root. The rest from scripts/requirements.txt, then the package itself (editable) with the native
-#      extension, rebuilt only when its sources change.
+#   5. fio (optional, for 'nchunk bench reader') with apt-get when root; scripts/requirements.txt;
+#      the package itself (editable) with the native extension, rebuilt only when its sources change.
+#   6. The nchunk_interfaces package (the /ask service) built from the ROS 2 wheels into the venv.
 # Environment: NCHUNK_VENV (default .venv), PYTHON (default python3.11, else python3), NCHUNK_TORCH_SPEC.
 set -euo pipefail
 
@@ -87,5 +88,10 @@ if [[ "$(cat "$STAMP_DIR/native" 2>/dev/null)" != "$src_hash" ]] || ! (cd "$ROOT
   pip_q --no-deps --no-build-isolation -e "$ROOT"
   (cd "$ROOT" && "$VPY" -c 'import nchunk_core._native') || { echo "native extension failed to build" >&2; exit 1; }
   echo "$src_hash" >"$STAMP_DIR/native"
+fi
+# The /ask service (nchunk_interfaces) built against the ROS 2 wheels in the venv; with a sourced
+# ROS 2 install it says to use colcon and does nothing. Seconds-fast when up to date.
+if "$VPY" -c 'import rclpy' >/dev/null 2>&1; then
+  bash "$ROOT/scripts/build_interfaces.sh" "$VENV"
 fi
 say "ready: $VENV (activate with: source $VENV/bin/activate)"

@@ -14,9 +14,17 @@
 #include <functional>
 #include <limits>
 #include <queue>
-#include <utility>
 #include <stdexcept>
 #include <string>
+#include <utility>
+
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define NCHUNK_SSE2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define NCHUNK_NEON 1
+#endif
 
 namespace nchunk {
 
@@ -309,8 +317,8 @@ std::vector<Run> select_chunking(const float* importance, int64_t rows, int64_t 
     // when the greedy reaches a bucket it first drops candidates that can no longer be accepted
     // (overlap or too long: that never reverts), then sorts the rest. Same result as a full sort.
     bucket_descending(s.keys, lo, hi, s.sorted, s.bucket_end);
-    auto rejected = [&](uint64_t key) {
-      const uint32_t c = key_index(key);
+    auto rejected = [&](uint64_t candidate) {
+      const uint32_t c = key_index(candidate);
       const int64_t len = grid.length(c);
       return len > remaining || mask.any(grid.start(c), len);
     };
@@ -337,26 +345,27 @@ std::vector<Run> select_chunking(const float* importance, int64_t rows, int64_t 
 
 namespace {
 
-// max over t in [0, n) of a[t] - b[t], n >= 1. Max is exact, so the order does not matter.
+// max over t in [0, n) of a[t] - b[t], n >= 1. Max is exact, so the order does not matter; two
+// lanes (SSE2 on x86-64, NEON on aarch64) and two accumulators keep the loop short.
 double max_difference(const double* a, const double* b, int64_t n) {
-#if defined(__GNUC__)
-  typedef double double2 __attribute__((vector_size(16)));
-  double2 m0 = {-HUGE_VAL, -HUGE_VAL}, m1 = m0;
-  int64_t t = 0;
-  for (; t + 4 <= n; t += 4) {
-    double2 a0, a1, b0, b1;
-    std::memcpy(&a0, a + t, sizeof a0);
-    std::memcpy(&a1, a + t + 2, sizeof a1);
-    std::memcpy(&b0, b + t, sizeof b0);
-    std::memcpy(&b1, b + t + 2, sizeof b1);
-    const double2 d0 = a0 - b0, d1 = a1 - b1;
-    m0 = d0 > m0 ? d0 : m0;
-    m1 = d1 > m1 ? d1 : m1;
-  }
-  double m = std::max(std::max(m0[0], m0[1]), std::max(m1[0], m1[1]));
-#else
   double m = -HUGE_VAL;
   int64_t t = 0;
+#if defined(NCHUNK_SSE2)
+  __m128d m0 = _mm_set1_pd(-HUGE_VAL), m1 = m0;
+  for (; t + 4 <= n; t += 4) {
+    m0 = _mm_max_pd(m0, _mm_sub_pd(_mm_loadu_pd(a + t), _mm_loadu_pd(b + t)));
+    m1 = _mm_max_pd(m1, _mm_sub_pd(_mm_loadu_pd(a + t + 2), _mm_loadu_pd(b + t + 2)));
+  }
+  double lanes[2];
+  _mm_storeu_pd(lanes, _mm_max_pd(m0, m1));
+  m = std::max(lanes[0], lanes[1]);
+#elif defined(NCHUNK_NEON)
+  float64x2_t m0 = vdupq_n_f64(-HUGE_VAL), m1 = m0;
+  for (; t + 4 <= n; t += 4) {
+    m0 = vmaxq_f64(m0, vsubq_f64(vld1q_f64(a + t), vld1q_f64(b + t)));
+    m1 = vmaxq_f64(m1, vsubq_f64(vld1q_f64(a + t + 2), vld1q_f64(b + t + 2)));
+  }
+  m = vmaxvq_f64(vmaxq_f64(m0, m1));
 #endif
   for (; t < n; ++t) m = std::max(m, a[t] - b[t]);
   return m;

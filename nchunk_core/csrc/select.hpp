@@ -71,10 +71,10 @@ std::vector<Run> lagrangian_runs(const float* importance, int64_t rows, double l
                                  const LatencyModel& table, int64_t row_bytes);
 
 // Exactly `budget` rows on the best importance-versus-estimated-time trade-off: lambda is searched
-// (geometric bisection) until lagrangian_runs selects `budget` rows; if the count jumps over the
-// budget, the solution just below it is completed with the best unselected single rows. Then no
-// selection of at most the same estimated time retains more importance (before completion).
-// `solves`, if given, receives the number of program solves.
+// (secant steps on the row count) until lagrangian_runs selects `budget` rows. Where the count
+// jumps past the budget, the solution nearest to it is trimmed at its least important run ends or
+// grown at its most important run neighbours. An exact hit is optimal: no selection of at most the
+// same estimated time retains more importance. `solves`, if given, receives the number of solves.
 std::vector<Run> select_dp(const float* importance, int64_t rows, int64_t budget,
                            const LatencyModel& table, int64_t row_bytes, int* solves = nullptr);
 

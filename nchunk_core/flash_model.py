@@ -1,0 +1,259 @@
+"""A VLM whose decoder projections are streamed from a store: the model the session runs.
+
+`build_flash_model(store, ...)` builds the transformers model from the config saved in the store
+directory on the meta device (no weight is allocated), swaps every decoder projection for a
+`ProjectionView` of a shared `FlashProjections`, and then fills in only what stays in RAM: the
+resident tensors of the store (vision tower, projector, embeddings, norms, LM head) and the
+non-persistent buffers (rotary frequencies, position ids), which are computed from the config by the
+model's own initialiser. The key sets of the store and of the model must match exactly.
+
+Naming shared with the converter (convert.py):
+
+- input name  ``layers.{i}.{kind}``, kind in attn_in, attn_out, mlp_in, mlp_out (one activation,
+  one selection, one permutation),
+- group name  ``layers.{i}.qkv | o | gate_up | down`` when bundled, ``layers.{i}.q_proj`` ... when not,
+- output name the projection's module path in the model (``model.language_model.layers.0.self_attn
+  .q_proj``); its bias, if any, is the resident tensor ``<output name>.bias``,
+- calibration statistics are resident tensors under ``calibration/`` (not model weights).
+
+The HF attention and MLP code calls q_proj(x), k_proj(x), v_proj(x) one after the other on the same
+tensor x. The views of one input share a `SharedProjections`: the first call runs the flash layer
+once for all projections, the others take their output from it (same tensor object and version
+only; anything else recomputes, so results are always right).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .frame_append import PROJECTIONS, adapter_class
+from .latency import LatencyTable
+from .layers import FlashProjections, SparsityConfig, Workspace
+from .store import Store, StoreFormatError
+
+CALIBRATION_PREFIX = "calibration/"
+BUNDLED_GROUP_NAMES = {"attn_in": "qkv", "attn_out": "o", "mlp_in": "gate_up", "mlp_out": "down"}
+# Modules that turn pixels into visual tokens, timed as "vision" (module paths in the model).
+VISION_MODULES = {
+    "llava_onevision": ("model.vision_tower", "model.multi_modal_projector"),
+    "qwen2_5_vl": ("model.visual",),
+    "smolvlm": ("model.vision_model", "model.connector"),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# observer(phase, input_name, x [..., in]) sees every flash layer input (original channel order)
+Observer = Callable[[str, str, torch.Tensor], None]
+
+
+def input_name(layer: int, kind: str) -> str:
+    return f"layers.{layer}.{kind}"
+
+
+def group_names(layer: int, kind: str, paths: list[str], bundled: bool) -> list[str]:
+    """Store group names for the projections `paths` of one input (one name if bundled)."""
+    if bundled:
+        return [f"layers.{layer}.{BUNDLED_GROUP_NAMES[kind]}"]
+    return [f"layers.{layer}.{p.rsplit('.', 1)[-1]}" for p in paths]
+
+
+def load_config(path):
+    """The transformers config saved in a model or store directory (offline)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (a store holds the model's config next to "
+                                f"its manifest; a checkpoint directory must contain it)")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"{path / 'config.json'}: cannot build a model config from it: {exc}") from exc
+
+
+def meta_model(config) -> nn.Module:
+    """The model for `config` with every parameter and buffer on the meta device (no memory)."""
+    from transformers import AutoModelForImageTextToText
+
+    adapter_class(config.model_type)  # clear error for an unsupported architecture
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return model.eval()
+
+
+def tied_keys(model: nn.Module) -> dict[str, str]:
+    """{tied parameter: its source} (e.g. lm_head.weight -> embed_tokens.weight when tied)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {str(k): str(v) for k, v in dict(tied).items()}
+
+
+class SharedProjections:
+    """One flash call per input tensor, handed out to the projection views that read it."""
+
+    def __init__(self, flash: FlashProjections, owner: "FlashVLM"):
+        self.flash = flash
+        self.owner = owner
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._outs: tuple[torch.Tensor, ...] = ()
+        self._taken: set[int] = set()
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        fresh = self._x is not x or self._version != x._version or index in self._taken
+        if fresh:
+            if self.owner.observer is not None:
+                self.owner.observer(self.owner.phase, self.flash.input_name, x)
+            self._outs = self.flash(x)
+            self._x, self._version, self._taken = x, x._version, set()
+        self._taken.add(index)
+        out = self._outs[index]
+        if len(self._taken) == len(self._outs):  # every view served: hold nothing between calls
+            self._x, self._outs = None, ()
+        return out
+
+
+class ProjectionView(nn.Module):
+    """Stands in for one nn.Linear of the decoder: output `index` of a shared flash call."""
+
+    def __init__(self, shared: SharedProjections, index: int, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        object.__setattr__(self, "_shared", shared)  # not a submodule: shared by several views
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        return self._shared.output(self.index, x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"input={self._shared.flash.input_name!r}, output {self.index}")
+
+
+class FlashVLM:
+    """The built model plus its flash layers, per-call statistics and vision timing."""
+
+    def __init__(self, model: nn.Module, arch: str, layers: dict[str, FlashProjections],
+                 stats: list, sparsity: SparsityConfig):
+        self.model = model
+        self.arch = arch
+        self.layers = layers  # input name -> FlashProjections
+        self.stats = stats  # CallStats of every flash call since the last clear
+        self.sparsity = sparsity
+        self.observer: Observer | None = None
+        self.phase = ""  # what the session is appending (passed to the observer)
+        self.vision_s = 0.0
+        self._vision_t0 = 0.0
+        for path in VISION_MODULES.get(arch, ()):
+            module = model.get_submodule(path)
+            module.register_forward_pre_hook(self._vision_start)
+            module.register_forward_hook(self._vision_stop)
+
+    def _vision_start(self, module, args):
+        self._vision_t0 = time.perf_counter()
+
+    def _vision_stop(self, module, args, output):
+        self.vision_s += time.perf_counter() - self._vision_t0
+
+
+def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
+    """Give the non-persistent buffers real memory and let the model's initialiser compute them.
+
+    Parameters are still on the meta device here, where the initialiser's writes cost nothing.
+    """
+    for name, buf in list(model.named_buffers()):
+        parent, _, leaf = name.rpartition(".")
+        module = model.get_submodule(parent)
+        if buf is not None and buf.is_meta and leaf in module._non_persistent_buffers_set:
+            module._buffers[leaf] = torch.empty_like(buf, device=device)
+    model.initialize_weights()
+
+
+def build_flash_model(store: Store, table: LatencyTable, sparsity: SparsityConfig,
+                      workspace: Workspace, device="cpu", dtype: torch.dtype = torch.float32,
+                      stats: list | None = None) -> FlashVLM:
+    """The store's VLM with streamed decoder projections (see the module docstring)."""
+    device = torch.device(device)
+    config = load_config(store.path)
+    model = meta_model(config)
+    arch = config.model_type
+    stored_arch = store.model_info.get("arch")
+    if stored_arch is not None and stored_arch != arch:
+        raise StoreFormatError(f"{store.path}: manifest says arch {stored_arch!r} but config.json "
+                               f"says {arch!r}")
+    tied = tied_keys(model)
+    resident_names = [n for n in store.resident_names() if not n.startswith(CALIBRATION_PREFIX)]
+    stats = [] if stats is None else stats
+
+    flash_model = FlashVLM(model, arch, {}, stats, sparsity)
+    plan = adapter_class(arch).projection_groups(model)
+    bias_keys = [p + ".bias" for layer in plan for paths in layer.values() for p in paths
+                 if p + ".bias" in resident_names]
+    biases = {k[:-len(".bias")]: t for k, t in store.resident("cpu", bias_keys).items()}
+    for i, layer in enumerate(plan):
+        for kind, paths in layer.items():
+            name = input_name(i, kind)
+            if not store.groups_for_input(name):
+                raise StoreFormatError(f"{store.path}: no matrix group for input {name!r} "
+                                       f"(projections {', '.join(p.rsplit('.', 1)[-1] for p in paths)})")
+            flash = FlashProjections(store, name, table, sparsity, workspace, dtype=dtype,
+                                     biases=biases, stats_sink=stats).to(device)
+            if flash.outputs != paths:
+                raise StoreFormatError(f"{store.path}: input {name!r} holds outputs {flash.outputs}, "
+                                       f"expected {paths}")
+            shared = SharedProjections(flash, flash_model)
+            for j, p in enumerate(paths):
+                linear = model.get_submodule(p)
+                if not isinstance(linear, nn.Linear):
+                    raise TypeError(f"{p} is a {type(linear).__name__}, expected nn.Linear")
+                if (linear.in_features, linear.out_features) != (flash.rows, flash.out_features[j]):
+                    raise StoreFormatError(
+                        f"{store.path}: {p} is [{linear.out_features}, {linear.in_features}] in the "
+                        f"config but [{flash.out_features[j]}, {flash.rows}] in the store")
+                if (linear.bias is not None) != (p in biases):
+                    raise StoreFormatError(f"{store.path}: {p} {'needs' if linear.bias is not None else 'has no'}"
+                                           f" bias but the store {'lacks' if linear.bias is not None else 'has'} "
+                                           f"resident tensor {p + '.bias'!r}")
+                parent, _, leaf = p.rpartition(".")
+                setattr(model.get_submodule(parent), leaf,
+                        ProjectionView(shared, j, linear.in_features, linear.out_features))
+            flash_model.layers[name] = flash
+
+    expected = set(model.state_dict())
+    have = set(resident_names) - {p + ".bias" for p in biases}
+    missing = sorted(expected - have - set(tied))
+    extra = sorted(have - expected)
+    if missing or extra:
+        raise StoreFormatError(
+            f"{store.path}: resident tensors do not match the {arch} model built from config.json: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+
+    _materialise_buffers(model, device)
+    resident = store.resident(device, sorted(have))
+    resident = {k: v.to(dtype) if v.is_floating_point() else v for k, v in resident.items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, v in resident.items():
+        if tuple(v.shape) != shapes[k]:
+            raise StoreFormatError(f"{store.path}: resident tensor {k!r} has shape {tuple(v.shape)}, "
+                                   f"the model expects {shapes[k]}")
+    model.load_state_dict(resident, strict=False, assign=True)
+    del resident
+    for target, source in tied.items():
+        if target not in have:
+            _set_tensor(model, target, model.get_parameter(source))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise StoreFormatError(f"{store.path}: tensors without values after loading: {left[:5]}")
+    for flash in flash_model.layers.values():
+        flash.biases = {n: b.to(device) for n, b in flash.biases.items()}
+    model.config.use_cache = True
+    return flash_model
+
+
+def _set_tensor(model: nn.Module, path: str, value: nn.Parameter) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, value)
+
