@@ -47,6 +47,8 @@ setup(
     entry_points={
         "console_scripts": [
             "nchunk = nchunk_core.cli:main",
+            "vqa_node = nchunk_ros.vqa_node:main",
+            "synthetic_camera = nchunk_ros.synthetic_camera:main",
         ],
     },
 )

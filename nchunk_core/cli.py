@@ -113,6 +113,30 @@ def _add_bench(sub):
     io.add_argument("--out", default="out", help="folder for plots and the JSON result (default: out)")
     io.add_argument("--json", action="store_true", help="print one JSON object")
     io.set_defaults(func=cmd_bench_io)
+    se = bsub.add_parser("session", help="frame-append latency and peak RAM: flash methods vs disk offload vs in RAM",
+                         description="Builds (once, then reuses) a VLM of realistic shape with random weights (a "
+                         "Qwen2-0.5B-shaped language backbone inside Qwen2.5-VL), converts it to a store, "
+                         "and appends the same frames with every method, each in its own process: the flash runtime "
+                         "dense (every row read), magnitude and chunking at --sparsity, Hugging Face accelerate's "
+                         "disk offload, and the model fully in RAM. Prints frame-append latency split into vision, "
+                         "selection, I/O and compute, and the peak resident memory of each process; writes a PNG "
+                         "and bench_session.json to --out.")
+    se.add_argument("--dir", default=None, help="directory on the drive under test for the model, store and offload "
+                    "folder (default: <system temp dir>/nchunk-bench-session); about 3 GB")
+    se.add_argument("--frames", type=int, default=4, help="frames appended per method; the first is a warm-up "
+                    "(default 4)")
+    se.add_argument("--sparsity", type=float, default=0.5, help="sparsity of magnitude and chunking (default 0.5)")
+    se.add_argument("--sweep", default="", help="extra chunking sparsities, comma-separated (e.g. 0.3,0.7)")
+    se.add_argument("--methods", default="in_ram,dense,magnitude,chunking,accelerate",
+                    help="comma-separated, from in_ram, dense, magnitude, chunking, dp, accelerate (default: all "
+                    "but dp); a process with nothing loaded (floor) always runs first")
+    se.add_argument("--layers", type=int, default=None, help="decoder layers (default: 24, as Qwen2-0.5B)")
+    se.add_argument("--rounds", type=int, default=2, help="times every method runs, interleaved; medians over all "
+                    "(default 2)")
+    se.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
+    se.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")
+    se.add_argument("--json", action="store_true", help="print one JSON object")
+    se.set_defaults(func=cmd_bench_session)
 
 
 def cmd_bench_reader(args) -> int:
@@ -144,6 +168,69 @@ def cmd_bench_io(args) -> int:
     return 0
 
 
+def cmd_bench_session(args) -> int:
+    from .bench import session_bench
+
+    directory = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "nchunk-bench-session"
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    sweep = tuple(float(x) for x in args.sweep.split(",") if x.strip())
+    res = session_bench.run(directory, frames=args.frames, sparsity=args.sparsity, sweep=sweep,
+                            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                            layers=args.layers, threads=args.threads, rounds=args.rounds, log=log)
+    res["plot"] = session_bench.plot(res, args.out)
+    Path(args.out, "bench_session.json").write_text(json.dumps(res, indent=1))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(session_bench.format_table(res))
+        print(f"plot: {res['plot']}")
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert a Hugging Face VLM checkpoint into a store",
+                       description="Read a local Hugging Face checkpoint (safetensors, sharded or not) one tensor at a "
+                       "time, check every key and shape against its architecture (LLaVA-OneVision, Qwen2.5-VL, "
+                       "SmolVLM), and write a store: the decoder projections as rows on the drive, everything else "
+                       "resident, plus the config, tokenizer and processor files, so the store alone is the model. "
+                       "Then calibrate on camera frames (the flash runtime, dense) and rewrite the rows in hot-cold "
+                       "order. Needs about twice the backbone's size free next to STORE while it runs.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local checkpoint directory (config.json, *.safetensors, "
+                   "tokenizer and processor files)")
+    p.add_argument("store", metavar="STORE", help="store directory to create")
+    p.add_argument("--calib", metavar="FRAMES_DIR", default=None, help="folder of PNG/JPEG camera or video frames "
+                   "for calibration (default: a few synthetic frames, with a warning)")
+    p.add_argument("--calib-frames", type=int, default=32, help="frames used from FRAMES_DIR, spread over the folder "
+                   "(default 32)")
+    p.add_argument("--no-bundle", action="store_true", help="one group per projection instead of q|k|v and gate|up "
+                   "bundled (a bundled channel is one larger read)")
+    p.add_argument("--no-reorder", action="store_true", help="skip calibration and keep the checkpoint's row order")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                   help="dtype of the stored weights (default: as in the checkpoint)")
+    p.add_argument("--calib-device", default="cpu", help="device for calibration: cpu or cuda (default cpu)")
+    p.add_argument("--calib-dtype", default="float32", choices=("float16", "bfloat16", "float32"),
+                   help="compute dtype for calibration (default float32)")
+    p.add_argument("--threads", type=int, default=6, help="reader threads for calibration (default 6)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at STORE")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+    from .store import StoreError
+
+    try:
+        path = convert(args.model_dir, args.store, args.calib, bundle=not args.no_bundle, dtype=args.dtype,
+                       reorder=not args.no_reorder, calib_frames=args.calib_frames, calib_device=args.calib_device,
+                       calib_dtype=args.calib_dtype, threads=args.threads, overwrite=args.overwrite,
+                       log=lambda m: print(m, file=sys.stderr))
+    except StoreError as exc:
+        print(f"nchunk convert: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def _add_verify(sub):
     p = sub.add_parser("verify", help="check every checksum of a weight store",
                        description="Open a store (validating its manifest, files, sizes and alignment), then read "
@@ -166,16 +253,74 @@ def cmd_verify(args) -> int:
     return 0 if getattr(report, "ok", True) else 1
 
 
+def _ros_available(command: str) -> bool:
+    """Whether the ROS 2 layer imports (done here, lazily: nchunk_core never imports ROS at import time)."""
+    try:
+        import nchunk_ros.ask_client  # noqa: F401  (rclpy, the messages and nchunk_interfaces)
+    except ImportError as exc:
+        print(f"nchunk {command}: the ROS 2 layer is not available ({exc}). Run scripts/setup.sh (ROS 2 from "
+              "PyPI wheels and the nchunk_interfaces package) or source a ROS 2 workspace that has them.",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def _add_ask(sub):
+    p = sub.add_parser("ask", help="ask the running VQA node a question over /ask",
+                       description="Send one question to the VQA node's /ask service (nchunk_interfaces/srv/Ask) "
+                       "and print the answer, what it was based on (frames in context, the newest frame's age, "
+                       "tokens) and where the time and drive reads went. Exit code 0 when the node answered, 1 "
+                       "when it refused or failed (the reason on stderr) or no service was found. Uses the "
+                       "environment's ROS_DOMAIN_ID.")
+    p.add_argument("question", help="the question, in quotes")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="answer length limit (default 0: the node's "
+                   "max_new_tokens)")
+    p.add_argument("--reset", action="store_true", help="answer from the newest frame only, and start a new "
+                   "episode from it (reset_context)")
+    p.add_argument("--timeout", type=float, default=0.0, help="deadline in seconds, waiting included (default 0: "
+                   "the node's ask_timeout_s)")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the service to appear (default 10)")
+    p.add_argument("--service", default="/ask", help="service name (default /ask)")
+    p.add_argument("--json", action="store_true", help="print every response field as one JSON object")
+    p.set_defaults(func=cmd_ask)
+
+
+def cmd_ask(args) -> int:
+    if not _ros_available("ask"):
+        return 1
+    from nchunk_ros.ask_client import run
+
+    return run(args.question, max_new_tokens=args.max_new_tokens, reset_context=args.reset,
+               timeout_s=args.timeout, wait_s=args.wait, service=args.service, as_json=args.json)
+
+
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="show the flash I/O path on this machine (profile, validation, reader vs fio)",
-                       description="Profile the drive holding --dir (quick, cached), write the profile plot, "
-                       "validate the cost model on random selection patterns, and compare the reader with fio.")
-    p.add_argument("--dir", default=None, help="directory on the drive to use (default: system temp dir)")
-    p.add_argument("--out", default="out", help="folder for plots (default: out)")
+    p = sub.add_parser("demo", help="the VQA node, a synthetic camera and questions over ROS 2, on this machine",
+                       description="Start the VQA node on a store (--store, or a tiny random-initialised model built "
+                       "once into the nchunk cache), a synthetic camera publishing scenes of coloured shapes, and "
+                       "ask questions over the real /ask service; change the sparsity live through the parameter "
+                       "service and show the drive reads per frame under each setting. Needs no ROS install (the "
+                       "PyPI wheels of scripts/setup.sh), no download and no network. With --io: the flash I/O "
+                       "path alone instead (drive profile, cost-model validation, reader vs fio).")
+    p.add_argument("--store", default=None, help="store to answer from (default: the demo store, built on first use)")
+    p.add_argument("--io", action="store_true", help="show the flash I/O path only: profile the drive holding --dir, "
+                   "validate the cost model, compare the reader with fio (no ROS)")
+    p.add_argument("--dir", default=None, help="--io: directory on the drive to use (default: system temp dir)")
+    p.add_argument("--out", default="out", help="--io: folder for plots (default: out)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
+    if args.io:
+        return _demo_io(args)
+    if not _ros_available("demo"):
+        return 1
+    from nchunk_ros.demo import run
+
+    return run(args.store)
+
+
+def _demo_io(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("== 1/2  drive profile and cost-model validation\n", flush=True)
@@ -192,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_profile(sub)
     _add_bench(sub)
+    _add_convert(sub)
     _add_verify(sub)
+    _add_ask(sub)
     _add_demo(sub)
     return parser
 

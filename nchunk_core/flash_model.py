@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .frame_append import PROJECTIONS, adapter_class
+from .frame_append import adapter_class
 from .latency import LatencyTable
 from .layers import FlashProjections, SparsityConfig, Workspace
 from .store import Store, StoreFormatError
@@ -171,35 +171,19 @@ def _materialise_buffers(model: nn.Module, device: torch.device) -> None:
     model.initialize_weights()
 
 
-def build_flash_model(store: Store, table: LatencyTable, sparsity: SparsityConfig,
-                      workspace: Workspace, device="cpu", dtype: torch.dtype = torch.float32,
-                      stats: list | None = None) -> FlashVLM:
-    """The store's VLM with streamed decoder projections (see the module docstring)."""
-    device = torch.device(device)
-    config = load_config(store.path)
-    model = meta_model(config)
-    arch = config.model_type
-    stored_arch = store.model_info.get("arch")
-    if stored_arch is not None and stored_arch != arch:
-        raise StoreFormatError(f"{store.path}: manifest says arch {stored_arch!r} but config.json "
-                               f"says {arch!r}")
-    tied = tied_keys(model)
-    resident_names = [n for n in store.resident_names() if not n.startswith(CALIBRATION_PREFIX)]
-    stats = [] if stats is None else stats
-
-    flash_model = FlashVLM(model, arch, {}, stats, sparsity)
-    plan = adapter_class(arch).projection_groups(model)
-    bias_keys = [p + ".bias" for layer in plan for paths in layer.values() for p in paths
-                 if p + ".bias" in resident_names]
-    biases = {k[:-len(".bias")]: t for k, t in store.resident("cpu", bias_keys).items()}
-    for i, layer in enumerate(plan):
+def _swap_projections(flash_model: FlashVLM, store: Store, table: LatencyTable, workspace: Workspace,
+                      device: torch.device, dtype: torch.dtype, biases: dict) -> None:
+    """Replace every decoder nn.Linear by a view of its input's FlashProjections, checking shapes."""
+    model = flash_model.model
+    for i, layer in enumerate(adapter_class(flash_model.arch).projection_groups(model)):
         for kind, paths in layer.items():
             name = input_name(i, kind)
             if not store.groups_for_input(name):
                 raise StoreFormatError(f"{store.path}: no matrix group for input {name!r} "
                                        f"(projections {', '.join(p.rsplit('.', 1)[-1] for p in paths)})")
-            flash = FlashProjections(store, name, table, sparsity, workspace, dtype=dtype,
-                                     biases=biases, stats_sink=stats).to(device)
+            flash = FlashProjections(store, name, table, flash_model.sparsity, workspace, dtype=dtype,
+                                     biases=biases, stats_sink=flash_model.stats).to(device)
+            flash.biases = {n: b.to(device) for n, b in flash.biases.items()}
             if flash.outputs != paths:
                 raise StoreFormatError(f"{store.path}: input {name!r} holds outputs {flash.outputs}, "
                                        f"expected {paths}")
@@ -213,47 +197,65 @@ def build_flash_model(store: Store, table: LatencyTable, sparsity: SparsityConfi
                         f"{store.path}: {p} is [{linear.out_features}, {linear.in_features}] in the "
                         f"config but [{flash.out_features[j]}, {flash.rows}] in the store")
                 if (linear.bias is not None) != (p in biases):
-                    raise StoreFormatError(f"{store.path}: {p} {'needs' if linear.bias is not None else 'has no'}"
-                                           f" bias but the store {'lacks' if linear.bias is not None else 'has'} "
-                                           f"resident tensor {p + '.bias'!r}")
+                    raise StoreFormatError(f"{store.path}: {p} {'has' if linear.bias is not None else 'has no'}"
+                                           f" bias in the config, but resident tensor {p + '.bias'!r} is "
+                                           f"{'missing' if linear.bias is not None else 'present'}")
                 parent, _, leaf = p.rpartition(".")
                 setattr(model.get_submodule(parent), leaf,
                         ProjectionView(shared, j, linear.in_features, linear.out_features))
             flash_model.layers[name] = flash
 
+
+def _load_resident(model: nn.Module, store: Store, names: set[str], tied: dict[str, str],
+                   device: torch.device, dtype: torch.dtype) -> None:
+    """Assign the resident tensors (cast to `dtype`) to the meta model, then tie what is tied."""
     expected = set(model.state_dict())
-    have = set(resident_names) - {p + ".bias" for p in biases}
-    missing = sorted(expected - have - set(tied))
-    extra = sorted(have - expected)
+    missing = sorted(expected - names - set(tied))
+    extra = sorted(names - expected)
     if missing or extra:
         raise StoreFormatError(
-            f"{store.path}: resident tensors do not match the {arch} model built from config.json: "
+            f"{store.path}: resident tensors do not match the model built from config.json: "
             f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
             f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-
     _materialise_buffers(model, device)
-    resident = store.resident(device, sorted(have))
-    resident = {k: v.to(dtype) if v.is_floating_point() else v for k, v in resident.items()}
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    for k, v in resident.items():
+    resident = {}
+    for k in sorted(names):  # one at a time: never the whole file in two dtypes at once
+        v = store.resident(device, [k])[k]
         if tuple(v.shape) != shapes[k]:
-            raise StoreFormatError(f"{store.path}: resident tensor {k!r} has shape {tuple(v.shape)}, "
-                                   f"the model expects {shapes[k]}")
+            raise StoreFormatError(f"{store.path}: resident tensor {k!r} has shape {list(v.shape)}, "
+                                   f"the model expects {list(shapes[k])}")
+        resident[k] = v.to(dtype) if v.is_floating_point() else v
     model.load_state_dict(resident, strict=False, assign=True)
     del resident
     for target, source in tied.items():
-        if target not in have:
-            _set_tensor(model, target, model.get_parameter(source))
+        if target not in names:
+            parent, _, leaf = target.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, model.get_parameter(source))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise StoreFormatError(f"{store.path}: tensors without values after loading: {left[:5]}")
-    for flash in flash_model.layers.values():
-        flash.biases = {n: b.to(device) for n, b in flash.biases.items()}
+
+
+def build_flash_model(store: Store, table: LatencyTable, sparsity: SparsityConfig,
+                      workspace: Workspace, device="cpu", dtype: torch.dtype = torch.float32,
+                      stats: list | None = None) -> FlashVLM:
+    """The store's VLM with streamed decoder projections (see the module docstring)."""
+    device = torch.device(device)
+    config = load_config(store.path)
+    stored_arch = store.model_info.get("arch")
+    if stored_arch is not None and stored_arch != config.model_type:
+        raise StoreFormatError(f"{store.path}: manifest says arch {stored_arch!r} but config.json "
+                               f"says {config.model_type!r}")
+    model = meta_model(config)
+    tied = tied_keys(model)
+    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, sparsity)
+    names = {n for n in store.resident_names() if not n.startswith(CALIBRATION_PREFIX)}
+    paths = [p for layer in adapter_class(config.model_type).projection_groups(model)
+             for group in layer.values() for p in group]
+    biases = {k[:-len(".bias")]: t
+              for k, t in store.resident("cpu", [p + ".bias" for p in paths if p + ".bias" in names]).items()}
+    _swap_projections(flash_model, store, table, workspace, device, dtype, biases)
+    _load_resident(model, store, names - {p + ".bias" for p in biases}, tied, device, dtype)
     model.config.use_cache = True
     return flash_model
-
-
-def _set_tensor(model: nn.Module, path: str, value: nn.Parameter) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, value)
-

@@ -4,11 +4,14 @@ T[s] is the steady-state time per contiguous chunk of s bytes while many such ch
 through the same reader (thread pool, direct I/O) the runtime uses. The profiler
 
 1. writes a scratch file of random bytes on the drive under test (>= 128 MiB, removed afterwards),
-2. finds the peak throughput with a coarse pass over chunk sizes 4 KiB .. 4 MiB,
-3. measures every size on a 1 KiB grid up to past the saturation size (quick mode: a sparser grid,
-   interpolated), repeats each point and takes the median,
-4. smooths the curve to be non-decreasing in size (isotonic regression) and cuts the table at the
-   saturation size, the smallest chunk that reaches 99 % of the peak throughput.
+2. finds the peak throughput with a coarse pass over chunk sizes 4 KiB .. 8 MiB (many bytes per point),
+3. measures sizes up to twice the coarse saturation estimate, every KiB up to 256 KiB and every
+   16 KiB beyond (quick mode: a sparser grid), interpolated onto the 1 KiB grid; every point reads
+   at least 8 chunks per thread, so ramp-up and tail are a small part of the time; each point is
+   repeated and the median taken,
+4. smooths: median throughput of neighbouring sizes (±25 % in size), then a non-decreasing fit of
+   latency (isotonic regression), and cuts the table at the saturation size, the smallest chunk that
+   reaches 99 % of the peak throughput.
 
 Tables are cached per drive (see drive.py) as JSON, so the node's start-up reuses them.
 `validate` reads random selection patterns of mixed run lengths and correlates measured and
@@ -32,7 +35,7 @@ from .reader import Reader
 
 KIB = 1024
 MIB = 1024 * 1024
-COARSE_KIB = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+COARSE_KIB = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SATURATION_FRACTION = 0.99
 BUFFER_CAP = 64 * MIB  # largest destination buffer a single measurement uses
 SCRATCH_NAME = ".nchunk-profile-scratch.bin"
@@ -67,6 +70,20 @@ def isotonic_increasing(y: np.ndarray) -> np.ndarray:
             values.pop()
             weights.pop()
     return np.repeat(values, weights)
+
+
+def smooth_latency(sizes: np.ndarray, latency: np.ndarray, width: float = 0.25) -> np.ndarray:
+    """Median of the throughput of neighbouring sizes (within ±width in log size), back to latency.
+
+    Throughput varies slowly with chunk size while single measurements on a shared machine jump;
+    the median over neighbours removes those jumps without bending the curve.
+    """
+    thr = sizes / latency
+    logs = np.log(sizes)
+    lo = np.searchsorted(logs, logs - width, side="left")
+    hi = np.searchsorted(logs, logs + width, side="right")
+    smoothed = np.array([np.median(thr[a:b]) for a, b in zip(lo, hi)])
+    return sizes / smoothed
 
 
 class ScratchFile(contextlib.AbstractContextManager):
@@ -107,20 +124,20 @@ class _Bench:
         self.buf = reader.empty(BUFFER_CAP)
         self.rng = np.random.default_rng(seed)
 
-    def seconds_per_chunk(self, size: int, target_bytes: int, min_chunks: int = 96) -> float:
+    def seconds_per_chunk(self, size: int, target_bytes: int, min_chunks: int) -> float:
+        """Wall time per chunk of a batch of at least `min_chunks` chunks (and `target_bytes`)."""
         n = max(min_chunks, target_bytes // size)
-        n = max(1, min(n, BUFFER_CAP // size))
         slots = (self.handle.size - size) // self.align + 1
-        offsets = self.rng.integers(0, slots, n) * self.align
         extents = np.empty((n, 3), dtype=np.int64)
-        extents[:, 0] = offsets
+        extents[:, 0] = self.rng.integers(0, slots, n) * self.align
         extents[:, 1] = size
-        extents[:, 2] = np.arange(n) * size
+        # Destinations wrap around the buffer: only the timing matters here, not the bytes.
+        extents[:, 2] = (np.arange(n) % max(1, BUFFER_CAP // size)) * size
         stats = self.reader.read(self.handle, extents, self.buf)
         return stats.wall_s / n
 
-    def median(self, size: int, target_bytes: int, repeats: int) -> float:
-        return float(np.median([self.seconds_per_chunk(size, target_bytes) for _ in range(repeats)]))
+    def median(self, size: int, target_bytes: int, repeats: int, min_chunks: int) -> float:
+        return float(np.median([self.seconds_per_chunk(size, target_bytes, min_chunks) for _ in range(repeats)]))
 
 
 def _tqdm_progress(desc: str):
@@ -140,7 +157,7 @@ def profile_drive(
     threads: int = 6,
     quick: bool = False,
     scratch_bytes: int | None = None,
-    max_kib: int = 4096,
+    max_kib: int = 8192,
     progress: Progress | bool = False,
 ) -> LatencyTable:
     """Measure the latency table of the drive holding `directory` (see the module docstring).
@@ -162,35 +179,36 @@ def profile_drive(
         with ScratchFile(directory, scratch_bytes, progress=lambda f, m: report(0.1 * f, m)) as scratch, \
                 Reader(threads=threads) as reader:
             bench = _Bench(reader, scratch.path)
-            bench.seconds_per_chunk(64 * KIB, 4 * MIB)  # warm the pool and the drive
-            # Coarse pass: where is the peak, roughly where is saturation?
+            steady = 8 * threads  # chunks per batch: ramp-up and tail stay a small part of the time
+            bench.seconds_per_chunk(64 * KIB, 4 * MIB, steady)  # warm the pool and the drive
+            # Coarse pass, many bytes per point: the peak and a first idea of the saturation size.
             coarse_sizes = [k * KIB for k in COARSE_KIB if k <= max_kib]
             coarse = []
             for i, size in enumerate(coarse_sizes):
                 report(0.1 + 0.2 * i / len(coarse_sizes), f"coarse pass {size // KIB} KiB")
-                coarse.append(bench.median(size, min(32 * MIB, max(4 * MIB, 256 * size)), repeats))
+                coarse.append(bench.median(size, 32 * MIB, repeats + 1, min_chunks=2 * steady))
             coarse_thr = isotonic_increasing(np.array(coarse_sizes) / np.array(coarse))
             peak = float(coarse_thr[-1])
             reach = np.nonzero(coarse_thr >= SATURATION_FRACTION * peak)[0]
             coarse_sat = coarse_sizes[int(reach[0])] if reach.size else coarse_sizes[-1]
-            # Fine pass on the 1 KiB grid, past the coarse saturation estimate.
-            top_kib = int(min(max_kib, max(64, 1.5 * coarse_sat // KIB)))
-            if quick:  # every size where T bends most, then geometric steps of ~12 %
-                geometric = np.unique(np.geomspace(64, max(64, top_kib), 40).astype(int))
+            # Fine pass up to twice that, fewer bytes per point; the smoothing below removes the noise.
+            top_kib = int(min(max_kib, max(64, 2 * coarse_sat // KIB)))
+            if quick:  # every size where T bends most, then geometric steps of ~10 %
+                geometric = np.unique(np.geomspace(64, max(64, top_kib), 48).astype(int))
                 fine_kib = sorted(k for k in set(range(1, 17)) | set(range(16, 65, 4)) | set(geometric.tolist())
                                   if k <= top_kib)
-            else:
-                fine_kib = list(range(1, top_kib + 1))
+            else:  # every KiB where the curve bends, every 16 KiB on its smooth tail
+                fine_kib = list(range(1, min(top_kib, 256) + 1)) + list(range(272, top_kib + 1, 16))
             measured = []
             for i, k in enumerate(fine_kib):
-                if i % 8 == 0:
+                if i % 16 == 0:
                     report(0.3 + 0.7 * i / len(fine_kib), f"fine pass {k} KiB")
-                measured.append(bench.median(k * KIB, (2 if quick else 4) * MIB, repeats))
+                measured.append(bench.median(k * KIB, 2 * MIB, repeats, min_chunks=steady))
             grid = np.arange(1, top_kib + 1)
-            latency = np.interp(grid, fine_kib, measured)
+            latency = np.interp(grid, fine_kib, smooth_latency(np.array(fine_kib, float), np.array(measured)))
             latency = isotonic_increasing(latency)
             thr = grid * KIB / latency
-            peak = max(peak, float(thr.max()))
+            peak = float(thr.max())  # of the smoothed curve: a lucky single batch does not count
             hits = np.nonzero(thr >= SATURATION_FRACTION * peak)[0]
             sat_kib = int(grid[hits[0]]) if hits.size else int(grid[-1])
             info = drive_info(directory)

@@ -13,8 +13,8 @@ all of them) and returns them as sorted, maximal, non-overlapping runs, with the
   grown at its run ends). Its selections lie on the best importance-versus-time frontier: at equal
   estimated time it keeps more importance than ``chunking`` (docs/selection.md has the study).
 
-The kernels live in the native extension (csrc/select.cpp); the ``_*_numpy`` functions here are plain
-reference implementations of the same rules that the tests compare with (``impl="numpy"``).
+The kernels live in the native extension (csrc/select.cpp); the ``_*_numpy`` functions here are
+plain reference implementations of the same rules that the tests compare with (``impl="numpy"``).
 
     sel = select(importance, budget_rows, "chunking", table, row_bytes)
     sel.runs            # int64 [k, 2] (start, length)
@@ -134,7 +134,7 @@ class Selection:
 
 
 # Search limits of the "dp" method, as kDpMaxSolves and kDpPriceTolerance in select.hpp.
-DP_MAX_SOLVES = 12
+DP_MAX_SOLVES = 8
 DP_PRICE_TOLERANCE = 1e-3
 
 
@@ -159,7 +159,8 @@ def select(importance, budget_rows: int, method: str, table: LatencyTable, row_b
     budget = int(budget_rows)
     if not 0 <= budget <= rows:
         raise ValueError(f"budget_rows must be in [0, {rows}], got {budget}")
-    if isinstance(row_bytes, bool) or not isinstance(row_bytes, (int, np.integer)) or row_bytes <= 0:
+    if (isinstance(row_bytes, bool) or not isinstance(row_bytes, (int, np.integer))
+            or row_bytes <= 0):
         raise ValueError(f"row_bytes must be a positive integer, got {row_bytes!r}")
     row_bytes = int(row_bytes)
     windows = WindowRows(1, 1, 1, 1)  # used by "chunking" only
@@ -193,7 +194,7 @@ def optimal_runs(importance, lam: float, table: LatencyTable, row_bytes: int) ->
     return _native.lagrangian_runs(v, float(lam), table.latency_s, table.step_bytes, int(row_bytes))
 
 
-# ---- NumPy reference implementations ---------------------------------------------------------------
+# ---- NumPy reference implementations -------------------------------------------------------
 
 def _check_importance_numpy(v: np.ndarray) -> None:
     bad = ~(np.isfinite(v) & (v >= 0))
@@ -298,7 +299,9 @@ class _RunProgram:
             x = float(v[i - 1])
             k = min(i, m - 1)
             b = float(np.max(g[i - k:i - 1] - cost_rev[m - 1 - k:m - 2])) if k > 1 else -math.inf
-            e_i = max(e_prev + x - per_row, g[i - m] + prefix[i] - long_cost) if i >= m else -math.inf
+            e_i = -math.inf
+            if i >= m:
+                e_i = max(e_prev + x - per_row, g[i - m] + prefix[i] - long_cost)
             f_prev = max(f_prev + max(0.0, x - one_cost), max(e_i, prefix[i] + b))
             best[i], e[i], f[i] = b, e_i, f_prev
             e_prev = e_i
@@ -383,7 +386,7 @@ def _dp_numpy(v: np.ndarray, budget: int, table: LatencyTable, row_bytes: int) -
         return _runs_of(mask)
     t_row = float(table.estimate(table.max_bytes)) / table.max_bytes * row_bytes
     x0 = math.log(total / rows / t_row)
-    close = max(program.m, budget // 64)
+    close = max(program.m, budget // 32)
     def logit(count):  # of the selected fraction, kept finite at 0 and rows
         return math.log((count + 1.0) / (rows - count + 1.0))
 

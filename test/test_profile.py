@@ -100,3 +100,14 @@ def test_missing_directory():
 def test_synthetic_table_is_valid():
     t = LatencyTable.synthetic()
     assert t.saturation_bytes == 256 * 1024
+
+
+def test_smooth_latency_removes_single_outliers():
+    sizes = np.arange(64, 200, dtype=float)
+    latency = 50e-6 + sizes * 1024 / 1e9
+    noisy = latency.copy()
+    noisy[70] *= 0.5  # one lucky measurement: throughput twice the truth
+    noisy[120] *= 1.5
+    smooth = prof.smooth_latency(sizes, noisy)
+    assert smooth[70] == pytest.approx(latency[70], rel=0.02)
+    np.testing.assert_allclose(smooth, latency, rtol=0.08)  # a wide median bends the curve only slightly

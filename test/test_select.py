@@ -174,7 +174,7 @@ def test_threads_get_the_same_selections():
             for method in ("chunking", "dp", "magnitude") for _ in range(8)]
     serial = [select(v, r, m, TABLE, 7168).runs for v, r, m in jobs]
     with ThreadPoolExecutor(4) as pool:
-        threaded = list(pool.map(lambda job: select(job[0], job[1], job[2], TABLE, 7168).runs, jobs))
+        threaded = list(pool.map(lambda job: select(*job, TABLE, 7168).runs, jobs))
     for a, b in zip(serial, threaded):
         np.testing.assert_array_equal(a, b)
 
@@ -219,7 +219,8 @@ def test_window_conversion_to_rows():
     assert w == WindowRows(r_min=1, r_max=37, r_step=1, jump_cap=5)  # 256 KiB / 7 KiB = 36.6
     w = ChunkParams(start_kib=8, step_kib=8, jump_cap_kib=64).for_matrix(75776, 3584, table)
     assert w == WindowRows(r_min=1, r_max=3, r_step=1, jump_cap=1)
-    w = ChunkParams(start_kib=16, step_kib=8, max_kib=64, jump_cap_kib=32).for_matrix(1024, 40, table)
+    w = ChunkParams(start_kib=16, step_kib=8, max_kib=64, jump_cap_kib=32).for_matrix(
+        1024, 40, table)
     assert w == WindowRows(r_min=16, r_max=40, r_step=8, jump_cap=32)  # clipped to the rows
     for row_bytes, rows in ((7168, 18944), (9216, 3584), (75776, 3584), (512, 10)):
         assert isinstance(default_params(row_bytes, rows), ChunkParams)

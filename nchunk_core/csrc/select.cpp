@@ -1,5 +1,5 @@
-// Selection kernels declared in select.hpp: dense, magnitude top-R, greedy chunking and the Lagrangian
-// dynamic program, plus the latency estimator they share with latency.py.
+// Selection kernels declared in select.hpp: dense, magnitude top-R, greedy chunking and the
+// Lagrangian dynamic program, plus the latency estimator they share with latency.py.
 //
 // Ordering keys pack a non-negative float32 score and the candidate index into one uint64:
 //   key = bits(score) << 32 | (0xFFFFFFFF - index)
@@ -159,14 +159,15 @@ void fill_best_rows(const float* importance, int64_t rows, int64_t count, RowMas
     if (!mask.test(i)) keys.push_back(order_key(importance[i], static_cast<uint32_t>(i)));
   count = std::min<int64_t>(count, static_cast<int64_t>(keys.size()));
   if (count < static_cast<int64_t>(keys.size()))
-    std::nth_element(keys.begin(), keys.begin() + (count - 1), keys.end(), std::greater<uint64_t>());
+    std::nth_element(keys.begin(), keys.begin() + (count - 1), keys.end(),
+                     std::greater<uint64_t>());
   for (int64_t j = 0; j < count; ++j) mask.set(key_index(keys[static_cast<size_t>(j)]), 1);
 }
 
-// Candidate windows of the chunking method: sizes r_min + k * r_step <= r_max (k < n_sizes), each at
-// starts 0, stride, 2 stride, ... plus one start ending at the last row. A candidate's index packs
-// start and size number, index = start << size_bits | k: sparse but unique, and ordering ties by
-// start row, then size.
+// Candidate windows of the chunking method: sizes r_min + k * r_step <= r_max (k < n_sizes), each
+// at starts 0, stride, 2 stride, ... plus one start ending at the last row. A candidate's index
+// packs start and size number, index = start << size_bits | k: sparse but unique, and ordering ties
+// by start row, then size.
 struct WindowGrid {
   WindowGrid(const WindowRows& w, int64_t rows)
       : r_min(w.r_min), r_step(w.r_step), jump_cap(w.jump_cap),
@@ -196,10 +197,10 @@ struct WindowGrid {
   int size_bits = 0;
 };
 
-// Counting-sort pass: `out` holds `keys` grouped into buckets of descending score (the high 32 bits),
-// bucket b being out[bucket_end[b - 1], bucket_end[b]). Bucket bounds are linear in the float bit
-// pattern, i.e. roughly logarithmic in the score. Keys inside a bucket are left unsorted.
-// `lo` and `hi` bound the scores of all keys.
+// Counting-sort pass: `out` holds `keys` grouped into buckets of descending score (the high 32
+// bits), bucket b being out[bucket_end[b - 1], bucket_end[b]). Bucket bounds are linear in the
+// float bit pattern, i.e. roughly logarithmic in the score. Keys inside a bucket are left
+// unsorted. `lo` and `hi` bound the scores of all keys.
 void bucket_descending(const std::vector<uint64_t>& keys, uint32_t lo, uint32_t hi,
                        std::vector<uint64_t>& out, std::vector<size_t>& bucket_end) {
   out.resize(keys.size());
@@ -263,7 +264,8 @@ double retained_importance(const std::vector<Run>& runs, const float* importance
   double total = 0.0, kept = 0.0;
   for (int64_t i = 0; i < rows; ++i) total += static_cast<double>(importance[i]);
   for (const Run& r : runs)
-    for (int64_t i = r.start; i < r.start + r.length; ++i) kept += static_cast<double>(importance[i]);
+    for (int64_t i = r.start; i < r.start + r.length; ++i)
+      kept += static_cast<double>(importance[i]);
   return total > 0.0 ? kept / total : 1.0;
 }
 
@@ -284,7 +286,8 @@ std::vector<Run> select_chunking(const float* importance, int64_t rows, int64_t 
                                  int64_t row_bytes) {
   check_rows_budget(rows, budget);
   if (w.r_min < 1 || w.r_max < w.r_min || w.r_step < 1 || w.jump_cap < 1)
-    throw std::invalid_argument("window sizes need 1 <= r_min <= r_max, r_step >= 1, jump_cap >= 1");
+    throw std::invalid_argument(
+        "window sizes need 1 <= r_min <= r_max, r_step >= 1, jump_cap >= 1");
   if (row_bytes <= 0) throw std::invalid_argument("row_bytes must be positive");
   Scratch& s = scratch();
   RowMask mask(rows);
@@ -398,7 +401,8 @@ void grow_run_ends(RowMask& mask, const float* importance, int64_t rows, int64_t
   std::priority_queue<Entry> next_to;
   for (const Run& r : mask.runs()) {
     if (r.start > 0) next_to.push({importance[r.start - 1], -(r.start - 1)});
-    if (r.start + r.length < rows) next_to.push({importance[r.start + r.length], -(r.start + r.length)});
+    const int64_t after = r.start + r.length;
+    if (after < rows) next_to.push({importance[after], -after});
   }
   if (next_to.empty() && rows > 0) {
     int64_t best = 0;
@@ -417,9 +421,10 @@ void grow_run_ends(RowMask& mask, const float* importance, int64_t rows, int64_t
   }
 }
 
-// The program for one matrix: maximise  sum of selected importance - lambda * sum over maximal runs
-// of T[run bytes]. A run of at least m rows (m rows fill the latency table) costs T in proportion to
-// its length, so runs are built from short pieces of 1..m-1 rows and long runs priced per row.
+// The program for one matrix: maximise  sum of selected importance - lambda * sum over maximal
+// runs of T[run bytes]. A run of at least m rows (m rows fill the latency table) costs T in
+// proportion to its length, so runs are built from short pieces of 1..m-1 rows and long runs
+// priced per row.
 // Pieces may touch; touching pieces cost at least their merged run when T is subadditive, so the
 // optimum of the program is then the optimum over run sets.
 class RunProgram {
@@ -442,9 +447,9 @@ class RunProgram {
   //   f[i]  best value on rows [0, i);   g[j] = f[j] - prefix[j];   v = importance[i - 1]
   //   e[i]  best value on rows [0, i) whose last run is a long run ending at row i - 1:
   //         e[i] = max(e[i-1] + v - lambda T[m] / m,  g[i-m] + prefix[i] - lambda T[m])
-  //   f[i] = max(f[i-1] + max(0, v - lambda T[1]),                   skip row, or a piece of one row
-  //              e[i],                                                a long run
-  //              prefix[i] + max over L in [2, m) of g[i-L] - lambda T[L])   a short piece
+  //   f[i] = max(f[i-1] + max(0, v - lambda T[1]),              skip row, or a piece of one row
+  //              e[i],                                           a long run
+  //              prefix[i] + max_{L in [2, m)} g[i-L] - lambda T[L])   a short piece
   // The one-row term keeps the step-to-step dependency short; longer pieces read g from at least
   // two steps back.
   int64_t solve(double lambda, RowMask& mask) {
@@ -551,7 +556,7 @@ std::vector<Run> select_dp(const float* importance, int64_t rows, int64_t budget
   const double table_bytes = static_cast<double>(table.table_bytes());
   const double t_row = table.estimate(table_bytes) / table_bytes * static_cast<double>(row_bytes);
   const double x0 = std::log(total / static_cast<double>(rows) / t_row);
-  const int64_t close = std::max<int64_t>(program.long_rows(), budget / 64);
+  const int64_t close = std::max<int64_t>(program.long_rows(), budget / 32);
   auto logit = [rows](int64_t count) {  // of the selected fraction, kept finite at 0 and rows
     return std::log((static_cast<double>(count) + 1.0) / (static_cast<double>(rows - count) + 1.0));
   };
@@ -589,8 +594,9 @@ std::vector<Run> select_dp(const float* importance, int64_t rows, int64_t budget
       // Not bracketed: secant through the last two solves (slope -2 after the first),
       // overshooting by 20 %, and a step of at least log(1.25) and at most log(8).
       const double slope = n > 1 && x != x_prev ? (fx - f_prev) / (x - x_prev) : -2.0;
-      double step = slope < 0.0 ? -1.2 * fx / slope : (fx > 0.0 ? 1.0 : -1.0) * std::log(8.0);
-      step = (fx > 0.0 ? 1.0 : -1.0) * std::min(std::log(8.0), std::max(std::log(1.25), std::fabs(step)));
+      double step = slope < 0.0 ? -1.2 * fx / slope : std::log(8.0);
+      step = std::min(std::log(8.0), std::max(std::log(1.25), std::fabs(step)));
+      if (fx < 0.0) step = -step;
       next = x + step;
       if (std::fabs(next - x0) > 30.0) break;
     }

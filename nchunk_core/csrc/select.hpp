@@ -11,13 +11,14 @@
 
 namespace nchunk {
 
-// Latency table T of a drive on a byte grid: latency_s[k] = seconds per chunk of (k + 1) * step_bytes.
-// A view: the caller keeps the array alive. Same rule as LatencyTable.estimate in latency.py.
+// Latency table T of a drive on a byte grid: latency_s[k] = seconds per chunk of
+// (k + 1) * step_bytes. A view: the caller keeps the array alive. Same rule as
+// LatencyTable.estimate in latency.py.
 class LatencyModel {
  public:
   LatencyModel(const double* latency_s, int64_t n, int64_t step_bytes);
-  // Seconds per contiguous chunk of `bytes`: 0 for bytes <= 0, the first entry below one step, linear
-  // between grid points, and the last entry scaled by size beyond the table (peak throughput).
+  // Seconds per contiguous chunk of `bytes`: 0 for bytes <= 0, the first entry below one step,
+  // linear between grid points, and the last entry scaled by size beyond the table (peak rate).
   double estimate(double bytes) const;
   // Bytes covered by the grid; beyond this size chunks cost in proportion to their size.
   int64_t table_bytes() const { return n_ * static_cast<int64_t>(step_bytes_); }
@@ -50,18 +51,18 @@ std::vector<Run> select_dense(int64_t rows);
 // The `budget` rows of highest importance (ties: lower row index first), as maximal runs.
 std::vector<Run> select_magnitude(const float* importance, int64_t rows, int64_t budget);
 
-// Greedy chunking: candidate windows of every size at stride min(r, jump_cap) (plus one window ending
-// at the last row), utility = window importance / T[window bytes], accepted in descending utility
-// (ties: lower candidate index first) when they overlap no accepted window and fit in the remaining
-// budget. Rows left over once no window fits are filled with the best unselected single rows, so
-// exactly `budget` rows are selected.
+// Greedy chunking: candidate windows of every size at stride min(r, jump_cap) (plus one window
+// ending at the last row), utility = window importance / T[window bytes], accepted in descending
+// utility (ties: lower start, then smaller window) when they overlap no accepted window and fit in
+// the remaining budget. Rows left over once no window fits are filled with the best unselected
+// single rows, so exactly `budget` rows are selected.
 std::vector<Run> select_chunking(const float* importance, int64_t rows, int64_t budget,
                                  const WindowRows& windows, const LatencyModel& table,
                                  int64_t row_bytes);
 
 // Search limits of select_dp: most solves of the program, and the relative width of the price
 // bracket at which the search stops (counts jump; a finer price rarely changes the selection).
-constexpr int kDpMaxSolves = 12;
+constexpr int kDpMaxSolves = 8;
 constexpr double kDpPriceTolerance = 1e-3;
 
 // Runs maximising  sum of selected importance - lambda * sum over maximal runs of T[run bytes]

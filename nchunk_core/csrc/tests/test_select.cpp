@@ -28,7 +28,8 @@ void check(bool ok, const std::string& what) {
 
 std::vector<double> affine_table(int n_kib, double setup_s, double bytes_per_s) {
   std::vector<double> t(static_cast<size_t>(n_kib));
-  for (int k = 0; k < n_kib; ++k) t[static_cast<size_t>(k)] = setup_s + (k + 1) * 1024.0 / bytes_per_s;
+  for (int k = 0; k < n_kib; ++k)
+    t[static_cast<size_t>(k)] = setup_s + (k + 1) * 1024.0 / bytes_per_s;
   return t;
 }
 
@@ -40,7 +41,8 @@ int64_t total_rows(const std::vector<nchunk::Run>& runs) {
 
 bool valid_runs(const std::vector<nchunk::Run>& runs, int64_t rows) {
   for (size_t i = 0; i < runs.size(); ++i) {
-    if (runs[i].length < 1 || runs[i].start < 0 || runs[i].start + runs[i].length > rows) return false;
+    if (runs[i].length < 1 || runs[i].start < 0) return false;
+    if (runs[i].start + runs[i].length > rows) return false;
     if (i > 0 && runs[i].start <= runs[i - 1].start + runs[i - 1].length) return false;  // maximal
   }
   return true;
@@ -72,8 +74,9 @@ void test_methods_invariants() {
         const auto mag = nchunk::select_magnitude(v.data(), rows, budget);
         const auto chunk = nchunk::select_chunking(v.data(), rows, budget, w, model, row_bytes);
         const auto dp = nchunk::select_dp(v.data(), rows, budget, model, row_bytes);
-        const std::string where = " rows=" + std::to_string(rows) + " budget=" +
-                                  std::to_string(budget) + " row_bytes=" + std::to_string(row_bytes);
+        const std::string where = " rows=" + std::to_string(rows) +
+                                  " budget=" + std::to_string(budget) +
+                                  " row_bytes=" + std::to_string(row_bytes);
         for (const auto* runs : {&mag, &chunk, &dp}) {
           check(total_rows(*runs) == budget, "budget met exactly" + where);
           check(valid_runs(*runs, rows), "sorted maximal runs" + where);
@@ -89,7 +92,8 @@ void test_hand_made_cases() {
   std::vector<float> v(64, 0.01f);
   for (int i = 20; i < 30; ++i) v[static_cast<size_t>(i)] = 1.0f;
   const auto chunk = nchunk::select_chunking(v.data(), 64, 10, {1, 64, 1, 1}, model, 1024);
-  check(chunk.size() == 1 && chunk[0].start == 20 && chunk[0].length == 10, "hot block taken whole");
+  check(chunk.size() == 1 && chunk[0].start == 20 && chunk[0].length == 10,
+        "hot block taken whole");
   const auto mag = nchunk::select_magnitude(v.data(), 64, 10);
   check(mag.size() == 1 && mag[0].start == 20 && mag[0].length == 10, "magnitude of a hot block");
   const auto dense = nchunk::select_dense(64);

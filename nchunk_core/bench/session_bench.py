@@ -1,0 +1,400 @@
+"""`nchunk bench session`: frame-append latency and peak RAM of the whole runtime, method by method.
+
+One model of realistic shape that runs on a small CPU: Qwen2.5-VL with the language backbone of
+Qwen2-0.5B (24 layers, hidden 896, 14 query / 2 key-value heads of 64, intermediate 4864, vocabulary
+151 936, tied embeddings) and a small vision tower (4 blocks of 320), random weights, fp16 on disk,
+a byte-level tokenizer (tiny_models.py). It is saved as a Hugging Face checkpoint and converted to a
+store with calibration (once; both are reused while their settings match).
+
+The same camera frames (480×640, about 88 visual tokens each) are appended by every method, each
+method in its own process so that its peak resident memory (getrusage ru_maxrss, which counts
+mapped file pages too) is its own:
+
+- ``floor``: Python with torch and transformers imported, nothing loaded;
+- ``in_ram``: the checkpoint loaded whole with transformers (fp32 compute), the reference;
+- ``dense``, ``magnitude``, ``chunking``: the nchunk session (fp32 compute, the drive's profiled
+  latency table), dense reading every row, the others at --sparsity;
+- ``accelerate``: what one would reach for today, transformers' `device_map` with every decoder
+  layer on "disk" (accelerate hooks load each layer's weights from the memory-mapped safetensors
+  before it runs); the page cache of the checkpoint is dropped before every frame
+  (posix_fadvise DONTNEED) so that it reads from the drive, as direct I/O does for nchunk.
+
+Reported per method: median over frames (the first is a warm-up) of the frame-append time split into
+vision (preprocessing, vision tower, projector), selection, I/O and compute (the rest), the bytes of
+backbone weights read per frame, and the peak RSS. Timing comes from the session's own FrameStats;
+for the transformers-only methods I/O cannot be separated from compute and is reported within it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BACKBONE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                tie_word_embeddings=True, initializer_range=0.02)
+VISION = dict(depth=4, hidden_size=320, intermediate_size=1280, num_heads=5, patch_size=14, spatial_merge_size=2,
+              temporal_patch_size=2, window_size=112, fullatt_block_indexes=[3], initializer_range=0.02)
+PIXELS = dict(shortest_edge=56 * 56, longest_edge=96 * 28 * 28)  # about 88 visual tokens for a 4:3 frame
+FRAME_HW = (480, 640)
+CALIB_FRAMES = 8
+MODEL_VERSION = 1
+FLASH_METHODS = ("dense", "magnitude", "chunking", "dp")
+METHODS = ("floor", "in_ram", *FLASH_METHODS, "accelerate")
+DEFAULT_METHODS = ("in_ram", "dense", "magnitude", "chunking", "accelerate")
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+def model_settings(layers: int) -> dict:
+    return {"version": MODEL_VERSION, "backbone": {**BACKBONE, "num_hidden_layers": layers}, "vision": VISION,
+            "pixels": PIXELS}
+
+
+def build_model(out_dir: Path, layers: int, seed: int = 0) -> Path:
+    """Save the random Qwen2.5-VL of the module docstring as a fp16 safetensors checkpoint."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ..tiny_models import ImageOnlyQwen2_5_VLProcessor, build_tokenizer
+
+    settings = model_settings(layers)
+    tok = build_tokenizer("qwen2_5_vl")
+    ids = tok.convert_tokens_to_ids
+    head_dim = BACKBONE["hidden_size"] // BACKBONE["num_attention_heads"]  # 64: mrope splits 32 frequencies
+    config = Qwen2_5_VLConfig(
+        text_config=dict(**settings["backbone"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                              mrope_section=[head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16])),
+        vision_config=dict(**VISION, out_hidden_size=BACKBONE["hidden_size"]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float16).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, size=PIXELS)
+    ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(out_dir)
+    (out_dir / "bench_settings.json").write_text(json.dumps(settings))
+    return out_dir
+
+
+def bench_frames(count: int, seed0: int = 0) -> list[np.ndarray]:
+    from ..tiny_models import make_frame
+
+    return [make_frame(*FRAME_HW, seed=seed0 + i) for i in range(count)]
+
+
+def prepare(directory: Path, layers: int, threads: int, log) -> tuple[Path, Path]:
+    """(checkpoint, store) in `directory`, built and converted unless present with these settings."""
+    from PIL import Image
+
+    from ..convert import convert
+
+    model_dir, store_dir, calib = directory / "model", directory / "store", directory / "calib"
+    settings = model_settings(layers)
+    marker = model_dir / "bench_settings.json"
+    fresh = not marker.is_file() or json.loads(marker.read_text()) != settings
+    if fresh:
+        log(f"building the benchmark model ({layers} layers) in {model_dir}")
+        build_model(model_dir, layers)
+    store_marker = store_dir / "bench_settings.json"
+    if fresh or not store_marker.is_file() or json.loads(store_marker.read_text()) != settings:
+        calib.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(bench_frames(CALIB_FRAMES, seed0=1000)):  # not the measured frames
+            Image.fromarray(frame).save(calib / f"{i:03d}.png")
+        log(f"converting it to a store in {store_dir}")
+        convert(model_dir, store_dir, calib, threads=threads, overwrite=True, log=log)
+        store_marker.write_text(json.dumps(settings))
+    return model_dir, store_dir
+
+
+# ---- one method, in a child process -------------------------------------------------------------
+
+def _memory() -> dict:
+    """Peak and current RSS of this process, in MiB.
+
+    peak_rss_mib is VmHWM, the high-water mark of this process's own address space. getrusage's
+    ru_maxrss is reported too, but on Linux it also carries the RSS of the parent at the moment it
+    forked this process (exec keeps the larger of the two), so it is only as clean as the parent is
+    small; run() keeps its own process small for that reason (model building runs in a child).
+    """
+    out = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "RssAnon", "RssFile"):
+                name = "peak_rss_mib" if key == "VmHWM" else key.lower() + "_mib"
+                out[name] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    out.setdefault("peak_rss_mib", out["ru_maxrss_mib"])
+    return out
+
+
+def _drop_page_cache(paths) -> None:
+    """Ask the kernel to forget cached pages of these files (no root needed; unmapped pages only)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _run_flash(spec: dict) -> list[dict]:
+    from ..session import Session, SessionConfig
+
+    cfg = SessionConfig(sparsity=spec["sparsity"], method=spec["method"], threads=spec["threads"],
+                        max_frames=spec["frames"] + 1)
+    out = []
+    with Session.open(spec["store"], cfg) as session:
+        for frame in bench_frames(spec["frames"]):
+            s = session.append_frame(frame)
+            out.append({"total_s": s.total_s, "vision_s": s.vision_s, "select_s": s.select_s, "io_s": s.io_s,
+                        "compute_s": s.compute_s, "bytes_read": s.bytes_read, "est_io_s": s.est_io_s,
+                        "retained": s.retained, "tokens": s.tokens, "visual_tokens": s.visual_tokens})
+    return out
+
+
+def _run_transformers(spec: dict) -> list[dict]:
+    """Frames through the Hugging Face model: whole in RAM, or decoder layers offloaded to disk."""
+    import torch
+    from transformers import AutoModelForImageTextToText, DynamicCache
+
+    from ..frame_append import adapter_for
+    from ..session import load_processor
+
+    model_dir = Path(spec["model"])
+    kwargs = {}
+    shards = sorted(str(p) for p in model_dir.glob("*.safetensors"))
+    if spec["method"] == "accelerate":
+        layers = json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+        device_map = {"model.visual": "cpu", "model.language_model.embed_tokens": "cpu",
+                      "model.language_model.norm": "cpu", "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
+        device_map.update({f"model.language_model.layers.{i}": "disk" for i in range(layers)})
+        kwargs = {"device_map": device_map, "offload_folder": spec["offload_folder"]}
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True,
+                                                        **kwargs).eval()
+    adapter = adapter_for(model, load_processor(model_dir, "qwen2_5_vl"))
+    timer = {"vision_s": 0.0}
+    visual = model.get_submodule("model.visual")
+    visual.register_forward_pre_hook(lambda m, a: timer.__setitem__("t0", time.perf_counter()))
+    visual.register_forward_hook(lambda m, a, o: timer.__setitem__(
+        "vision_s", timer["vision_s"] + time.perf_counter() - timer["t0"]))
+    streamed = sum(p.numel() * 2 for n, p in model.named_parameters() if ".layers." in n and "proj" in n
+                   and "visual" not in n) if spec["method"] == "accelerate" else 0
+    cache, position, out = DynamicCache(), 0, []
+    with torch.no_grad():
+        _, position = adapter.append(adapter.encode_text(adapter.prompt_prefix), cache, position)
+        for frame in bench_frames(spec["frames"]):
+            if spec["method"] == "accelerate":
+                _drop_page_cache(shards)
+            timer["vision_s"] = 0.0
+            t0 = time.perf_counter()
+            chunk = adapter.encode_frame(frame)
+            prep = time.perf_counter() - t0
+            _, position = adapter.append(chunk, cache, position)
+            total = time.perf_counter() - t0
+            vision = prep + timer["vision_s"]
+            out.append({"total_s": total, "vision_s": vision, "select_s": 0.0, "io_s": None,
+                        "compute_s": total - vision, "bytes_read": streamed, "est_io_s": None, "retained": 1.0,
+                        "tokens": chunk.num_tokens, "visual_tokens": chunk.num_visual_tokens})
+    return out
+
+
+def child_main(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    if spec["method"] == "prepare":
+        model_dir, store_dir = prepare(Path(spec["dir"]), spec["layers"], spec["threads"],
+                                       lambda m: print(m, file=sys.stderr))
+        return {"model": str(model_dir), "store": str(store_dir)}
+    if spec["method"] == "floor":
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        frames = []
+    elif spec["method"] in FLASH_METHODS:
+        frames = _run_flash(spec)
+    else:
+        frames = _run_transformers(spec)
+    return {"frames": frames, "wall_s": time.perf_counter() - t0, **_memory()}
+
+
+def _spawn(spec: dict, timeout: float, show_stderr: bool = False) -> dict:
+    """Run child_main(spec) in a fresh interpreter; its result, or {"error": [...], "stderr_tail"}."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "nchunk_core.bench.session_bench", json.dumps(spec)],
+                          stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE, text=True,
+                          timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr or ""
+        return {"error": tail.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"],
+                "stderr_tail": tail[-3000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- the whole benchmark --------------------------------------------------------------------------
+
+def _summary(rounds: list[list[dict]]) -> dict:
+    """Medians over every frame of every round but each round's first (it warms caches and threads)."""
+    measured = [f for frames in rounds for f in (frames[1:] if len(frames) > 1 else frames)]
+    out = {}
+    for key in ("total_s", "vision_s", "select_s", "io_s", "compute_s", "est_io_s", "bytes_read", "retained"):
+        values = [f[key] for f in measured if f.get(key) is not None]
+        out[key] = float(np.median(values)) if values else None
+    out["visual_tokens"] = measured[0]["visual_tokens"] if measured else None
+    out["frames_measured"] = len(measured)
+    return out
+
+
+def _variants(methods, sparsity: float, sweep) -> list[tuple[str, str, float]]:
+    """(label, method, sparsity) of every process to run; a process with nothing loaded comes first."""
+    out = [("floor", "floor", 0.0)]
+    for method in methods:
+        if method == "floor":
+            continue
+        if method in ("magnitude", "chunking", "dp"):
+            points = [sparsity] + ([s for s in sweep if s != sparsity] if method == "chunking" else [])
+            out += [(f"{method} {s:.0%}", method, s) for s in points]
+        else:
+            out.append((method, method, 0.0))
+    return out
+
+
+def run(directory, frames: int = 4, sparsity: float = 0.5, sweep=(), methods=DEFAULT_METHODS,
+        layers: int | None = None, threads: int = 6, rounds: int = 2, timeout: float = 900, log=None) -> dict:
+    """Build/convert if needed, profile the drive (cached), then run every method in its own process,
+    `rounds` times interleaved (method A, B, C, A, B, C, ...) so that slow phases of a shared machine
+    fall on every method alike."""
+    from ..profile import load_or_profile
+
+    log = log or (lambda m: None)
+    layers = layers or BACKBONE["num_hidden_layers"]
+    if frames < 2 or rounds < 1:
+        raise ValueError("frames must be at least 2 (the first is a warm-up) and rounds at least 1")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prepared = _spawn({"method": "prepare", "dir": str(directory), "layers": layers, "threads": threads},
+                      timeout, show_stderr=True)
+    if "error" in prepared:
+        raise RuntimeError(f"building or converting the benchmark model failed: {prepared['error'][0]}")
+    model_dir, store_dir = Path(prepared["model"]), Path(prepared["store"])
+    table = load_or_profile(store_dir, threads=threads, quick=True, log=log)  # cached for the children
+
+    runs = {label: {"label": label, "method": method, "sparsity": s, "rounds": []}
+            for label, method, s in _variants(methods, sparsity, sweep)}
+    for r in range(rounds):
+        for label, entry in runs.items():
+            spec = {"method": entry["method"], "sparsity": entry["sparsity"], "store": str(store_dir),
+                    "model": str(model_dir), "frames": frames, "threads": threads,
+                    "offload_folder": str(directory / "offload")}
+            log(f"round {r + 1}/{rounds}: {label} in a fresh process")
+            result = _spawn(spec, timeout)
+            entry["rounds"].append(result)
+            if "error" in result:
+                log(f"  {label} failed: {result['error'][0]}")
+    out = []
+    for entry in runs.values():
+        good = [x for x in entry["rounds"] if "error" not in x]
+        if not good:
+            out.append({**entry, "error": entry["rounds"][0]["error"]})
+            continue
+        entry["summary"] = _summary([x["frames"] for x in good]) if good[0]["frames"] else None
+        for key in ("peak_rss_mib", "ru_maxrss_mib", "rssanon_mib", "rssfile_mib"):
+            entry[key] = max(x.get(key, 0.0) for x in good)
+        out.append(entry)
+    ref = next((r for r in out if r["method"] == "in_ram" and "peak_rss_mib" in r), None)
+    for r in out:
+        if ref is not None and "peak_rss_mib" in r:
+            r["rss_vs_in_ram"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
+    store_bytes = sum(f.stat().st_size for f in store_dir.glob("weights-*.bin"))
+    return {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "model": model_settings(layers),
+            "store_dir": str(store_dir), "backbone_bytes_on_drive": store_bytes, "frames": frames, "rounds": rounds,
+            "sparsity": sparsity, "threads": threads,
+            "drive": {"peak_mb_per_s": table.peak_bytes_per_s / 1e6, "saturation_kib": table.saturation_bytes // 1024},
+            "runs": out}
+
+
+def format_table(res: dict) -> str:
+    head = (f"{'method':<16} {'frame ms':>9} {'vision':>7} {'select':>7} {'I/O':>7} {'compute':>8} "
+            f"{'MB read':>8} {'retained':>8} {'peak RSS MiB':>13} {'vs in RAM':>9}")
+    lines = [f"Frame append on {res['machine']}: Qwen2.5-VL, Qwen2-0.5B-shaped backbone "
+             f"({res['model']['backbone']['num_hidden_layers']} layers, {res['backbone_bytes_on_drive'] / 2**20:.0f} MiB "
+             f"fp16 on the drive), {res['rounds']} x {res['frames']} frames (first of each = warm-up), medians; drive peak "
+             f"{res['drive']['peak_mb_per_s']:.0f} MB/s", head, "-" * len(head)]
+
+    def ms(v):
+        return f"{v * 1e3:.0f}" if v is not None else "-"
+
+    for r in res["runs"]:
+        if "error" in r:
+            lines.append(f"{r['label']:<16} failed: {r['error'][0][:100]}")
+            continue
+        s = r.get("summary") or {}
+        ratio = f"{r['rss_vs_in_ram']:.2f}x" if "rss_vs_in_ram" in r else "-"
+        if not s:
+            lines.append(f"{r['label']:<16} {'':>9} {'':>7} {'':>7} {'':>7} {'':>8} {'':>8} {'':>8} "
+                         f"{r['peak_rss_mib']:>13.0f} {ratio:>9}")
+            continue
+        io = ms(s["io_s"]) if s["io_s"] is not None else "in comp"
+        retained = f"{s['retained']:.3f}" if s["retained"] is not None else "-"
+        lines.append(f"{r['label']:<16} {ms(s['total_s']):>9} {ms(s['vision_s']):>7} {ms(s['select_s']):>7} {io:>7} "
+                     f"{ms(s['compute_s']):>8} {s['bytes_read'] / 1e6:>8.0f} {retained:>8} "
+                     f"{r['peak_rss_mib']:>13.0f} {ratio:>9}")
+    return "\n".join(lines)
+
+
+def plot(res: dict, out_dir) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in res["runs"] if r.get("summary")]
+    labels = [r["label"] for r in runs]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    bottom = np.zeros(len(runs))
+    for key, name in (("vision_s", "vision"), ("select_s", "selection"), ("io_s", "I/O"), ("compute_s", "compute")):
+        values = np.array([(r["summary"][key] or 0.0) * 1e3 for r in runs])
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom += values
+    ax.set(ylabel="frame append (ms, median)", title="Latency per frame")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(fontsize=8)
+    every = [r for r in res["runs"] if "peak_rss_mib" in r]
+    bx.bar([r["label"] for r in every], [r["peak_rss_mib"] for r in every], color="tab:gray")
+    ref = next((r for r in every if r["method"] == "in_ram"), None)
+    if ref is not None:
+        bx.axhline(ref["peak_rss_mib"], color="tab:red", ls="--", lw=1, label="model in RAM")
+        bx.legend(fontsize=8)
+    bx.set(ylabel="peak RSS (MiB)", title="Peak resident memory (own process per method)")
+    bx.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"nchunk session vs transformers — {res['machine']}", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "bench_session.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+if __name__ == "__main__":  # a child process: one method, result as one JSON line on stdout
+    print(json.dumps(child_main(json.loads(sys.argv[1]))))

@@ -1,0 +1,630 @@
+"""The VQA node: camera frames go into a frame-appending session, questions are answered over /ask.
+
+    vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=/nvme/store
+    ros2 launch nchunk_ros vqa.launch.py params_file:=my.yaml          # the same, on a ROS 2 install
+
+Interfaces (node name `vqa_node`):
+
+- subscribes to every topic in `image_topics`: a name ending in `/compressed` carries
+  sensor_msgs/CompressedImage (image_transport's naming), any other sensor_msgs/Image. Depth-1
+  sensor-data QoS, reliability from `qos_reliability`.
+- serves `/ask` (nchunk_interfaces/srv/Ask; every field is documented in Ask.srv).
+- publishes each successful answer's text on `~/answer` (std_msgs/String) and statistics on
+  `~/statistics` (diagnostic_msgs/DiagnosticArray, one DiagnosticStatus whose key/values carry the
+  numbers): after every frame append (status name "vqa_node: frame": bytes read, I/O, selection,
+  vision and compute seconds, rows read, retained importance, frames in context, sparsity, method)
+  and once a second (status name "vqa_node: intake"). Both carry the intake counters:
+  frames_received, frames_appended, frames_skipped (replaced by a newer frame before the model got
+  to them: busy or rate limited), frames_malformed, append_failures and the /ask counters.
+
+Threads: camera callbacks only convert the message (malformed ones are counted and logged,
+throttled) and put the frame in a one-slot mailbox, replacing an older frame still waiting; one
+worker thread owns the session and appends the newest waiting frame at most `max_append_rate_hz`
+times a second. /ask callbacks run in their own reentrant callback group: each request joins a
+bounded queue (MAX_WAITING_ASKS waiting, beyond that "busy") served in arrival order by the same
+worker, ahead of waiting frames, and waits for its answer until its deadline (`timeout_s` of the
+request, else `ask_timeout_s`). Frames keep arriving (and replacing each other) during an answer.
+
+Parameters (config/vqa.yaml documents each): every one is checked by `check_parameters` when
+declared and on every change, with a reason on refusal. The selection settings (sparsity, method,
+chunk_*) apply from the next frame or question; image_topics and qos_reliability re-subscribe at
+once; max_append_rate_hz, max_new_tokens and ask_timeout_s apply at once. store_path, device,
+dtype, reader_threads and max_frames are read at start-up: changing them at run time is refused
+with "restart the node".
+
+Start-up opens the store, loads the drive profile of the store's drive from the cache or measures a
+quick one (progress in the log), and builds the model. A missing or bad store, or a bad parameter
+value, ends the process with exit code 1 and a one-line reason on stderr. SIGINT and SIGTERM stop it
+cleanly with exit code 0.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import re
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.exceptions import InvalidTopicNameException, ParameterException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.validate_topic_name import validate_topic_name
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+
+from nchunk_core.select import METHODS, ChunkParams
+from nchunk_interfaces.srv import Ask
+
+from .image_conversion import message_to_rgb
+
+NODE_NAME = "vqa_node"
+SERVICE = "/ask"
+MAX_WAITING_ASKS = 4  # requests waiting behind the one being answered; more are refused as busy
+MAX_QUESTION_CHARS = 4000  # longer questions are refused before they reach the tokenizer
+EXECUTOR_THREADS = MAX_WAITING_ASKS + 4  # waiting /ask callbacks + the running one + camera, timer, params
+STATS_PERIOD_S = 1.0
+MALFORMED_LOG_PERIOD_S = 5.0
+QOS_RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# The compute dtypes of nchunk_core.flash_model.DTYPES, named here so that a bad configuration is
+# reported without importing torch first (test_vqa_node checks that the two agree).
+DTYPES = ("float32", "float16", "bfloat16")
+SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
+SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: object
+    description: str
+    low: float | None = None  # inclusive range, for numbers
+    high: float | None = None
+    restart: bool = False  # read at start-up only; a change at run time is refused
+
+    def descriptor(self) -> ParameterDescriptor:
+        d = ParameterDescriptor(description=self.description)
+        if self.restart:
+            d.additional_constraints = "read at start-up; restart the node to change it"
+        if isinstance(self.default, bool) or self.low is None:
+            return d
+        if isinstance(self.default, int):
+            d.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
+        else:
+            d.floating_point_range = [FloatingPointRange(from_value=float(self.low),
+                                                         to_value=float(self.high), step=0.0)]
+        return d
+
+
+PARAMETERS = (
+    ParamSpec("store_path", "", "store directory written by `nchunk convert` (required)", restart=True),
+    ParamSpec("device", "cpu", "compute device: cpu, cuda or cuda:N", restart=True),
+    ParamSpec("dtype", "float32", "compute dtype: float32, float16 or bfloat16", restart=True),
+    ParamSpec("reader_threads", 6, "threads reading weight rows from the drive (the drive profile is "
+              "measured and cached for this count)", 1, 256, restart=True),
+    ParamSpec("max_frames", 8, "frames kept in context; when full, the context is rebuilt from the last "
+              "max_frames/2 frames and the new one", 1, 1024, restart=True),
+    ParamSpec("image_topics", ["/camera/image_raw"], "camera topics; a name ending in /compressed is "
+              "sensor_msgs/CompressedImage (JPEG/PNG), any other sensor_msgs/Image; the newest frame of "
+              "any of them is appended"),
+    ParamSpec("qos_reliability", "best_effort", "reliability of the camera subscriptions: best_effort "
+              "(sensor data) or reliable (needed by a reliable-only publisher); history depth is 1"),
+    ParamSpec("max_append_rate_hz", 2.0, "most frames appended per second; the newest frame wins, the "
+              "others are skipped (0 = as fast as the model goes)", 0.0, 1000.0),
+    ParamSpec("sparsity", 0.5, "fraction of the input rows of every projection NOT read from the drive",
+              0.0, 0.99),
+    ParamSpec("method", "chunking", "row selection: " + ", ".join(METHODS)),
+    ParamSpec("chunk_start_kib", 0.0, "chunking: smallest candidate window in KiB (0 = default)", 0.0, 65536.0),
+    ParamSpec("chunk_step_kib", 0.0, "chunking: window size step in KiB (0 = default)", 0.0, 65536.0),
+    ParamSpec("chunk_max_kib", 0.0, "chunking: largest window in KiB (0 = the drive's saturation size)",
+              0.0, 65536.0),
+    ParamSpec("jump_cap_kib", 0.0, "chunking: largest stride of a sliding window in KiB (0 = default)",
+              0.0, 65536.0),
+    ParamSpec("max_new_tokens", 32, "answer length limit in tokens: the default of a request and the "
+              "most a request may ask for", 1, 4096),
+    ParamSpec("ask_timeout_s", 30.0, "deadline of a request that gives none, counted from its arrival and "
+              "including the wait behind other requests", 0.1, 3600.0),
+)
+SPECS = {spec.name: spec for spec in PARAMETERS}
+DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
+
+
+class StartupError(Exception):
+    """The node cannot start; the message is the one-line reason printed on exit."""
+
+
+def chunk_params_from(values: dict) -> ChunkParams | None:
+    """The chunking windows the chunk_* parameters ask for; ValueError when inconsistent.
+
+    All four 0: None, the per-matrix defaults of select.default_params. Otherwise explicit windows
+    for every matrix, a 0 field taking ChunkParams' default (chunk_max_kib 0: saturation size).
+    """
+    fields = {"start_kib": values["chunk_start_kib"], "step_kib": values["chunk_step_kib"],
+              "jump_cap_kib": values["jump_cap_kib"], "max_kib": values["chunk_max_kib"]}
+    if all(v == 0 for v in fields.values()):
+        return None
+    explicit = {k: float(v) for k, v in fields.items() if v > 0}
+    start = explicit.get("start_kib", ChunkParams.start_kib)
+    if "max_kib" in explicit and explicit["max_kib"] < start:
+        raise ValueError(f"chunk_max_kib ({explicit['max_kib']:g}) is below the smallest window "
+                         f"({start:g} KiB): raise chunk_max_kib or set it to 0 (saturation size)")
+    return ChunkParams(**explicit)
+
+
+def check_parameters(changes: dict, current: dict, running: bool) -> SetParametersResult:
+    """Whether parameter `changes` (name -> value) may be applied on top of `current`.
+
+    Ranges and types are checked by rclpy from the descriptors; this checks everything else.
+    `running`: the node has started, so start-up-only parameters may no longer change.
+    """
+    def refuse(reason: str) -> SetParametersResult:
+        return SetParametersResult(successful=False, reason=reason)
+
+    for name, value in changes.items():
+        spec = SPECS.get(name)
+        if spec is None:
+            continue  # e.g. use_sim_time: not ours
+        if running and spec.restart and value != current.get(name):
+            return refuse(f"{name} is read at start-up only: restart the node to change it")
+        if name == "device" and not DEVICE_PATTERN.match(value):
+            return refuse(f"device must be cpu, cuda or cuda:N, got {value!r}")
+        if name == "dtype" and value not in DTYPES:
+            return refuse(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+        if name == "method" and value not in METHODS:
+            return refuse(f"method must be one of {', '.join(METHODS)}, got {value!r}")
+        if name == "qos_reliability" and value not in QOS_RELIABILITY:
+            return refuse(f"qos_reliability must be best_effort or reliable, got {value!r}")
+        if name == "image_topics":
+            topics = list(value)
+            if not topics:
+                return refuse("image_topics is empty: name at least one camera topic")
+            if len(set(topics)) != len(topics):
+                return refuse(f"image_topics names a topic twice: {topics}")
+            for topic in topics:
+                try:
+                    validate_topic_name(topic)
+                except InvalidTopicNameException as exc:
+                    return refuse(f"image_topics: {topic!r} is not a valid topic name: {exc}")
+    try:
+        chunk_params_from({**DEFAULTS, **current, **changes})
+    except ValueError as exc:
+        return refuse(str(exc))
+    return SetParametersResult(successful=True)
+
+
+def topic_type(topic: str):
+    """CompressedImage for a topic named like image_transport's compressed transport, else Image."""
+    return CompressedImage if topic.rstrip("/").endswith("/compressed") else Image
+
+
+def stamp_seconds(stamp: Time) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def printable(text: str) -> str:
+    """The answer without control characters other than newline and tab (NUL breaks C strings)."""
+    return "".join(c for c in text if c in "\n\t" or not (ord(c) < 32 or 127 <= ord(c) < 160))
+
+
+@dataclasses.dataclass
+class Frame:
+    rgb: object  # np.ndarray uint8 [H, W, 3]
+    stamp: Time
+    topic: str
+
+
+@dataclasses.dataclass
+class AskJob:
+    request: Ask.Request
+    arrival: float  # time.monotonic()
+    deadline: float
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    response: Ask.Response | None = None
+    started: float = 0.0  # time.monotonic() when the worker took it; 0 while waiting
+    abandoned: bool = False  # the caller stopped waiting (deadline)
+
+
+class VQANode(Node):
+    """Camera frames into a Session, /ask answered from the frames in context (module docstring)."""
+
+    def __init__(self, **node_options):
+        super().__init__(NODE_NAME, **node_options)
+        self._session = None
+        self._running = False  # start-up-only parameters are frozen from here on
+        self._values: dict = {}
+        self._lock = threading.Condition()  # guards the mailbox, the ask queue and the counters
+        self._pending: Frame | None = None
+        self._asks: collections.deque[AskJob] = collections.deque()
+        self._stop = False
+        self._last_append = -math.inf
+        self._counters = collections.Counter()
+        self._subscriptions = []
+        self._context_tokens = 0  # tokens in the session's cache (frames and prompt prefix)
+        self._newest: Frame | None = None  # the newest frame in the context
+
+        self.add_on_set_parameters_callback(self._validate)  # before declaring: start-up values too
+        self.add_post_set_parameters_callback(self._apply)
+        for spec in PARAMETERS:
+            self.declare_parameter(spec.name, spec.default, spec.descriptor())
+
+        self._session = self._open_session()
+        self._running = True
+        self._camera_group = MutuallyExclusiveCallbackGroup()
+        self._ask_group = ReentrantCallbackGroup()
+        self._answer_pub = self.create_publisher(String, "~/answer", 10)
+        self._stats_pub = self.create_publisher(DiagnosticArray, "~/statistics", 10)
+        self._subscribe()
+        self._service = self.create_service(Ask, SERVICE, self._on_ask, callback_group=self._ask_group)
+        self._timer = self.create_timer(STATS_PERIOD_S, self._publish_intake,
+                                        callback_group=MutuallyExclusiveCallbackGroup())
+        self._worker = threading.Thread(target=self._work, name="vqa-worker", daemon=True)
+        self._worker.start()
+        self.get_logger().info(f"ready: /ask served, listening on {', '.join(self._values['image_topics'])}")
+
+    @property
+    def session(self):
+        """The Session the node answers from (owned by the node's worker thread: read-only use)."""
+        return self._session
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def _validate(self, params) -> SetParametersResult:
+        changes = {p.name: p.value for p in params}
+        return check_parameters(changes, dict(self._values), self._running)
+
+    def _apply(self, params) -> None:
+        changed = {p.name for p in params if self._values.get(p.name) != p.value}
+        for p in params:
+            self._values[p.name] = p.value
+        if not self._running or not changed:
+            return
+        if changed & set(SELECTION_PARAMETERS):
+            v = self._values
+            chunk = chunk_params_from(v)
+            self._session.update(sparsity=v["sparsity"], method=v["method"],
+                                 chunk_params="default" if chunk is None else chunk)
+            self.get_logger().info(f"selection from the next frame: {v['method']} at sparsity {v['sparsity']:g}"
+                                   + ("" if chunk is None else f", windows {chunk}"))
+        if changed & set(SUBSCRIPTION_PARAMETERS):
+            self._subscribe()
+
+    # -- start-up -----------------------------------------------------------------------------------
+    def _open_session(self):
+        from nchunk_core.profile import load_or_profile
+        from nchunk_core.session import Session, SessionConfig
+        from nchunk_core.store import Store, StoreError
+
+        v, log = self._values, self.get_logger()
+        if not v["store_path"]:
+            raise StartupError("store_path is not set: pass -p store_path:=/path/to/store or a params file")
+        path = Path(v["store_path"]).expanduser()
+        if not path.is_dir():
+            raise StartupError(f"store {path} does not exist (store_path)")
+        try:
+            Store.open(path)  # fail fast, before profiling the drive
+            chunk = chunk_params_from(v)
+            cfg = SessionConfig(device=v["device"], dtype=v["dtype"], sparsity=v["sparsity"], method=v["method"],
+                                chunk_params=chunk, threads=v["reader_threads"], max_frames=v["max_frames"],
+                                max_new_tokens=v["max_new_tokens"], profile_quick=True)
+            shown = [-1]
+
+            def progress(fraction: float, message: str) -> None:
+                decile = int(fraction * 10)
+                if decile > shown[0]:
+                    shown[0] = decile
+                    log.info(f"drive profile {fraction:4.0%}: {message}")
+
+            table = load_or_profile(path, threads=v["reader_threads"], quick=True, progress=progress,
+                                    log=log.info)
+            log.info(f"drive: saturation {table.saturation_bytes // 1024} KiB, peak "
+                     f"{table.peak_bytes_per_s / 1e6:.0f} MB/s")
+            session = Session.open(path, cfg, log=log.info, table=table)
+        except (StoreError, OSError, ValueError) as exc:
+            raise StartupError(f"cannot open store {path}: {exc}") from exc
+        log.info(f"model ready on {v['device']} ({v['dtype']}): {v['method']} at sparsity {v['sparsity']:g}")
+        return session
+
+    # -- camera -------------------------------------------------------------------------------------
+    def _subscribe(self) -> None:
+        for sub in self._subscriptions:
+            self.destroy_subscription(sub)
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
+                         reliability=QOS_RELIABILITY[self._values["qos_reliability"]])
+        self._subscriptions = [
+            self.create_subscription(topic_type(topic), topic, lambda msg, t=topic: self._on_image(msg, t),
+                                     qos, callback_group=self._camera_group)
+            for topic in self._values["image_topics"]]
+        self.get_logger().info("camera: " + ", ".join(
+            f"{t} ({topic_type(t).__name__}, {self._values['qos_reliability']})" for t in self._values["image_topics"]))
+
+    def _on_image(self, msg, topic: str) -> None:
+        with self._lock:
+            self._counters["frames_received"] += 1
+        try:
+            rgb = message_to_rgb(msg)
+        except ValueError as exc:
+            with self._lock:
+                self._counters["frames_malformed"] += 1
+                count = self._counters["frames_malformed"]
+            self.get_logger().warning(f"malformed image on {topic} ignored ({count} so far): {exc}",
+                                      throttle_duration_sec=MALFORMED_LOG_PERIOD_S)
+            return
+        stamp = msg.header.stamp
+        if stamp.sec == 0 and stamp.nanosec == 0:  # publisher left it unset: use the arrival time
+            stamp = self.get_clock().now().to_msg()
+        with self._lock:
+            if self._pending is not None:
+                self._counters["frames_skipped"] += 1
+            self._pending = Frame(rgb, stamp, topic)
+            self._lock.notify_all()
+
+    # -- /ask ---------------------------------------------------------------------------------------
+    def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        arrival = time.monotonic()
+        error = self._check_request(request)
+        if error:
+            return self._failed(response, error, arrival, "asks_refused")
+        timeout = request.timeout_s if request.timeout_s > 0 else self._values["ask_timeout_s"]
+        job = AskJob(request, arrival, arrival + timeout)
+        with self._lock:
+            waiting = len(self._asks)  # queued jobs have not started yet
+            if waiting >= MAX_WAITING_ASKS:
+                return self._failed(response, f"busy: {waiting} questions are already waiting; try again later",
+                                    arrival, "asks_busy", lock_held=True)
+            self._asks.append(job)
+            self._lock.notify_all()
+        if job.done.wait(max(0.0, job.deadline - time.monotonic())):
+            return job.response
+        with self._lock:
+            if job.done.is_set():  # finished right at the deadline
+                return job.response
+            job.abandoned = True
+            if not job.started:
+                self._asks.remove(job)
+            frames = self._session.frames_in_context
+        response.frames_in_context = frames
+        response.queue_s = (job.started or time.monotonic()) - arrival
+        return self._failed(response, "timed out", arrival, "asks_timed_out")
+
+    def _check_request(self, request: Ask.Request) -> str:
+        question = request.question
+        if not question.strip():
+            return "empty question"
+        if len(question) > MAX_QUESTION_CHARS:
+            return f"question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}"
+        if request.max_new_tokens < 0:
+            return f"max_new_tokens must be >= 0 (0 = the node's default), got {request.max_new_tokens}"
+        if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+            return f"timeout_s must be >= 0 (0 = the node's ask_timeout_s), got {request.timeout_s}"
+        with self._lock:
+            if self._session.frames_in_context == 0 and self._pending is None:
+                return f"no camera frame yet (listening on {', '.join(self._values['image_topics'])})"
+        return ""
+
+    def _failed(self, response: Ask.Response, error: str, arrival: float, counter: str,
+                lock_held: bool = False) -> Ask.Response:
+        response.success = False
+        response.error = error
+        response.total_s = time.monotonic() - arrival
+        if lock_held:
+            self._counters[counter] += 1
+        else:
+            with self._lock:
+                self._counters[counter] += 1
+        return response
+
+    # -- the worker: the only thread that touches the session ---------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                job, frame = self._next_job()
+                if job is None and frame is None:
+                    return  # stopping
+            try:
+                if job is not None:
+                    self._answer(job)
+                else:
+                    self._append(frame)
+            except Exception:  # never let the worker die: log, count and go on
+                self.get_logger().error("worker failure:\n" + traceback.format_exc())
+
+    def _next_job(self) -> tuple[AskJob | None, Frame | None]:
+        """Under the lock: the next question (first) or frame to process; (None, None) to stop."""
+        while not self._stop:
+            if self._asks and (self._session.frames_in_context > 0 or self._pending is None):
+                job = self._asks.popleft()
+                job.started = time.monotonic()
+                return job, None
+            if self._pending is not None:
+                rate = self._values["max_append_rate_hz"]
+                wait = self._last_append + (1.0 / rate if rate > 0 else 0.0) - time.monotonic()
+                if wait <= 0 or (self._asks and self._session.frames_in_context == 0):
+                    frame, self._pending = self._pending, None
+                    self._last_append = time.monotonic()
+                    return None, frame
+                self._lock.wait(wait)
+            else:
+                self._lock.wait()
+        return None, None
+
+    def _append(self, frame: Frame):
+        v = dict(self._values)  # the selection settings this append starts with
+        try:
+            stats = self._session.append_frame(frame.rgb, stamp=stamp_seconds(frame.stamp))
+        except (ValueError, RuntimeError, OSError) as exc:
+            with self._lock:
+                self._counters["append_failures"] += 1
+            self.get_logger().error(f"frame from {frame.topic} not appended: {exc}",
+                                    throttle_duration_sec=MALFORMED_LOG_PERIOD_S)
+            self._publish_status("vqa_node: frame", DiagnosticStatus.ERROR, f"append failed: {exc}", {})
+            return None
+        self._context_tokens = stats.tokens if stats.rebuilt else self._context_tokens + stats.tokens
+        self._newest = frame
+        with self._lock:
+            self._counters["frames_appended"] += 1
+        values = {
+            "topic": frame.topic, "stamp": f"{stamp_seconds(frame.stamp):.6f}",
+            "bytes_read": stats.bytes_read, "io_s": f"{stats.io_s:.6f}", "est_io_s": f"{stats.est_io_s:.6f}",
+            "select_s": f"{stats.select_s:.6f}", "vision_s": f"{stats.vision_s:.6f}",
+            "compute_s": f"{stats.compute_s:.6f}", "total_s": f"{stats.total_s:.6f}",
+            "rows_read": stats.rows_read, "rows_total": stats.rows_total, "retained": f"{stats.retained:.4f}",
+            "visual_tokens": stats.visual_tokens, "tokens": stats.tokens, "context_tokens": self._context_tokens,
+            "frames_in_context": stats.frames_in_context, "rebuilt": stats.rebuilt,
+            "sparsity": f"{v['sparsity']:g}", "method": v["method"],
+        }
+        mib_s = stats.bytes_read / stats.io_s / 2**20 if stats.io_s > 0 else 0.0
+        self._publish_status("vqa_node: frame", DiagnosticStatus.OK,
+                             f"frame appended: {stats.bytes_read / 2**20:.2f} MiB read in {stats.io_s * 1e3:.1f} ms "
+                             f"({mib_s:.0f} MiB/s), {stats.frames_in_context} frames in context", values)
+        return stats
+
+    def _answer(self, job: AskJob) -> None:
+        request, session = job.request, self._session
+        response = Ask.Response()
+        response.queue_s = job.started - job.arrival
+        limit = self._values["max_new_tokens"]
+        n_new = min(request.max_new_tokens, limit) if request.max_new_tokens > 0 else limit
+        extra_prefill = 0.0
+        try:
+            if request.reset_context and self._newest is not None and session.frames_in_context > 1:
+                t0 = time.monotonic()
+                session.reset()
+                self._context_tokens = 0
+                if self._append(self._newest) is None:
+                    raise RuntimeError("the newest frame could not be appended again after the reset")
+                extra_prefill = time.monotonic() - t0
+            if session.frames_in_context == 0:
+                raise ValueError(f"no camera frame yet (listening on {', '.join(self._values['image_topics'])})")
+            answer = session.ask(request.question, max_new_tokens=n_new)
+        except ValueError as exc:
+            self._finish(job, response, str(exc), "asks_failed")
+            return
+        except Exception as exc:  # a runtime failure (I/O, model): answer with it and keep serving
+            self.get_logger().error(f"question failed:\n{traceback.format_exc()}")
+            self._finish(job, response, f"runtime failure: {type(exc).__name__}: {exc}", "asks_failed")
+            return
+        stop_ids = set(session.stop_ids)
+        generated = [t for t in answer.token_ids if t not in stop_ids]
+        question_tokens = session.adapter.encode_text(session.adapter.question_prompt(request.question.strip()))
+        response.success = True
+        response.answer = printable(answer.text)
+        response.truncated = len(answer.token_ids) >= n_new and (not answer.token_ids
+                                                                  or answer.token_ids[-1] not in stop_ids)
+        response.frames_in_context = answer.frames_in_context
+        if answer.frames_in_context and self._newest is not None:
+            response.newest_frame_stamp = self._newest.stamp
+        response.context_tokens = self._context_tokens + question_tokens.num_tokens
+        response.tokens_generated = len(generated)
+        response.prefill_s = extra_prefill + answer.prefill_s
+        response.decode_s = answer.decode_s
+        response.io_bytes = int(answer.bytes_read)
+        response.io_reads = int(getattr(answer, "reads", 0))
+        response.io_s = float(answer.io_s)
+        self._finish(job, response, "", "asks_answered")
+
+    def _finish(self, job: AskJob, response: Ask.Response, error: str, counter: str) -> None:
+        response.error = error
+        if error:
+            response.success = False
+            response.frames_in_context = self._session.frames_in_context
+        response.total_s = time.monotonic() - job.arrival
+        with self._lock:
+            abandoned = job.abandoned
+            if not abandoned:
+                self._counters[counter] += 1
+                job.response = response
+                job.done.set()
+        if abandoned:
+            self.get_logger().warning(f"answer finished {response.total_s:.2f} s after arrival, past its "
+                                      f"deadline; the caller already got 'timed out'")
+        elif response.success:
+            self._answer_pub.publish(String(data=response.answer))
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """A snapshot of the intake and /ask counters."""
+        with self._lock:
+            return dict(self._counters)
+
+    def _publish_status(self, name: str, level: bytes, message: str, values: dict) -> None:
+        counters = self.counters()
+        keys = ("frames_received", "frames_appended", "frames_skipped", "frames_malformed", "append_failures",
+                "asks_answered", "asks_failed", "asks_refused", "asks_busy", "asks_timed_out")
+        values = {**values, **{k: counters.get(k, 0) for k in keys}}
+        values.setdefault("frames_in_context", self._session.frames_in_context if self._session else 0)
+        status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=self._values["store_path"],
+                                  values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        try:
+            self._stats_pub.publish(msg)
+        except Exception:  # the context is shutting down
+            pass
+
+    def _publish_intake(self) -> None:
+        counters = self.counters()
+        self._publish_status("vqa_node: intake", DiagnosticStatus.OK,
+                             f"{counters.get('frames_appended', 0)} frames appended, "
+                             f"{counters.get('frames_skipped', 0)} skipped, "
+                             f"{counters.get('frames_malformed', 0)} malformed", {})
+
+    # -- shutdown -----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop the worker (after the call in progress), fail waiting questions, close the session."""
+        worker = getattr(self, "_worker", None)
+        with self._lock:
+            self._stop = True
+            waiting = list(self._asks)
+            self._asks.clear()
+            self._lock.notify_all()
+        for job in waiting:
+            response = Ask.Response(success=False, error="node shutting down")
+            job.response = response
+            job.done.set()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
+        if self._session is not None:
+            self._session.close()
+
+    def destroy_node(self):
+        self.stop()
+        return super().destroy_node()
+
+
+def main(args=None) -> int:
+    """Console entry point `vqa_node`: ROS arguments as usual (--ros-args --params-file FILE -p k:=v)."""
+    rclpy.init(args=args)
+    node = executor = None
+    code = 0
+    try:
+        node = VQANode()
+        executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+        executor.add_node(node)
+        executor.spin()
+    except (StartupError, ParameterException) as exc:
+        reason = " ".join(str(exc).split())
+        print(f"{NODE_NAME}: {reason}", file=sys.stderr, flush=True)
+        code = 1
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if executor is not None:
+            executor.shutdown()
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

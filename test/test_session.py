@@ -1,0 +1,402 @@
+"""The session: exact at sparsity 0 against the dense model in RAM, sparse when asked, bounded context,
+clear errors for bad frames, questions, settings and stores.
+
+Reference: the Hugging Face model loaded from the same checkpoint, appending the same chunks through
+frame_append (proven equal to one-shot in test_tiny_models.py). Logits are compared at every forward
+(prompt prefix, each frame, the question, each generated token) through a hook on the LM head.
+"""
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+from nchunk_core import cli
+from nchunk_core.convert import convert
+from nchunk_core.flash_model import ProjectionView
+from nchunk_core.frame_append import adapter_for, greedy_decode
+from nchunk_core.latency import LatencyTable
+from nchunk_core.session import Answer, FrameStats, Session, SessionConfig
+from nchunk_core.store import Store, StoreError
+from nchunk_core.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
+
+QUESTION = "What is in the box?"
+NEW_TOKENS = 5
+TABLE = LatencyTable.synthetic()
+# (checkpoint arch, conversion options, session options)
+CASES = {
+    "llava_onevision": ("llava_onevision", {}, {}),
+    "llava_onevision-video": ("llava_onevision", {}, {"frame_mode": "video"}),
+    "qwen2_5_vl": ("qwen2_5_vl", {}, {}),
+    "qwen2_5_vl-unbundled": ("qwen2_5_vl", {"bundle": False}, {}),
+    "smolvlm": ("smolvlm", {}, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """arch -> (checkpoint dir, model in RAM, processor); case -> store converted with calibration."""
+    root = tmp_path_factory.mktemp("session")
+    frames = root / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(make_frame(seed=20 + i)).save(frames / f"{i}.png")
+    models = {arch: build_tiny_vlm(arch, root / arch, seed=0) for arch in ARCHS}
+    loaded = {arch: load_tiny_vlm(path) for arch, path in models.items()}
+    stores = {case: convert(models[arch], root / f"store-{case}", frames, progress=False, **opts)
+              for case, (arch, opts, _) in CASES.items()}
+    return models, loaded, stores
+
+
+def open_session(built, case, **cfg):
+    arch, _, session_opts = CASES[case]
+    return Session.open(built[2][case], SessionConfig(**{**session_opts, **cfg}), table=TABLE)
+
+
+def record_logits(model):
+    """Logits of the last token of every forward of `model`, in order."""
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(out[0, -1].detach().float().clone()))
+    return seen
+
+
+def dense_reference(built, case, frame_seeds, stop_ids, n_new=NEW_TOKENS):
+    """(logits of every forward, greedy tokens) of the dense model appending the same chunks."""
+    arch, _, session_opts = CASES[case]
+    model, processor = built[1][arch]
+    adapter = adapter_for(model, processor, **session_opts)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(out[0, -1].float().clone()))
+    try:
+        chunks = [adapter.encode_text(adapter.prompt_prefix)]
+        chunks += [adapter.encode_frame(make_frame(seed=s)) for s in frame_seeds]
+        chunks.append(adapter.encode_text(adapter.question_prompt(QUESTION)))
+        cache, pos = DynamicCache(), 0
+        for c in chunks:
+            logits, pos = adapter.append(c, cache, pos)
+        tokens, _ = greedy_decode(adapter, logits, cache, pos, n_new, stop_ids)
+    finally:
+        hook.remove()
+    return seen, tokens
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sparsity_zero_matches_dense_model(built, case):
+    session = open_session(built, case, sparsity=0.0, method="chunking", max_new_tokens=NEW_TOKENS)
+    seen = record_logits(session.model)
+    stats = [session.append_frame(make_frame(seed=s), stamp=float(s)) for s in (1, 2)]
+    answer = session.ask(QUESTION)
+    ref, ref_tokens = dense_reference(built, case, (1, 2), session.stop_ids)
+
+    assert len(seen) == len(ref) == 4 + len(ref_tokens) - 1
+    diff = max((a - b).abs().max().item() for a, b in zip(seen, ref))
+    print(f"{case}: max |Δlogit| {diff:.2e} over {len(seen)} forwards")
+    assert diff <= 1e-4
+    assert answer.token_ids == ref_tokens
+    assert isinstance(answer, Answer) and answer.tokens_generated == len(ref_tokens) <= NEW_TOKENS
+    assert answer.frames_in_context == 2 and answer.newest_stamp == 2.0
+    assert answer.bytes_read > 0 and answer.prefill_s > 0 and answer.retained == pytest.approx(1.0)
+    for s in stats:
+        assert isinstance(s, FrameStats) and not s.rebuilt and s.visual_tokens > 0
+        assert s.rows_read == s.rows_total > 0 and s.retained == pytest.approx(1.0)
+        assert s.total_s >= s.vision_s + s.io_s + s.select_s - 1e-6 and s.compute_s >= 0
+    assert stats[1].bytes_read == sum(g.nbytes for g in session.store.groups.values())
+    assert stats[1].reads == len(session.store.inputs())  # every row: one run per input
+    # the question left no trace: the same question gets the same answer from the same context
+    again = session.ask(QUESTION)
+    assert again.token_ids == answer.token_ids
+    session.close()
+
+
+@pytest.mark.parametrize("case", ["qwen2_5_vl", "qwen2_5_vl-unbundled", "smolvlm"])
+def test_sparse_projections_read_fewer_rows_and_compute_exactly_on_them(built, case):
+    """At 50 %, every projection equals x[S] · W[:, S]ᵀ (+ b) over its selected channels S, and
+    bytes read halve. (The tiny random models have no heavy-tailed activations, so dropping half the
+    channels changes their logits a lot; closeness on a real model is a benchmark question.)"""
+    arch = CASES[case][0]
+    reference = built[1][arch][0]
+    session = open_session(built, case, sparsity=0.5, method="magnitude")
+    checked = []
+
+    def check(name):
+        def hook(view, args, y):
+            x = args[0]
+            flash = view._shared.flash
+            xs = x.reshape(-1, flash.rows)
+            xs = xs if flash.perm is None else xs[:, flash.perm]
+            rows = torch.as_tensor(flash.select(xs).row_indices())
+            keep = rows if flash.perm is None else flash.perm[rows]  # original channels read
+            lin = reference.get_submodule(name)
+            want = x[..., keep] @ lin.weight[:, keep].T + (0 if lin.bias is None else lin.bias)
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+            checked.append(name)
+        return hook
+
+    for name, module in session.model.named_modules():
+        if isinstance(module, ProjectionView):
+            module.register_forward_hook(check(name))
+    seen = record_logits(session.model)
+    sparse = [session.append_frame(make_frame(seed=s)) for s in (1, 2)]
+    answer = session.ask(QUESTION, max_new_tokens=2)
+    assert len(checked) == 7 * 2 * (4 + answer.tokens_generated - 1)
+    total = sum(g.nbytes for g in session.store.groups.values())
+    assert sparse[1].bytes_read == pytest.approx(total / 2, rel=0.03)
+    assert sparse[1].rows_read == pytest.approx(sparse[1].rows_total / 2, rel=0.03)
+    assert 0.5 < sparse[1].retained < 1.0 and sparse[1].reads > len(session.store.inputs())
+    assert all(torch.isfinite(s).all() for s in seen)
+
+    session.update(method="chunking", sparsity=0.25)  # applied at the next call
+    assert session.config.sparsity == 0.25
+    stats = session.append_frame(make_frame(seed=3))
+    assert stats.bytes_read == pytest.approx(0.75 * total, rel=0.03) and 0.75 < stats.retained < 1.0
+    session.close()
+
+
+def test_logits_drift_grows_with_sparsity(built):
+    """Bounded and ordered: the frame's logits move away from dense as sparsity grows, never blow up."""
+    drift = []
+    for sparsity in (0.0, 0.02, 0.5):
+        session = open_session(built, "llava_onevision", sparsity=sparsity, method="chunking")
+        seen = record_logits(session.model)
+        session.append_frame(make_frame(seed=1))
+        drift.append(seen[-1])
+        session.close()
+    dense = drift[0]
+    err = [((d - dense).norm() / dense.norm()).item() for d in drift[1:]]
+    assert 0 < err[0] < err[1] < 2.0, err
+
+
+def test_bounded_context_rebuilds_from_recent_frames(built):
+    session = open_session(built, "smolvlm", max_frames=3)
+    seen = record_logits(session.model)
+    in_context, rebuilt, lengths = [], [], []
+    for seed in range(1, 10):
+        s = session.append_frame(make_frame(seed=seed), stamp=seed)
+        in_context.append(s.frames_in_context)
+        rebuilt.append(s.rebuilt)
+        lengths.append(session._cache.get_seq_length())
+        assert session.newest_stamp == seed and len(session._kept) <= 1
+    assert in_context == [1, 2, 3, 2, 3, 2, 3, 2, 3]
+    assert rebuilt == [False, False, False, True, False, True, False, True, False]
+    assert max(lengths) == lengths[2]  # never more than max_frames frames of KV cache
+    # after the last rebuild (frame 8) the context is: prefix, frame 7 (kept), frame 8, frame 9
+    ref, tokens = dense_reference(built, "smolvlm", (7, 8, 9), session.stop_ids, n_new=2)
+    assert (seen[-1] - ref[3]).abs().max() <= 1e-4  # ref: prefix, 7, 8, 9, question, tokens
+    assert session.ask(QUESTION, max_new_tokens=2).token_ids == tokens
+    session.reset()
+    assert session.frames_in_context == 0 and session.newest_stamp is None
+    session.close()
+
+
+@pytest.mark.parametrize("question,match", [
+    ("", "empty"), ("   \n", "empty"), ("why " * 100, "tokens long"), (42, "string"),
+])
+def test_bad_questions(built, question, match):
+    session = open_session(built, "qwen2_5_vl", max_question_tokens=64)
+    session.append_frame(make_frame())
+    with pytest.raises(ValueError, match=match):
+        session.ask(question)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        session.ask(QUESTION, max_new_tokens=0)
+    assert session.ask(QUESTION, max_new_tokens=1).tokens_generated == 1  # still works
+    session.close()
+
+
+def test_ask_before_any_frame(built):
+    with open_session(built, "smolvlm") as session:
+        with pytest.raises(ValueError, match="no frame"):
+            session.ask(QUESTION)
+
+
+BAD_FRAMES = {
+    "gray-array": (np.zeros((48, 64), np.uint8), ValueError, r"\[H, W, 3\]"),
+    "rgba-array": (np.zeros((48, 64, 4), np.uint8), ValueError, r"\[H, W, 3\]"),
+    "float-array": (np.zeros((48, 64, 3), np.float32), ValueError, "uint8"),
+    "batch": (np.zeros((2, 48, 64, 3), np.uint8), ValueError, r"\[H, W, 3\]"),
+    "tiny": (np.zeros((4, 4, 3), np.uint8), ValueError, "each side"),
+    "huge": (np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (20000, 20000, 3)), ValueError, "each side"),
+    "sliver": (np.zeros((16, 2000, 3), np.uint8), ValueError, "aspect"),
+    "path": ("frame.png", TypeError, "NumPy array"),
+    "none": (None, TypeError, "NumPy array"),
+}
+
+
+def test_bad_frames_are_refused_and_the_session_goes_on(built):
+    session = open_session(built, "llava_onevision")
+    session.append_frame(make_frame(seed=1))
+    for name, (frame, error, match) in BAD_FRAMES.items():
+        with pytest.raises(error, match=match):
+            session.append_frame(frame)
+        assert session.frames_in_context == 1, name
+    with pytest.raises(ValueError, match="stamp"):
+        session.append_frame(make_frame(), stamp=float("nan"))
+    # other PIL modes and camera-sized frames are fine
+    gray = Image.fromarray(make_frame(seed=2)).convert("L")
+    rgba = Image.fromarray(make_frame(seed=3)).convert("RGBA")
+    for frame in (gray, rgba, make_frame(1080, 1920, seed=4)):
+        assert session.append_frame(frame).visual_tokens > 0
+    assert session.frames_in_context == 4
+    assert session.ask(QUESTION, max_new_tokens=2).tokens_generated >= 1
+    session.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        session.append_frame(make_frame())
+    session.close()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("device", "tpu"), ("device", 3), ("dtype", "int8"), ("sparsity", 1.0), ("sparsity", -0.1),
+    ("sparsity", float("nan")), ("sparsity", True), ("method", "random"), ("chunk_params", {"start_kib": -1}),
+    ("chunk_params", {"bogus": 1}), ("threads", 0), ("max_frames", 0), ("max_new_tokens", 1.5),
+    ("profile_quick", "yes"), ("frame_mode", "tiles"),
+])
+def test_config_is_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        SessionConfig(**{field: value})
+
+
+def test_update_is_validated_and_refusals_change_nothing(built):
+    session = open_session(built, "smolvlm", sparsity=0.1, method="magnitude")
+    for bad in ({"sparsity": 1.5}, {"method": "random"}, {"chunk_params": {"start_kib": 0}},
+                {"sparsity": 0.3, "method": "nope"}):
+        with pytest.raises(ValueError):
+            session.update(**bad)
+    assert (session.config.sparsity, session.config.method) == (0.1, "magnitude")
+    session.update(chunk_params={"start_kib": 8, "step_kib": 8})
+    assert session.config.chunk_params.start_kib == 8
+    session.update(chunk_params="default", method="dense")
+    s = session.append_frame(make_frame())
+    assert session.config.chunk_params is None and s.rows_read == s.rows_total
+    session.close()
+
+
+def test_append_and_ask_never_overlap(built):
+    session = open_session(built, "qwen2_5_vl")
+    session.append_frame(make_frame(seed=1))
+    errors, answers = [], []
+
+    def frames():
+        try:
+            for seed in range(2, 5):
+                session.append_frame(make_frame(seed=seed))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=frames)
+    thread.start()
+    for _ in range(3):
+        answers.append(session.ask(QUESTION, max_new_tokens=2))
+    thread.join()
+    assert not errors and session.frames_in_context == 4 and len(answers) == 3
+    session.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision(built, dtype):
+    session = open_session(built, "smolvlm", dtype=dtype)
+    assert next(session.model.parameters()).dtype == getattr(torch, dtype)
+    seen = record_logits(session.model)
+    session.append_frame(make_frame(seed=1))
+    answer = session.ask(QUESTION, max_new_tokens=2)
+    assert torch.isfinite(seen[-1]).all() and answer.tokens_generated >= 1
+    session.close()
+
+
+def test_latency_table_comes_from_the_drive_profile_cache(built, monkeypatch, tmp_path):
+    from nchunk_core import profile
+
+    monkeypatch.setenv("NCHUNK_CACHE_DIR", str(tmp_path / "cache"))
+    store = built[2]["smolvlm"]
+    path = profile.cache_path(store, 2)
+    path.parent.mkdir(parents=True)
+    LatencyTable.synthetic(setup_s=1e-4).save(path)
+    messages = []
+    session = Session.open(store, SessionConfig(threads=2, sparsity=0.5), log=messages.append)
+    assert any("from cache" in m for m in messages)
+    assert session.append_frame(make_frame()).est_io_s > 0
+    session.close()
+
+
+# ---- bad stores ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def store_copy(built, tmp_path):
+    return shutil.copytree(built[2]["smolvlm"], tmp_path / "store")
+
+
+def test_flipped_byte_is_caught_by_verify(store_copy, capsys):
+    group = next(iter(Store.open(store_copy).groups.values()))
+    with open(group.file, "r+b") as f:
+        f.seek(group.offset + 100)
+        byte = f.read(1)
+        f.seek(group.offset + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    report = Store.open(store_copy).verify()
+    assert not report.ok and group.name in str(report)
+    assert cli.main(["verify", str(store_copy)]) == 1
+
+
+@pytest.mark.parametrize("damage,error,match", [
+    ("truncate-weights", StoreError, "weights-00000.bin"),
+    ("truncate-resident", StoreError, "resident.safetensors"),
+    ("drop-manifest", StoreError, "manifest.json"),
+    ("drop-config", FileNotFoundError, "config.json"),
+    ("drop-tokenizer", ValueError, "tokenizer"),
+    ("other-arch-config", StoreError, "arch"),
+    ("resized-config", StoreError, r"mlp\.gate_proj is \[96, 64\] in the config but \[128, 64\] in the store"),
+])
+def test_damaged_store_fails_clearly_at_open(built, store_copy, damage, error, match):
+    what, _, name = damage.partition("-")
+    target = {"weights": "weights-00000.bin", "resident": "resident.safetensors", "manifest": "manifest.json",
+              "config": "config.json", "tokenizer": "tokenizer.json"}.get(name)
+    if what == "truncate":
+        path = store_copy / target
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif what == "drop":
+        (store_copy / target).unlink()
+    elif what == "other":
+        shutil.copy(built[0]["qwen2_5_vl"] / "config.json", store_copy / "config.json")
+    else:  # a config that does not describe the stored matrices
+        config = json.loads((store_copy / "config.json").read_text())
+        config["text_config"]["intermediate_size"] = 96
+        (store_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(error, match=match):
+        Session.open(store_copy, SessionConfig(), table=TABLE)
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Session.open(tmp_path / "nowhere", SessionConfig(), table=TABLE)
+    with pytest.raises(ValueError, match="SessionConfig"):
+        Session.open(tmp_path, {"sparsity": 0.5}, table=TABLE)
+
+
+def test_tied_embeddings(built, tmp_path):
+    """A checkpoint whose LM head is the embedding (Qwen2-0.5B, SmolVLM) stores it once and ties it."""
+
+    ckpt = shutil.copytree(built[0]["qwen2_5_vl"], tmp_path / "tied")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (ckpt / "config.json").write_text(json.dumps(config))
+    tensors = load_file(ckpt / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    store = convert(ckpt, tmp_path / "store", reorder=False, progress=False)
+    assert "lm_head.weight" not in Store.open(store).resident_names()
+
+    model, processor = load_tiny_vlm(ckpt)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    session = Session.open(store, SessionConfig(), table=TABLE)
+    assert session.model.lm_head.weight is session.model.model.language_model.embed_tokens.weight
+    seen = record_logits(session.model)
+    session.append_frame(make_frame(seed=1))
+    adapter = adapter_for(model, processor)
+    cache, pos = DynamicCache(), 0
+    for chunk in (adapter.encode_text(adapter.prompt_prefix), adapter.encode_frame(make_frame(seed=1))):
+        logits, pos = adapter.append(chunk, cache, pos)
+    assert (seen[-1] - logits[0]).abs().max() <= 1e-4
+    session.close()

@@ -1,0 +1,500 @@
+"""The VQA node (nchunk_ros/vqa_node.py) over real rclpy and DDS, on a real tiny store.
+
+Tiers: the parameter checks are plain functions (no DDS); everything else runs a real node in its
+own rclpy Context and MultiThreadedExecutor, talking over Fast DDS on this host (a random domain id
+per module, discovery restricted to localhost) to a tester node in a second Context (a second DDS
+participant, as another process would be). The start-up and signal tests run the node as a
+process. The store is a tiny random SmolVLM converted with `nchunk convert`; the drive profile is
+a synthetic table placed in a private cache so that no test profiles the drive.
+"""
+import array
+import ast
+import importlib.util
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
+from rclpy.context import Context  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.parameter import Parameter, parameter_dict_from_yaml_file  # noqa: E402
+from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from rclpy.signals import SignalHandlerOptions  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+
+from nchunk_core.latency import LatencyTable  # noqa: E402
+from nchunk_interfaces.srv import Ask  # noqa: E402
+from nchunk_ros import vqa_node  # noqa: E402
+from nchunk_ros.image_conversion import array_to_compressed, array_to_image  # noqa: E402
+from nchunk_ros.synthetic_camera import random_scene, render_scene  # noqa: E402
+from nchunk_ros.vqa_node import (  # noqa: E402
+    MAX_WAITING_ASKS,
+    PARAMETERS,
+    VQANode,
+    check_parameters,
+    chunk_params_from,
+    topic_type,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config" / "vqa.yaml"
+LAUNCH = ROOT / "launch" / "vqa.launch.py"
+RAW_TOPIC = "/test_cam/image_raw"
+COMPRESSED_TOPIC = "/test_cam/image_raw/compressed"
+TIMEOUT_S = 20.0  # only reached when something is wrong
+START_TIMEOUT_S = 60.0  # a node process: imports, model build
+
+
+def wait_for(condition, timeout=TIMEOUT_S, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def domain_id():
+    return random.randint(20, 200)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, domain_id):
+    """ROS and nchunk environment for this module (restored afterwards); subprocesses inherit it."""
+    saved = dict(os.environ)
+    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ["NCHUNK_CACHE_DIR"] = str(tmp_path_factory.mktemp("nchunk-cache"))
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def store(env, tmp_path_factory):
+    """A tiny SmolVLM store (calibrated on synthetic camera scenes) and a cached synthetic drive profile."""
+    from nchunk_core.convert import convert
+    from nchunk_core.profile import cache_path
+    from nchunk_core.tiny_models import build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("vqa-store")
+    frames = root / "frames"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        PILImage.fromarray(render_scene(random_scene(rng, 96, 64, i))).save(frames / f"{i}.png")
+    path = convert(build_tiny_vlm("smolvlm", root / "model", seed=0), root / "store", frames, progress=False)
+    profile = cache_path(path, 6)  # reader_threads default
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    LatencyTable.synthetic().save(profile)
+    return path
+
+
+class World(Node):
+    """The outside world: publishes camera frames, calls /ask, sets parameters, records statistics."""
+
+    def __init__(self, context, service="/ask", node="vqa_node"):
+        super().__init__("vqa_tester", context=context)
+        self.raw = self.create_publisher(Image, RAW_TOPIC, qos_profile_sensor_data)
+        self.compressed = self.create_publisher(CompressedImage, COMPRESSED_TOPIC, qos_profile_sensor_data)
+        self.ask_client = self.create_client(Ask, service)
+        self.params = AsyncParameterClient(self, node)
+        self.statuses = []
+        self.answers = []
+        self.create_subscription(DiagnosticArray, f"/{node}/statistics", self._on_stats, 100)
+        self.create_subscription(String, f"/{node}/answer", lambda m: self.answers.append(m.data), 10)
+        self.stamp_sec = 1000
+
+    def _on_stats(self, msg):
+        for s in msg.status:
+            self.statuses.append((s.name, s.level, {kv.key: kv.value for kv in s.values}))
+
+    def frame_statuses(self):
+        return [values for name, level, values in list(self.statuses) if name == "vqa_node: frame" and level == b"\x00"]
+
+    def latest(self, key):
+        values = [v[key] for _, _, v in list(self.statuses) if key in v]
+        return int(values[-1]) if values else 0
+
+    def publish_frame(self, seed=0, compressed=False):
+        rgb = render_scene(random_scene(np.random.default_rng(seed), 96, 64))
+        self.stamp_sec += 1
+        stamp = rclpy.time.Time(seconds=self.stamp_sec).to_msg()
+        if compressed:
+            self.compressed.publish(array_to_compressed(rgb, "jpeg", stamp=stamp))
+        else:
+            self.raw.publish(array_to_image(rgb, "rgb8", stamp=stamp))
+        return stamp
+
+    def call(self, question="What is there?", **fields):
+        return response(self.call_async(question, **fields))
+
+    def call_async(self, question="What is there?", **fields):
+        return self.ask_client.call_async(Ask.Request(question=question, **fields))
+
+    def set_params(self, **values):
+        future = self.params.set_parameters([v if isinstance(v, Parameter) else Parameter(k, value=v)
+                                             for k, v in values.items()])
+        wait_for(future.done, what="the parameter service")
+        return future.result().results
+
+
+def response(future, timeout=TIMEOUT_S):
+    wait_for(future.done, timeout, "an /ask response")
+    return future.result()
+
+
+def start_rig(store, domain_id, name="vqa_node", service="/ask", **overrides):
+    """The node in its own context and executor, and a tester in a second context; returns a dict."""
+    node_ctx, tester_ctx = Context(), Context()
+    for ctx in (node_ctx, tester_ctx):
+        rclpy.init(args=[], context=ctx, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+    values = {"store_path": str(store), "image_topics": [RAW_TOPIC, COMPRESSED_TOPIC], "max_append_rate_hz": 50.0,
+              "max_new_tokens": 4, "sparsity": 0.5, **overrides}
+    remap = ["--ros-args", "-r", f"__node:={name}", "-r", f"/ask:={service}"]
+    node = VQANode(context=node_ctx, cli_args=remap,
+                   parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+    node_exec = MultiThreadedExecutor(num_threads=vqa_node.EXECUTOR_THREADS, context=node_ctx)
+    node_exec.add_node(node)
+    tester = World(tester_ctx, service=service, node=name)
+    tester_exec = MultiThreadedExecutor(num_threads=2, context=tester_ctx)
+    tester_exec.add_node(tester)
+    threads = [threading.Thread(target=e.spin, daemon=True) for e in (node_exec, tester_exec)]
+    for t in threads:
+        t.start()
+    assert tester.ask_client.wait_for_service(timeout_sec=TIMEOUT_S), "no /ask service"
+    assert tester.params.wait_for_services(timeout_sec=TIMEOUT_S), "no parameter services"
+    wait_for(lambda: tester.raw.get_subscription_count() and tester.compressed.get_subscription_count(),
+             what="the node's camera subscriptions")
+    rig = {"node": node, "tester": tester}
+
+    def stop():
+        for e in (tester_exec, node_exec):
+            e.shutdown()
+        tester.destroy_node()
+        node.destroy_node()
+        for ctx in (tester_ctx, node_ctx):
+            rclpy.try_shutdown(context=ctx)
+        for t in threads:
+            t.join(timeout=10)
+
+    rig["stop"] = stop
+    return rig
+
+
+@pytest.fixture(scope="module")
+def rig(store, domain_id):
+    rig = start_rig(store, domain_id)
+    yield rig
+    rig["stop"]()
+
+
+def feed(tester, node, frames=1, compressed=False, seed=0):
+    """Publish frames one by one, each after the previous was appended (depth 1: no overwriting)."""
+    for i in range(frames):
+        before = node.counters().get("frames_appended", 0)
+        tester.publish_frame(seed + i, compressed)
+        wait_for(lambda: node.counters().get("frames_appended", 0) > before, what="a frame to be appended")
+
+
+# ---- parameters without DDS ----------------------------------------------------------------------
+
+DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
+
+
+def test_dtype_names_match_the_runtime():
+    from nchunk_core.flash_model import DTYPES
+
+    assert set(vqa_node.DTYPES) == set(DTYPES)
+
+
+def test_check_parameters_reasons():
+    def reason(running=True, **changes):
+        result = check_parameters(changes, DEFAULTS, running)
+        return "" if result.successful else result.reason
+
+    assert reason(sparsity=0.3, method="magnitude", image_topics=["/a", "/b/compressed"]) == ""
+    assert "restart the node" in reason(store_path="/elsewhere")
+    assert "restart the node" in reason(reader_threads=2)
+    assert reason(running=False, store_path="/elsewhere") == ""  # start-up values are fine
+    assert reason(store_path="") == ""  # unchanged is not a change
+    assert "method must be one of" in reason(method="topk")
+    assert "qos_reliability must be" in reason(qos_reliability="sometimes")
+    assert "device must be" in reason(running=False, device="tpu")
+    assert "dtype must be" in reason(running=False, dtype="int8")
+    assert "image_topics is empty" in reason(image_topics=[])
+    assert "not a valid topic name" in reason(image_topics=["/cam/1bad name"])
+    assert "twice" in reason(image_topics=["/a", "/a"])
+    assert "chunk_max_kib (16) is below the smallest window (32 KiB)" in reason(chunk_max_kib=16.0)
+    assert "below the smallest window (64 KiB)" in reason(chunk_start_kib=64.0, chunk_max_kib=48.0)
+    assert reason(chunk_start_kib=16.0, chunk_max_kib=16.0) == ""
+
+
+def test_chunk_params_from_parameters():
+    from nchunk_core.select import ChunkParams
+
+    assert chunk_params_from(DEFAULTS) is None  # per-matrix defaults
+    got = chunk_params_from({**DEFAULTS, "chunk_start_kib": 8.0, "chunk_max_kib": 256.0})
+    assert got == ChunkParams(start_kib=8.0, step_kib=ChunkParams.step_kib, max_kib=256.0,
+                              jump_cap_kib=ChunkParams.jump_cap_kib)
+    assert chunk_params_from({**DEFAULTS, "jump_cap_kib": 4.0}).max_kib is None  # saturation size
+
+
+def test_topic_types_follow_image_transport_names():
+    assert topic_type("/cam/image_raw") is Image
+    assert topic_type("/cam/image_raw/compressed") is CompressedImage
+    assert topic_type("compressed") is Image
+
+
+def test_config_file_documents_every_parameter():
+    text = CONFIG.read_text()
+    values = parameter_dict_from_yaml_file(str(CONFIG), target_nodes=["vqa_node"])
+    assert set(values) == set(DEFAULTS)
+    lines = text.splitlines()
+    for name in DEFAULTS:
+        i = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
+        assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), f"{name} has no comment in {CONFIG.name}"
+        value = Parameter.from_parameter_msg(values[name]).value
+        assert value == DEFAULTS[name], f"{CONFIG.name} and the node disagree on {name}"
+
+
+# ---- the node over DDS ---------------------------------------------------------------------------
+
+def test_ask_before_any_frame_is_refused(store, domain_id):
+    rig = start_rig(store, domain_id, name="vqa_fresh", service="/ask_fresh")
+    try:
+        r = rig["tester"].call()
+        assert not r.success and r.error.startswith("no camera frame yet")
+        assert r.frames_in_context == 0 and r.newest_frame_stamp.sec == 0
+    finally:
+        rig["stop"]()
+
+
+def test_frames_grow_the_context(rig):
+    node, tester = rig["node"], rig["tester"]
+    start = node.session.frames_in_context
+    feed(tester, node, frames=2)
+    feed(tester, node, frames=1, compressed=True, seed=5)
+    assert node.session.frames_in_context == start + 3
+    stats = wait_for(lambda: len(tester.frame_statuses()) >= start + 3 and tester.frame_statuses(),
+                     what="frame statistics")
+    in_context = [int(s["frames_in_context"]) for s in stats]
+    assert in_context[-3:] == [start + 1, start + 2, start + 3]
+    last = stats[-1]
+    assert int(last["bytes_read"]) > 0 and float(last["io_s"]) > 0
+    assert int(last["rows_read"]) < int(last["rows_total"])  # sparsity 0.5
+    assert last["topic"] == COMPRESSED_TOPIC
+
+
+def test_ask_answers_with_every_field(rig):
+    node, tester = rig["node"], rig["tester"]
+    stamp = tester.publish_frame(seed=11)
+    wait_for(lambda: any(s["stamp"] == f"{stamp.sec:.6f}" for s in tester.frame_statuses()), what="the frame")
+    r = tester.call("What shapes do you see?")
+    assert r.success, r.error
+    assert r.error == "" and r.answer != ""
+    assert r.frames_in_context == node.session.frames_in_context >= 1
+    assert (r.newest_frame_stamp.sec, r.newest_frame_stamp.nanosec) == (stamp.sec, stamp.nanosec)
+    assert 0 < r.tokens_generated <= 4 and r.context_tokens > r.frames_in_context
+    assert r.truncated == (r.tokens_generated == 4)
+    assert r.prefill_s > 0 and r.decode_s >= 0 and r.queue_s >= 0
+    assert r.total_s >= r.queue_s + r.prefill_s + r.decode_s
+    assert r.io_bytes > 0 and r.io_s > 0
+    wait_for(lambda: r.answer in tester.answers, what="the answer on ~/answer")
+    again = tester.call("What shapes do you see?")
+    assert again.answer == r.answer  # the question did not change the context
+    short = tester.call("What shapes do you see?", max_new_tokens=1)
+    assert short.tokens_generated <= 1
+
+
+def test_reset_context_keeps_only_the_newest_frame(rig):
+    node, tester = rig["node"], rig["tester"]
+    feed(tester, node, frames=2, seed=20)
+    assert node.session.frames_in_context >= 2
+    r = tester.call("What is there now?", reset_context=True)
+    assert r.success, r.error
+    assert r.frames_in_context == 1
+    assert r.newest_frame_stamp.sec == tester.stamp_sec
+    feed(tester, node, frames=1, seed=30)
+    assert node.session.frames_in_context == 2  # later frames are appended after the newest one
+
+
+def test_bad_questions_are_refused(rig):
+    tester = rig["tester"]
+    for question, error in (("", "empty question"), ("   \n", "empty question"),
+                            ("why? " * 1000, "characters long")):
+        r = tester.call(question)
+        assert not r.success and error in r.error and r.answer == ""
+    r = tester.call("many words " * 200)  # under the character limit, over the model's token limit
+    assert not r.success and "tokens long" in r.error
+    r = tester.call("ok?", max_new_tokens=-1)
+    assert not r.success and "max_new_tokens" in r.error
+
+
+def test_parameter_change_applies_to_the_next_frame(rig):
+    node, tester = rig["node"], rig["tester"]
+    results = tester.set_params(sparsity=0.25, method="magnitude")
+    assert all(r.successful for r in results), results
+    seen = len(tester.frame_statuses())
+    feed(tester, node, frames=2, seed=40)
+    fresh = wait_for(lambda: tester.frame_statuses()[seen:] if len(tester.frame_statuses()) >= seen + 2 else None,
+                     what="statistics of the new frames")
+    for s in fresh:
+        assert (s["sparsity"], s["method"]) == ("0.25", "magnitude")
+        assert int(s["rows_read"]) / int(s["rows_total"]) == pytest.approx(0.75, abs=0.02)
+
+    refused = {
+        "sparsity": (1.5, "out of range"),
+        "method": ("bogus", "method must be one of"),
+        "chunk_max_kib": (8.0, "below the smallest window"),
+        "store_path": ("/elsewhere", "restart the node"),
+        "image_topics": (Parameter("image_topics", Parameter.Type.STRING_ARRAY, []), "image_topics is empty"),
+    }
+    for name, (value, reason) in refused.items():
+        (result,) = tester.set_params(**{name: value})
+        assert not result.successful and reason in result.reason, (name, result.reason)
+    future = tester.params.get_parameters(["sparsity", "method"])
+    wait_for(future.done, what="get_parameters")
+    sparsity, method = future.result().values
+    assert (sparsity.double_value, method.string_value) == (0.25, "magnitude")  # the refusals changed nothing
+    assert tester.set_params(sparsity=0.5, method="chunking")[0].successful
+
+
+def test_malformed_images_are_counted_and_the_node_keeps_answering(rig):
+    node, tester = rig["node"], rig["tester"]
+    good = array_to_image(np.zeros((64, 96, 3), np.uint8), "rgb8")
+    short = Image(height=64, width=96, encoding="rgb8", step=96 * 3, data=array.array("B", bytes(100)))
+    bad_step = Image(height=64, width=96, encoding="rgb8", step=10, data=array.array("B", bytes(640)))
+    unknown = Image(height=good.height, width=good.width, encoding="yuv422", step=good.step, data=good.data)
+    huge = Image(height=100_000, width=100_000, encoding="mono8", step=100_000, data=array.array("B", bytes(64)))
+    corrupt = CompressedImage(format="jpeg", data=array.array("B", b"\xff\xd8\xff\xe0" + bytes(60)))
+    appended = node.counters().get("frames_appended", 0)
+    for msg in (short, bad_step, unknown, huge, corrupt):
+        before = node.counters().get("frames_malformed", 0)
+        (tester.compressed if isinstance(msg, CompressedImage) else tester.raw).publish(msg)
+        wait_for(lambda: node.counters().get("frames_malformed", 0) == before + 1, what="the malformed count")
+    assert node.counters().get("frames_appended", 0) == appended
+    wait_for(lambda: tester.latest("frames_malformed") >= 5, timeout=5, what="the count on ~/statistics")
+    feed(tester, node, frames=1, seed=50)
+    r = tester.call()
+    assert r.success, r.error
+
+
+def test_concurrent_questions_are_queued_and_bounded(rig):
+    node, tester = rig["node"], rig["tester"]
+    feed(tester, node, frames=1, seed=60)
+    futures = [tester.call_async(f"Question {i}?", max_new_tokens=8) for i in range(MAX_WAITING_ASKS + 1)]
+    responses = [response(f) for f in futures]
+    assert all(r.success for r in responses), [r.error for r in responses]
+    assert max(r.queue_s for r in responses) > 0.0  # some waited behind others
+
+    futures = [tester.call_async(f"Again {i}?", max_new_tokens=8) for i in range(MAX_WAITING_ASKS + 4)]
+    responses = [response(f) for f in futures]
+    busy = [r for r in responses if not r.success]
+    assert all(r.error.startswith("busy") for r in busy), [r.error for r in busy]
+    assert len(busy) >= 1 and len(responses) - len(busy) >= MAX_WAITING_ASKS + 1
+
+
+def test_deadline_passes_while_waiting(rig):
+    tester = rig["tester"]
+    slow = tester.call_async("A long answer?", max_new_tokens=4, timeout_s=30.0)
+    started = time.monotonic()
+    late = tester.call("Quick?", timeout_s=0.01)
+    assert not late.success and late.error == "timed out" and late.answer == ""
+    assert time.monotonic() - started < 5.0
+    assert response(slow).success
+
+
+# ---- the node as a process -------------------------------------------------------------------------
+
+def node_process(*ros_args, domain_offset=1):
+    env = dict(os.environ, ROS_DOMAIN_ID=str((int(os.environ["ROS_DOMAIN_ID"]) + domain_offset) % 200 + 20),
+               PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "nchunk_ros.vqa_node", "--ros-args", *ros_args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def test_bad_store_path_exits_1_with_its_reason(env, tmp_path):
+    proc = node_process("-p", f"store_path:={tmp_path / 'missing'}")
+    out, _ = proc.communicate(timeout=START_TIMEOUT_S)
+    assert proc.returncode == 1
+    assert f"vqa_node: store {tmp_path / 'missing'} does not exist" in out.splitlines()[-1]
+    proc = node_process("-p", f"store_path:={tmp_path}", "-p", "sparsity:=2.0")
+    out, _ = proc.communicate(timeout=START_TIMEOUT_S)
+    assert proc.returncode == 1 and "sparsity out of range" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_params_file_start_and_clean_exit_on_signal(store, env, sig):
+    proc = node_process("--params-file", str(CONFIG), "-p", f"store_path:={store}")
+    lines = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not any("ready: /ask served" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "node did not come up:\n" + "".join(lines)
+            lines.append(line)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines) + out
+    assert proc.returncode == 0, log
+    assert "terminate called" not in log and "Traceback" not in log
+    yaml_values = parameter_dict_from_yaml_file(str(CONFIG), target_nodes=["vqa_node"])
+    sparsity = Parameter.from_parameter_msg(yaml_values["sparsity"]).value
+    assert f"chunking at sparsity {sparsity:g}" in log  # the file's values were used
+
+
+# ---- the launch file -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("launch_ros") is None, reason="launch_ros is not installed")
+def test_launch_description_with_launch_ros():
+    spec = importlib.util.spec_from_file_location("vqa_launch", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    description = module.generate_launch_description()
+    names = [getattr(e, "name", None) for e in description.entities]
+    assert "params_file" in names
+
+
+def test_launch_file_names_the_node_and_the_params_file():
+    tree = ast.parse(LAUNCH.read_text())
+    assert ast.get_docstring(tree)
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "generate_launch_description" in functions
+    calls = {n.func.id if isinstance(n.func, ast.Name) else n.func.attr: n for n in ast.walk(tree)
+             if isinstance(n, ast.Call)}
+    node = {k.arg: k.value for k in calls["Node"].keywords}
+    assert ast.literal_eval(node["executable"]) == "vqa_node" and ast.literal_eval(node["name"]) == "vqa_node"
+    assert isinstance(node["parameters"], ast.List)
+    argument = calls["DeclareLaunchArgument"]
+    assert ast.literal_eval(argument.args[0]) == "params_file"
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert {"config", "vqa.yaml", "nchunk_ros", "params_file"} <= strings
+    assert "get_package_share_directory" in calls
+    setup = (ROOT / "setup.py").read_text()
+    assert re.search(r'"vqa_node = nchunk_ros\.vqa_node:main"', setup)
+    assert 'share_files("launch")' in setup and 'share_files("config")' in setup
