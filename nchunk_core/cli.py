@@ -107,8 +107,9 @@ def _add_bench(sub):
     io.add_argument("--dir", default=None, help="directory on the drive under test for the stores "
                     "(default: <system temp dir>/nchunk-bench); about 1 GB per layer")
     io.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
-    io.add_argument("--frames", type=int, default=12, help="test frames = repetitions per point (default 12)")
-    io.add_argument("--methods", default="magnitude,chunking", help="comma-separated selection methods")
+    io.add_argument("--frames", type=int, default=10, help="test frames = repetitions per point (default 10)")
+    io.add_argument("--methods", default="magnitude,chunking,dp",
+                    help="comma-separated selection methods (default magnitude,chunking,dp; magnitude is the baseline)")
     io.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
     io.add_argument("--out", default="out", help="folder for plots and the JSON result (default: out)")
     io.add_argument("--json", action="store_true", help="print one JSON object")

@@ -602,13 +602,16 @@ class VQANode(Node):
 
 
 def main(args=None) -> int:
-    """Console entry point `vqa_node`: ROS arguments as usual (--ros-args --params-file FILE -p k:=v)."""
+    """Console entry point `vqa_node`: ROS arguments as usual (--ros-args --params-file FILE -p k:=v).
+
+    Exit status 0 after SIGINT / SIGTERM (also during start-up), 1 when the node cannot start.
+    """
     rclpy.init(args=args)
     node = executor = None
     code = 0
     try:
-        node = VQANode()
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+        node = VQANode()
         executor.add_node(node)
         executor.spin()
     except (StartupError, ParameterException) as exc:
@@ -617,6 +620,10 @@ def main(args=None) -> int:
         code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        if rclpy.ok():
+            raise
+        # a signal shut the context down while the node was being built: a clean stop as well
     finally:
         if executor is not None:
             executor.shutdown()
