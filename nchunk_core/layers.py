@@ -96,7 +96,7 @@ class Workspace:
         return self._buf[:nbytes]
 
 
-def combined_table(table: LatencyTable, row_bytes: list[int], max_rows: int) -> LatencyTable:
+def combined_table(table: LatencyTable, row_bytes: list[int]) -> LatencyTable:
     """Cost of reading r rows from each of several groups, as a table over bytes of all groups.
 
     Unbundled projections sharing an input read the same rows from every group: a run of r rows
@@ -104,11 +104,39 @@ def combined_table(table: LatencyTable, row_bytes: list[int], max_rows: int) -> 
     """
     if len(row_bytes) == 1:
         return table
+    max_rows = max(1, -(-table.max_bytes // min(row_bytes)))  # past this, every group is beyond the table
     r = np.arange(1, max_rows + 1, dtype=np.float64)
     latency = sum(table.estimate(r * rb) for rb in row_bytes)
     return LatencyTable(latency_s=latency, step_bytes=int(sum(row_bytes)),
                         peak_bytes_per_s=table.peak_bytes_per_s,
                         saturation_bytes=int(sum(row_bytes)) * max_rows, meta={"combined": row_bytes})
+
+
+def run_extents(groups: list[GroupInfo], runs: np.ndarray) -> list[np.ndarray]:
+    """Per group, int64 [k, 3] extents that read runs [k, 2] (start row, length) of that group.
+
+    The rows land packed in one buffer: all selected rows of the first group, then of the next.
+    """
+    rows = int(runs[:, 1].sum())
+    dest_rows = np.concatenate([[0], np.cumsum(runs[:, 1])[:-1]]).astype(np.int64)
+    out, base = [], 0
+    for g in groups:
+        e = np.empty((len(runs), 3), dtype=np.int64)
+        e[:, 0] = g.offset + runs[:, 0] * g.row_bytes
+        e[:, 1] = runs[:, 1] * g.row_bytes
+        e[:, 2] = base + dest_rows * g.row_bytes
+        out.append(e)
+        base += rows * g.row_bytes
+    return out
+
+
+def read_runs(reader: Reader, handles, groups: list[GroupInfo], runs: np.ndarray, buf) -> float:
+    """Read the runs of every group (all requests in flight together); returns the wall seconds."""
+    t0 = time.perf_counter()
+    requests = [reader.submit(h, e, buf) for h, e in zip(handles, run_extents(groups, runs))]
+    for r in requests:
+        r.wait()
+    return time.perf_counter() - t0
 
 
 class FlashProjections(nn.Module):
@@ -133,8 +161,7 @@ class FlashProjections(nn.Module):
         self.outputs = [o["name"] for g in self.groups for o in g.outputs]  # projection names, in order
         self.out_features = [o["out_features"] for g in self.groups for o in g.outputs]
         self.row_bytes = int(sum(g.row_bytes for g in self.groups))
-        self.table = combined_table(table, [g.row_bytes for g in self.groups],
-                                    max_rows=max(1, -(-table.max_bytes // min(g.row_bytes for g in self.groups))))
+        self.table = combined_table(table, [g.row_bytes for g in self.groups])
         self.handles = [workspace.reader.open(str(g.file)) for g in self.groups]
         perm = store.permutation(input_name)
         self.register_buffer("perm", None if perm is None else torch.as_tensor(perm, dtype=torch.long),
@@ -151,21 +178,12 @@ class FlashProjections(nn.Module):
 
     def read(self, sel: Selection) -> tuple[list[torch.Tensor], float, int]:
         """Rows of every group for the selection: list of [R, out_g] tensors, I/O seconds, bytes."""
-        runs = sel.runs  # [k, 2] (start row, length)
-        rows = int(runs[:, 1].sum())
+        rows = sel.rows if len(sel.runs) else 0
         total = rows * self.row_bytes
         buf = self.workspace.host(total)
-        dest_rows = np.concatenate([[0], np.cumsum(runs[:, 1])[:-1]]).astype(np.int64)
-        io_s = 0.0
-        views = []
-        base = 0
-        for g, handle in zip(self.groups, self.handles):
-            extents = np.empty((len(runs), 3), dtype=np.int64)
-            extents[:, 0] = g.offset + runs[:, 0] * g.row_bytes
-            extents[:, 1] = runs[:, 1] * g.row_bytes
-            extents[:, 2] = base + dest_rows * g.row_bytes
-            stats = self.workspace.reader.read(handle, extents, buf)
-            io_s += stats.wall_s
+        io_s = read_runs(self.workspace.reader, self.handles, self.groups, sel.runs, buf)
+        views, base = [], 0
+        for g in self.groups:
             raw = buf[base:base + rows * g.row_bytes]
             views.append(raw.view(TORCH_DTYPES[g.dtype]).view(rows, g.row_bytes // g.itemsize))  # [R, out_g]
             base += rows * g.row_bytes

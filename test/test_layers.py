@@ -94,3 +94,15 @@ def test_refused_setting_keeps_previous_value():
     with pytest.raises(ValueError):
         cfg.sparsity = -0.1
     assert (cfg.sparsity, cfg.method) == (0.2, "chunking")
+
+
+def test_combined_table_costs_every_group():
+    from nchunk_core.layers import combined_table
+
+    t = LatencyTable.synthetic()
+    rbs = [7168, 1024, 1024]  # q, k, v rows of a 7B model, stored unbundled
+    c = combined_table(t, rbs)
+    for r in (1, 5, 40, 300):
+        expected = sum(float(t.estimate(r * rb)) for rb in rbs)
+        assert c.estimate_runs([r], sum(rbs)) == pytest.approx(expected, rel=1e-9)
+    assert combined_table(t, [4096]) is t

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..latency import LatencyTable
+from ..layers import combined_table, read_runs
 from ..reader import Reader
 from ..reorder import hot_cold_permutation
 from ..select import select
@@ -92,28 +93,11 @@ class Matrix:
     """The groups of one input in a store, opened for reading, with its importance stream."""
 
     def __init__(self, store: Store, reader: Reader, input_name: str, table: LatencyTable):
-        from ..layers import combined_table
-
         self.groups = store.groups_for_input(input_name)
         self.rows = self.groups[0].rows
         self.row_bytes = sum(g.row_bytes for g in self.groups)
-        self.table = combined_table(table, [g.row_bytes for g in self.groups],
-                                    max_rows=max(1, -(-table.max_bytes // min(g.row_bytes for g in self.groups))))
+        self.table = combined_table(table, [g.row_bytes for g in self.groups])
         self.handles = [reader.open(str(g.file)) for g in self.groups]
-
-    def extents(self, runs: np.ndarray) -> list[np.ndarray]:
-        """[k, 3] extents per group for runs [k, 2] (start row, length), rows packed in one buffer."""
-        out, base = [], 0
-        rows = int(runs[:, 1].sum())
-        dest = np.concatenate([[0], np.cumsum(runs[:, 1])[:-1]])
-        for g in self.groups:
-            e = np.empty((len(runs), 3), dtype=np.int64)
-            e[:, 0] = g.offset + runs[:, 0] * g.row_bytes
-            e[:, 1] = runs[:, 1] * g.row_bytes
-            e[:, 2] = base + dest * g.row_bytes
-            out.append(e)
-            base += rows * g.row_bytes
-        return out
 
 
 def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, methods=("magnitude", "chunking", "dp"),
@@ -160,7 +144,7 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
                         imp = imp[perms[key]]  # stored order of a hot–cold store
                     budget = m.rows - int(round(s * m.rows))
                     sel = select(imp, budget, v.method, m.table, m.row_bytes)
-                    io = sum(reader.read(h, e, buf).wall_s for h, e in zip(m.handles, m.extents(sel.runs)))
+                    io = read_runs(reader, m.handles, m.groups, sel.runs, buf)
                     acc["io_s"] += io
                     acc["est_s"] += sel.est_latency_s
                     acc["bytes"] += int(sel.rows) * m.row_bytes
