@@ -205,10 +205,12 @@ def profile_drive(
                     report(0.3 + 0.7 * i / len(fine_kib), f"fine pass {k} KiB")
                 measured.append(bench.median(k * KIB, 2 * MIB, repeats, min_chunks=steady))
             grid = np.arange(1, top_kib + 1)
-            latency = np.interp(grid, fine_kib, smooth_latency(np.array(fine_kib, float), np.array(measured)))
-            latency = isotonic_increasing(latency)
-            thr = grid * KIB / latency
-            peak = float(thr.max())  # of the smoothed curve: a lucky single batch does not count
+            smoothed = np.interp(grid, fine_kib, smooth_latency(np.array(fine_kib, float), np.array(measured)))
+            # Peak and saturation from the smoothed curve: on a flat stretch of the monotone fit below,
+            # throughput would rise with size by construction, which says nothing about the drive.
+            thr = grid * KIB / smoothed
+            peak = float(thr.max())
+            latency = isotonic_increasing(smoothed)
             hits = np.nonzero(thr >= SATURATION_FRACTION * peak)[0]
             sat_kib = int(grid[hits[0]]) if hits.size else int(grid[-1])
             info = drive_info(directory)
