@@ -17,7 +17,8 @@ What goes where (store format: store/__init__.py; names: flash_model.py):
 - the hot–cold permutation per input → permutations.safetensors;
 - config.json, generation_config.json, tokenizer and processor files → copied next to the manifest.
 
-Steps (nothing holds the model twice; the checkpoint is read one tensor at a time):
+Steps (nothing holds the model twice; the checkpoint is read one tensor at a time, and only the
+resident part, which the runtime keeps in RAM anyway, is held until each store is closed):
 
 1. check the checkpoint against its architecture (checkpoint.py) before writing anything;
 2. write an unpermuted store, group by group, into a work directory next to the destination;

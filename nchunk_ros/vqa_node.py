@@ -319,6 +319,8 @@ class VQANode(Node):
             shown = [-1]
 
             def progress(fraction: float, message: str) -> None:
+                if not self.context.ok():  # SIGINT / SIGTERM while profiling: stop (the scratch file goes too)
+                    raise ExternalShutdownException()
                 decile = int(fraction * 10)
                 if decile > shown[0]:
                     shown[0] = decile
@@ -331,6 +333,9 @@ class VQANode(Node):
             session = Session.open(path, cfg, log=log.info, table=table)
         except (StoreError, OSError, ValueError) as exc:
             raise StartupError(f"cannot open store {path}: {exc}") from exc
+        if not self.context.ok():  # a signal arrived while the model was being built
+            session.close()
+            raise ExternalShutdownException()
         log.info(f"model ready on {v['device']} ({v['dtype']}): {v['method']} at sparsity {v['sparsity']:g}")
         return session
 

@@ -19,9 +19,10 @@ mapped file pages too) is its own:
   before it runs); the page cache of the checkpoint is dropped before every frame
   (posix_fadvise DONTNEED) so that it reads from the drive, as direct I/O does for nchunk.
 
-Reported per method: median over frames (the first is a warm-up) of the frame-append time split into
-vision (preprocessing, vision tower, projector), selection, I/O and compute (the rest), the bytes of
-backbone weights read per frame, and the peak RSS. Timing comes from the session's own FrameStats;
+Reported per method: median over frames (the first of each process is a warm-up) of the frame-append
+time split into vision (preprocessing, vision tower, projector), selection, I/O and compute (the
+rest), the bytes of backbone weights read per frame, the RSS after the last frame (model alive) and
+the peak RSS of the process (its high-water mark, loading included). Timing comes from the session's own FrameStats;
 for the transformers-only methods I/O cannot be separated from compute and is reported within it.
 """
 from __future__ import annotations
@@ -122,25 +123,36 @@ def prepare(directory: Path, layers: int, threads: int, log) -> tuple[Path, Path
 
 # ---- one method, in a child process -------------------------------------------------------------
 
+def _status_mib(*keys: str) -> dict:
+    """Fields of /proc/self/status in MiB (Linux), e.g. VmHWM, VmRSS, RssAnon, RssFile."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
 def _memory() -> dict:
-    """Peak and current RSS of this process, in MiB.
+    """Peak RSS of this process in MiB.
 
     peak_rss_mib is VmHWM, the high-water mark of this process's own address space. getrusage's
     ru_maxrss is reported too, but on Linux it also carries the RSS of the parent at the moment it
     forked this process (exec keeps the larger of the two), so it is only as clean as the parent is
     small; run() keeps its own process small for that reason (model building runs in a child).
     """
-    out = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "RssAnon", "RssFile"):
-                name = "peak_rss_mib" if key == "VmHWM" else key.lower() + "_mib"
-                out[name] = int(value.split()[0]) / 1024
-    except OSError:
-        pass
-    out.setdefault("peak_rss_mib", out["ru_maxrss_mib"])
-    return out
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"ru_maxrss_mib": ru, "peak_rss_mib": _status_mib("VmHWM").get("VmHWM", ru)}
+
+
+def _steady_memory() -> dict:
+    """RSS now (taken after the last frame, with the model alive): total, anonymous, file-backed."""
+    now = _status_mib("VmRSS", "RssAnon", "RssFile")
+    return {"steady_rss_mib": now.get("VmRSS"), "steady_anon_mib": now.get("RssAnon"),
+            "steady_file_mib": now.get("RssFile")}
 
 
 def _drop_page_cache(paths) -> None:
@@ -165,7 +177,8 @@ def _run_flash(spec: dict) -> list[dict]:
             out.append({"total_s": s.total_s, "vision_s": s.vision_s, "select_s": s.select_s, "io_s": s.io_s,
                         "compute_s": s.compute_s, "bytes_read": s.bytes_read, "est_io_s": s.est_io_s,
                         "retained": s.retained, "tokens": s.tokens, "visual_tokens": s.visual_tokens})
-    return out
+        steady = _steady_memory()
+    return out, steady
 
 
 def _run_transformers(spec: dict) -> list[dict]:
@@ -211,7 +224,7 @@ def _run_transformers(spec: dict) -> list[dict]:
             out.append({"total_s": total, "vision_s": vision, "select_s": 0.0, "io_s": None,
                         "compute_s": total - vision, "bytes_read": streamed, "est_io_s": None, "retained": 1.0,
                         "tokens": chunk.num_tokens, "visual_tokens": chunk.num_visual_tokens})
-    return out
+    return out, _steady_memory()
 
 
 def child_main(spec: dict) -> dict:
@@ -224,12 +237,12 @@ def child_main(spec: dict) -> dict:
         import torch  # noqa: F401
         import transformers  # noqa: F401
 
-        frames = []
+        frames, steady = [], _steady_memory()
     elif spec["method"] in FLASH_METHODS:
-        frames = _run_flash(spec)
+        frames, steady = _run_flash(spec)
     else:
-        frames = _run_transformers(spec)
-    return {"frames": frames, "wall_s": time.perf_counter() - t0, **_memory()}
+        frames, steady = _run_transformers(spec)
+    return {"frames": frames, "wall_s": time.perf_counter() - t0, **steady, **_memory()}
 
 
 def _spawn(spec: dict, timeout: float, show_stderr: bool = False) -> dict:
@@ -317,7 +330,7 @@ def run(directory, frames: int = 4, sparsity: float = 0.5, sweep=(), methods=DEF
             out.append({**entry, "error": entry["rounds"][0]["error"]})
             continue
         entry["summary"] = _summary([x["frames"] for x in good]) if good[0]["frames"] else None
-        for key in ("peak_rss_mib", "ru_maxrss_mib", "rssanon_mib", "rssfile_mib"):
+        for key in ("peak_rss_mib", "ru_maxrss_mib", "steady_rss_mib", "steady_anon_mib", "steady_file_mib"):
             entry[key] = max(x.get(key, 0.0) for x in good)
         out.append(entry)
     ref = next((r for r in out if r["method"] == "in_ram" and "peak_rss_mib" in r), None)
@@ -334,11 +347,12 @@ def run(directory, frames: int = 4, sparsity: float = 0.5, sweep=(), methods=DEF
 
 def format_table(res: dict) -> str:
     head = (f"{'method':<16} {'frame ms':>9} {'vision':>7} {'select':>7} {'I/O':>7} {'compute':>8} "
-            f"{'MB read':>8} {'retained':>8} {'peak RSS MiB':>13} {'vs in RAM':>9}")
+            f"{'MB read':>8} {'retained':>8} {'RSS MiB':>8} {'peak RSS MiB':>13} {'vs in RAM':>9}")
     lines = [f"Frame append on {res['machine']}: Qwen2.5-VL, Qwen2-0.5B-shaped backbone "
              f"({res['model']['backbone']['num_hidden_layers']} layers, {res['backbone_bytes_on_drive'] / 2**20:.0f} MiB "
              f"fp16 on the drive), {res['rounds']} x {res['frames']} frames (first of each = warm-up), medians; drive peak "
-             f"{res['drive']['peak_mb_per_s']:.0f} MB/s", head, "-" * len(head)]
+             f"{res['drive']['peak_mb_per_s']:.0f} MB/s; RSS after the last frame, peak RSS = high-water mark",
+             head, "-" * len(head)]
 
     def ms(v):
         return f"{v * 1e3:.0f}" if v is not None else "-"
@@ -351,13 +365,13 @@ def format_table(res: dict) -> str:
         ratio = f"{r['rss_vs_in_ram']:.2f}x" if "rss_vs_in_ram" in r else "-"
         if not s:
             lines.append(f"{r['label']:<16} {'':>9} {'':>7} {'':>7} {'':>7} {'':>8} {'':>8} {'':>8} "
-                         f"{r['peak_rss_mib']:>13.0f} {ratio:>9}")
+                         f"{r['steady_rss_mib'] or 0:>8.0f} {r['peak_rss_mib']:>13.0f} {ratio:>9}")
             continue
         io = ms(s["io_s"]) if s["io_s"] is not None else "in comp"
         retained = f"{s['retained']:.3f}" if s["retained"] is not None else "-"
         lines.append(f"{r['label']:<16} {ms(s['total_s']):>9} {ms(s['vision_s']):>7} {ms(s['select_s']):>7} {io:>7} "
                      f"{ms(s['compute_s']):>8} {s['bytes_read'] / 1e6:>8.0f} {retained:>8} "
-                     f"{r['peak_rss_mib']:>13.0f} {ratio:>9}")
+                     f"{r['steady_rss_mib'] or 0:>8.0f} {r['peak_rss_mib']:>13.0f} {ratio:>9}")
     return "\n".join(lines)
 
 
@@ -381,11 +395,13 @@ def plot(res: dict, out_dir) -> str:
     ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=8)
     every = [r for r in res["runs"] if "peak_rss_mib" in r]
-    bx.bar([r["label"] for r in every], [r["peak_rss_mib"] for r in every], color="tab:gray")
+    bx.bar([r["label"] for r in every], [r["peak_rss_mib"] for r in every], color="tab:gray", label="peak")
+    bx.scatter([r["label"] for r in every], [r.get("steady_rss_mib") or 0 for r in every], marker="_", s=400,
+               color="black", label="after the last frame", zorder=3)
     ref = next((r for r in every if r["method"] == "in_ram"), None)
     if ref is not None:
-        bx.axhline(ref["peak_rss_mib"], color="tab:red", ls="--", lw=1, label="model in RAM")
-        bx.legend(fontsize=8)
+        bx.axhline(ref["peak_rss_mib"], color="tab:red", ls="--", lw=1, label="model in RAM (peak)")
+    bx.legend(fontsize=8)
     bx.set(ylabel="peak RSS (MiB)", title="Peak resident memory (own process per method)")
     bx.tick_params(axis="x", rotation=30)
     fig.suptitle(f"nchunk session vs transformers — {res['machine']}", fontsize=10)
