@@ -62,6 +62,7 @@ def ensure_demo_store(log=print) -> Path:
             log(f"the demo store is damaged ({exc}); building it again")
     if path.exists():
         shutil.rmtree(path)  # our own cache entry, incomplete or damaged
+    import numpy as np
     from PIL import Image
 
     from nchunk_core.convert import convert
@@ -69,8 +70,9 @@ def ensure_demo_store(log=print) -> Path:
 
     from .synthetic_camera import random_scene, render_scene
 
-    import numpy as np
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # save_pretrained's one-shard bar is noise here
     log(f"building the demo store (tiny random-init {DEMO_ARCH}) in {path} ...")
     with tempfile.TemporaryDirectory(prefix="nchunk-demo-") as tmp:
         model = build_tiny_vlm(DEMO_ARCH, Path(tmp) / "model", seed=0)
@@ -147,9 +149,9 @@ def _setting_rows(observer, settings) -> list[tuple]:
         def med(key):
             return statistics.median(float(f[key]) for f in got)
 
-        rows.append((f"{method} {sparsity:g}", med("rows_read") / med("rows_total"), med("bytes_read") / 2**20,
-                     med("io_s") * 1e3, med("est_io_s") * 1e3, med("select_s") * 1e3, med("retained"),
-                     med("total_s") * 1e3))
+        rows.append((f"{method} {sparsity:g}", med("rows_read") / med("rows_total"), med("bytes_read") / 2**10,
+                     med("reads"), med("bytes_read") / max(med("reads"), 1) / 2**10, med("io_s") * 1e3,
+                     med("est_io_s") * 1e3, med("select_s") * 1e3, med("retained"), med("total_s") * 1e3))
     return rows
 
 
@@ -166,10 +168,15 @@ def run(store: str | None = None) -> int:
     from rclpy.logging import LoggingSeverity
     from rclpy.parameter import Parameter
 
+    from nchunk_core.profile import cache_path
+
     from .ask_client import AskClient, format_response
     from .synthetic_camera import SyntheticCamera
-    from .vqa_node import EXECUTOR_THREADS, VQANode
+    from .vqa_node import DEFAULTS, EXECUTOR_THREADS, StartupError, VQANode
 
+    if path.is_dir() and not cache_path(path, DEFAULTS["reader_threads"]).exists():
+        print("first run on this drive: measuring its latency profile once (about 10-40 s, progress on stderr); "
+              "later runs reuse it", flush=True)
     context = Context()
     rclpy.init(args=[], context=context)
     nodes, executor, spinner = [], None, None
@@ -221,11 +228,11 @@ def run(store: str | None = None) -> int:
         print("== 2. selection changed live through the parameter service "
               "(as `ros2 param set /vqa_node sparsity 0.7`)\n")
         rows = _setting_rows(observer, SETTINGS)
-        print(f"{'setting':<14} {'rows read':>9} {'MiB/frame':>10} {'I/O ms':>8} {'est. ms':>8} {'select ms':>10} "
-              f"{'retained':>9} {'frame ms':>9}")
+        print(f"{'setting':<14} {'rows read':>9} {'KiB read':>9} {'reads':>6} {'KiB/read':>9} {'I/O ms':>7} "
+              f"{'est. ms':>8} {'select ms':>10} {'retained':>9} {'frame ms':>9}")
         for r in rows:
-            print(f"{r[0]:<14} {r[1]:>9.0%} {r[2]:>10.3f} {r[3]:>8.1f} {r[4]:>8.1f} {r[5]:>10.1f} {r[6]:>9.3f} "
-                  f"{r[7]:>9.1f}")
+            print(f"{r[0]:<14} {r[1]:>9.0%} {r[2]:>9.0f} {r[3]:>6.0f} {r[4]:>9.2f} {r[5]:>7.1f} {r[6]:>8.1f} "
+                  f"{r[7]:>10.1f} {r[8]:>9.3f} {r[9]:>9.1f}")
         row_bytes = sorted({g.row_bytes for g in node.session.store.groups.values()})
         print(f"(medians of {FRAMES_PER_SETTING} frames each; 'retained': share of activation importance in the rows "
               f"read.\n Rows of this store are {row_bytes[0]}-{row_bytes[-1]} B, so each read costs about the same "
@@ -246,6 +253,9 @@ def run(store: str | None = None) -> int:
               f"`vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=STORE`, "
               f"and `nchunk ask \"...\"` from another shell.")
         return 0
+    except StartupError as exc:
+        print(f"nchunk demo: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

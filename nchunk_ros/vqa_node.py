@@ -8,6 +8,7 @@ Interfaces (node name `vqa_node`):
 - subscribes to every topic in `image_topics`: a name ending in `/compressed` carries
   sensor_msgs/CompressedImage (image_transport's naming), any other sensor_msgs/Image. Depth-1
   sensor-data QoS, reliability from `qos_reliability`.
+  A frame's stamp is its header.stamp, or its arrival time when the publisher left the stamp zero.
 - serves `/ask` (nchunk_interfaces/srv/Ask; every field is documented in Ask.srv).
 - publishes each successful answer's text on `~/answer` (std_msgs/String) and statistics on
   `~/statistics` (diagnostic_msgs/DiagnosticArray, one DiagnosticStatus whose key/values carry the
@@ -24,6 +25,10 @@ times a second. /ask callbacks run in their own reentrant callback group: each r
 bounded queue (MAX_WAITING_ASKS waiting, beyond that "busy") served in arrival order by the same
 worker, ahead of waiting frames, and waits for its answer until its deadline (`timeout_s` of the
 request, else `ask_timeout_s`). Frames keep arriving (and replacing each other) during an answer.
+A request whose deadline passes gets success=false, error "timed out" at once. Session.ask cannot be
+interrupted yet, so a request already being decoded runs to its end in the background (its result
+is dropped) and the response carries no partial answer; likewise a shutdown waits for the call in
+progress.
 
 Parameters (config/vqa.yaml documents each): every one is checked by `check_parameters` when
 declared and on every change, with a reason on refusal. The selection settings (sparsity, method,
@@ -41,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -246,12 +250,14 @@ class VQANode(Node):
         self._lock = threading.Condition()  # guards the mailbox, the ask queue and the counters
         self._pending: Frame | None = None
         self._asks: collections.deque[AskJob] = collections.deque()
+        self._answering: AskJob | None = None  # the request the worker is on
         self._stop = False
         self._last_append = -math.inf
         self._counters = collections.Counter()
-        self._subscriptions = []
+        self._camera_subscriptions = []
         self._context_tokens = 0  # tokens in the session's cache (frames and prompt prefix)
         self._newest: Frame | None = None  # the newest frame in the context
+        self._frame_seen = False  # a well-formed frame has arrived
 
         self.add_on_set_parameters_callback(self._validate)  # before declaring: start-up values too
         self.add_post_set_parameters_callback(self._apply)
@@ -283,6 +289,14 @@ class VQANode(Node):
         return check_parameters(changes, dict(self._values), self._running)
 
     def _apply(self, params) -> None:
+        try:
+            self._apply_values(params)
+        except Exception:  # validated already, so this is a bug: log it, keep the node up
+            self.get_logger().error("applying a parameter change failed:\n" + traceback.format_exc())
+            if not self._running:
+                raise
+
+    def _apply_values(self, params) -> None:
         changed = {p.name for p in params if self._values.get(p.name) != p.value}
         for p in params:
             self._values[p.name] = p.value
@@ -300,39 +314,47 @@ class VQANode(Node):
 
     # -- start-up -----------------------------------------------------------------------------------
     def _open_session(self):
-        from nchunk_core.profile import load_or_profile
-        from nchunk_core.session import Session, SessionConfig
-        from nchunk_core.store import Store, StoreError
-
         v, log = self._values, self.get_logger()
         if not v["store_path"]:
             raise StartupError("store_path is not set: pass -p store_path:=/path/to/store or a params file")
         path = Path(v["store_path"]).expanduser()
         if not path.is_dir():
             raise StartupError(f"store {path} does not exist (store_path)")
+
+        from nchunk_core.profile import load_or_profile  # torch comes with these: imported when needed
+        from nchunk_core.session import Session, SessionConfig
+        from nchunk_core.store import Store, StoreError
+
+        try:
+            cfg = SessionConfig(device=v["device"], dtype=v["dtype"], sparsity=v["sparsity"], method=v["method"],
+                                chunk_params=chunk_params_from(v), threads=v["reader_threads"],
+                                max_frames=v["max_frames"], max_new_tokens=v["max_new_tokens"], profile_quick=True)
+        except ValueError as exc:
+            raise StartupError(f"invalid configuration: {exc}") from exc
         try:
             Store.open(path)  # fail fast, before profiling the drive
-            chunk = chunk_params_from(v)
-            cfg = SessionConfig(device=v["device"], dtype=v["dtype"], sparsity=v["sparsity"], method=v["method"],
-                                chunk_params=chunk, threads=v["reader_threads"], max_frames=v["max_frames"],
-                                max_new_tokens=v["max_new_tokens"], profile_quick=True)
-            shown = [-1]
-
-            def progress(fraction: float, message: str) -> None:
-                if not self.context.ok():  # SIGINT / SIGTERM while profiling: stop (the scratch file goes too)
-                    raise ExternalShutdownException()
-                decile = int(fraction * 10)
-                if decile > shown[0]:
-                    shown[0] = decile
-                    log.info(f"drive profile {fraction:4.0%}: {message}")
-
-            table = load_or_profile(path, threads=v["reader_threads"], quick=True, progress=progress,
-                                    log=log.info)
-            log.info(f"drive: saturation {table.saturation_bytes // 1024} KiB, peak "
-                     f"{table.peak_bytes_per_s / 1e6:.0f} MB/s")
-            session = Session.open(path, cfg, log=log.info, table=table)
-        except (StoreError, OSError, ValueError) as exc:
+        except (StoreError, OSError) as exc:
             raise StartupError(f"cannot open store {path}: {exc}") from exc
+        shown = [-1]
+
+        def progress(fraction: float, message: str) -> None:
+            if not self.context.ok():  # SIGINT / SIGTERM while profiling: stop (the scratch file goes too)
+                raise ExternalShutdownException()
+            decile = int(fraction * 10)
+            if decile > shown[0]:
+                shown[0] = decile
+                log.info(f"drive profile {fraction:4.0%}: {message}")
+
+        try:
+            table = load_or_profile(path, threads=v["reader_threads"], quick=True, progress=progress, log=log.info)
+        except OSError as exc:
+            raise StartupError(f"cannot profile the drive holding {path}: {exc}") from exc
+        log.info(f"drive: saturation {table.saturation_bytes // 1024} KiB, peak "
+                 f"{table.peak_bytes_per_s / 1e6:.0f} MB/s")
+        try:
+            session = Session.open(path, cfg, log=log.info, table=table)
+        except (StoreError, OSError, ValueError, RuntimeError) as exc:
+            raise StartupError(f"cannot load the model from {path}: {exc}") from exc
         if not self.context.ok():  # a signal arrived while the model was being built
             session.close()
             raise ExternalShutdownException()
@@ -341,11 +363,11 @@ class VQANode(Node):
 
     # -- camera -------------------------------------------------------------------------------------
     def _subscribe(self) -> None:
-        for sub in self._subscriptions:
+        for sub in self._camera_subscriptions:
             self.destroy_subscription(sub)
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
                          reliability=QOS_RELIABILITY[self._values["qos_reliability"]])
-        self._subscriptions = [
+        self._camera_subscriptions = [
             self.create_subscription(topic_type(topic), topic, lambda msg, t=topic: self._on_image(msg, t),
                                      qos, callback_group=self._camera_group)
             for topic in self._values["image_topics"]]
@@ -357,7 +379,7 @@ class VQANode(Node):
             self._counters["frames_received"] += 1
         try:
             rgb = message_to_rgb(msg)
-        except ValueError as exc:
+        except Exception as exc:  # ValueError for every malformed message; nothing may stop the intake
             with self._lock:
                 self._counters["frames_malformed"] += 1
                 count = self._counters["frames_malformed"]
@@ -371,11 +393,20 @@ class VQANode(Node):
             if self._pending is not None:
                 self._counters["frames_skipped"] += 1
             self._pending = Frame(rgb, stamp, topic)
+            self._frame_seen = True
             self._lock.notify_all()
 
     # -- /ask ---------------------------------------------------------------------------------------
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
         arrival = time.monotonic()
+        try:
+            return self._serve(request, response, arrival)
+        except Exception as exc:  # a bug here must not take the node down with it
+            self.get_logger().error("/ask failed:\n" + traceback.format_exc())
+            return self._failed(Ask.Response(), f"internal error: {type(exc).__name__}: {exc}", arrival,
+                                "asks_failed")
+
+    def _serve(self, request: Ask.Request, response: Ask.Response, arrival: float) -> Ask.Response:
         error = self._check_request(request)
         if error:
             return self._failed(response, error, arrival, "asks_refused")
@@ -411,9 +442,8 @@ class VQANode(Node):
             return f"max_new_tokens must be >= 0 (0 = the node's default), got {request.max_new_tokens}"
         if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
             return f"timeout_s must be >= 0 (0 = the node's ask_timeout_s), got {request.timeout_s}"
-        with self._lock:
-            if self._session.frames_in_context == 0 and self._pending is None:
-                return f"no camera frame yet (listening on {', '.join(self._values['image_topics'])})"
+        if not self._frame_seen:  # otherwise the worker appends a waiting frame before answering
+            return f"no camera frame yet (listening on {', '.join(self._values['image_topics'])})"
         return ""
 
     def _failed(self, response: Ask.Response, error: str, arrival: float, counter: str,
@@ -466,10 +496,11 @@ class VQANode(Node):
         v = dict(self._values)  # the selection settings this append starts with
         try:
             stats = self._session.append_frame(frame.rgb, stamp=stamp_seconds(frame.stamp))
-        except (ValueError, RuntimeError, OSError) as exc:
+        except Exception as exc:  # ValueError: a frame the model cannot take; others: I/O or runtime failures
             with self._lock:
                 self._counters["append_failures"] += 1
-            self.get_logger().error(f"frame from {frame.topic} not appended: {exc}",
+            detail = "" if isinstance(exc, ValueError) else "\n" + traceback.format_exc()
+            self.get_logger().error(f"frame from {frame.topic} not appended: {exc}{detail}",
                                     throttle_duration_sec=MALFORMED_LOG_PERIOD_S)
             self._publish_status("vqa_node: frame", DiagnosticStatus.ERROR, f"append failed: {exc}", {})
             return None
@@ -479,7 +510,8 @@ class VQANode(Node):
             self._counters["frames_appended"] += 1
         values = {
             "topic": frame.topic, "stamp": f"{stamp_seconds(frame.stamp):.6f}",
-            "bytes_read": stats.bytes_read, "io_s": f"{stats.io_s:.6f}", "est_io_s": f"{stats.est_io_s:.6f}",
+            "bytes_read": stats.bytes_read, "reads": stats.reads, "io_s": f"{stats.io_s:.6f}",
+            "est_io_s": f"{stats.est_io_s:.6f}",
             "select_s": f"{stats.select_s:.6f}", "vision_s": f"{stats.vision_s:.6f}",
             "compute_s": f"{stats.compute_s:.6f}", "total_s": f"{stats.total_s:.6f}",
             "rows_read": stats.rows_read, "rows_total": stats.rows_total, "retained": f"{stats.retained:.4f}",
@@ -489,11 +521,19 @@ class VQANode(Node):
         }
         mib_s = stats.bytes_read / stats.io_s / 2**20 if stats.io_s > 0 else 0.0
         self._publish_status("vqa_node: frame", DiagnosticStatus.OK,
-                             f"frame appended: {stats.bytes_read / 2**20:.2f} MiB read in {stats.io_s * 1e3:.1f} ms "
-                             f"({mib_s:.0f} MiB/s), {stats.frames_in_context} frames in context", values)
+                             f"frame appended: {stats.bytes_read / 2**20:.2f} MiB in {stats.reads} reads, "
+                             f"{stats.io_s * 1e3:.1f} ms ({mib_s:.0f} MiB/s), {stats.frames_in_context} frames "
+                             f"in context", values)
         return stats
 
     def _answer(self, job: AskJob) -> None:
+        self._answering = job
+        try:
+            self._answer_job(job)
+        finally:
+            self._answering = None
+
+    def _answer_job(self, job: AskJob) -> None:
         request, session = job.request, self._session
         response = Ask.Response()
         response.queue_s = job.started - job.arrival
@@ -533,7 +573,7 @@ class VQANode(Node):
         response.prefill_s = extra_prefill + answer.prefill_s
         response.decode_s = answer.decode_s
         response.io_bytes = int(answer.bytes_read)
-        response.io_reads = int(getattr(answer, "reads", 0))
+        response.io_reads = int(answer.reads)
         response.io_s = float(answer.io_s)
         self._finish(job, response, "", "asks_answered")
 
@@ -552,28 +592,35 @@ class VQANode(Node):
         if abandoned:
             self.get_logger().warning(f"answer finished {response.total_s:.2f} s after arrival, past its "
                                       f"deadline; the caller already got 'timed out'")
-        elif response.success:
-            self._answer_pub.publish(String(data=response.answer))
+        elif response.success and self.context.ok():
+            try:
+                self._answer_pub.publish(String(data=response.answer))
+            except Exception:  # the context went down between the check and the publish
+                pass
 
     # -- statistics ---------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """A snapshot of the intake and /ask counters."""
+        """A snapshot of the intake and /ask counters, with asks_waiting and asks_in_progress."""
         with self._lock:
-            return dict(self._counters)
+            return {**self._counters, "asks_waiting": len(self._asks),
+                    "asks_in_progress": int(self._answering is not None)}
 
     def _publish_status(self, name: str, level: bytes, message: str, values: dict) -> None:
         counters = self.counters()
         keys = ("frames_received", "frames_appended", "frames_skipped", "frames_malformed", "append_failures",
-                "asks_answered", "asks_failed", "asks_refused", "asks_busy", "asks_timed_out")
+                "asks_answered", "asks_failed", "asks_refused", "asks_busy", "asks_timed_out", "asks_waiting",
+                "asks_in_progress")
         values = {**values, **{k: counters.get(k, 0) for k in keys}}
         values.setdefault("frames_in_context", self._session.frames_in_context if self._session else 0)
         status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=self._values["store_path"],
                                   values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
+        if not self.context.ok():
+            return
         try:
             self._stats_pub.publish(msg)
-        except Exception:  # the context is shutting down
+        except Exception:  # the context went down between the check and the publish
             pass
 
     def _publish_intake(self) -> None:
@@ -585,7 +632,10 @@ class VQANode(Node):
 
     # -- shutdown -----------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop the worker (after the call in progress), fail waiting questions, close the session."""
+        """Stop the worker (after the call in progress), fail waiting questions, close the session.
+
+        Idempotent; destroy_node calls it too.
+        """
         worker = getattr(self, "_worker", None)
         with self._lock:
             self._stop = True
@@ -630,6 +680,8 @@ def main(args=None) -> int:
             raise
         # a signal shut the context down while the node was being built: a clean stop as well
     finally:
+        if node is not None:
+            node.stop()  # first: /ask callbacks waiting for an answer return, so the executor can stop
         if executor is not None:
             executor.shutdown()
         if node is not None:

@@ -26,6 +26,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed")
 
+from builtin_interfaces.msg import Time  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 from rclpy.context import Context  # noqa: E402
@@ -140,7 +141,7 @@ class World(Node):
     def publish_frame(self, seed=0, compressed=False):
         rgb = render_scene(random_scene(np.random.default_rng(seed), 96, 64))
         self.stamp_sec += 1
-        stamp = rclpy.time.Time(seconds=self.stamp_sec).to_msg()
+        stamp = Time(sec=self.stamp_sec)
         if compressed:
             self.compressed.publish(array_to_compressed(rgb, "jpeg", stamp=stamp))
         else:
@@ -302,7 +303,7 @@ def test_frames_grow_the_context(rig):
     in_context = [int(s["frames_in_context"]) for s in stats]
     assert in_context[-3:] == [start + 1, start + 2, start + 3]
     last = stats[-1]
-    assert int(last["bytes_read"]) > 0 and float(last["io_s"]) > 0
+    assert int(last["bytes_read"]) > 0 and int(last["reads"]) > 0 and float(last["io_s"]) > 0
     assert int(last["rows_read"]) < int(last["rows_total"])  # sparsity 0.5
     assert last["topic"] == COMPRESSED_TOPIC
 
@@ -320,12 +321,14 @@ def test_ask_answers_with_every_field(rig):
     assert r.truncated == (r.tokens_generated == 4)
     assert r.prefill_s > 0 and r.decode_s >= 0 and r.queue_s >= 0
     assert r.total_s >= r.queue_s + r.prefill_s + r.decode_s
-    assert r.io_bytes > 0 and r.io_s > 0
+    assert r.io_bytes > 0 and r.io_s > 0 and r.io_reads > 0
     wait_for(lambda: r.answer in tester.answers, what="the answer on ~/answer")
     again = tester.call("What shapes do you see?")
     assert again.answer == r.answer  # the question did not change the context
     short = tester.call("What shapes do you see?", max_new_tokens=1)
     assert short.tokens_generated <= 1
+    clamped = tester.call("What shapes do you see?", max_new_tokens=1000)  # the node's limit is 4
+    assert clamped.success and clamped.tokens_generated <= 4
 
 
 def test_reset_context_keeps_only_the_newest_frame(rig):
@@ -381,6 +384,22 @@ def test_parameter_change_applies_to_the_next_frame(rig):
     assert tester.set_params(sparsity=0.5, method="chunking")[0].successful
 
 
+def test_topics_and_reliability_change_at_run_time(rig):
+    node, tester = rig["node"], rig["tester"]
+    try:
+        assert tester.set_params(image_topics=[RAW_TOPIC])[0].successful
+        wait_for(lambda: tester.compressed.get_subscription_count() == 0, what="the compressed topic to be dropped")
+        assert tester.raw.get_subscription_count() == 1
+        assert tester.set_params(qos_reliability="reliable")[0].successful
+        # a reliable subscription does not match the tester's best-effort publisher
+        wait_for(lambda: tester.raw.get_subscription_count() == 0, what="the reliable re-subscription")
+    finally:
+        tester.set_params(image_topics=[RAW_TOPIC, COMPRESSED_TOPIC], qos_reliability="best_effort")
+    wait_for(lambda: tester.raw.get_subscription_count() == 1 and tester.compressed.get_subscription_count() == 1,
+             what="the original subscriptions")
+    feed(tester, node, frames=1, seed=45)
+
+
 def test_malformed_images_are_counted_and_the_node_keeps_answering(rig):
     node, tester = rig["node"], rig["tester"]
     good = array_to_image(np.zeros((64, 96, 3), np.uint8), "rgb8")
@@ -409,11 +428,18 @@ def test_concurrent_questions_are_queued_and_bounded(rig):
     assert all(r.success for r in responses), [r.error for r in responses]
     assert max(r.queue_s for r in responses) > 0.0  # some waited behind others
 
-    futures = [tester.call_async(f"Again {i}?", max_new_tokens=8) for i in range(MAX_WAITING_ASKS + 4)]
-    responses = [response(f) for f in futures]
+    assert tester.set_params(max_new_tokens=48)[0].successful  # requests are clamped to this
+    try:
+        slow = tester.call_async("A long answer?", max_new_tokens=48)
+        wait_for(lambda: node.counters()["asks_in_progress"], what="the long answer to start")
+        futures = [tester.call_async(f"Again {i}?", max_new_tokens=2) for i in range(MAX_WAITING_ASKS + 3)]
+        responses = [response(f) for f in futures]
+        assert response(slow).success
+    finally:
+        tester.set_params(max_new_tokens=4)
     busy = [r for r in responses if not r.success]
     assert all(r.error.startswith("busy") for r in busy), [r.error for r in busy]
-    assert len(busy) >= 1 and len(responses) - len(busy) >= MAX_WAITING_ASKS + 1
+    assert len(busy) >= 1 and len(responses) - len(busy) >= MAX_WAITING_ASKS
 
 
 def test_deadline_passes_while_waiting(rig):
@@ -424,6 +450,35 @@ def test_deadline_passes_while_waiting(rig):
     assert not late.success and late.error == "timed out" and late.answer == ""
     assert time.monotonic() - started < 5.0
     assert response(slow).success
+
+
+def test_nchunk_ask_command(rig, env):
+    feed(rig["tester"], rig["node"], frames=1, seed=70)
+    cli = [sys.executable, "-m", "nchunk_core.cli", "ask"]
+    done = subprocess.run([*cli, "What is there?", "--max-new-tokens", "2"], capture_output=True, text=True,
+                          timeout=START_TIMEOUT_S, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "A: " in done.stdout and "drive: " in done.stdout and "reads" in done.stdout
+    done = subprocess.run([*cli, "  ", "--json"], capture_output=True, text=True, timeout=START_TIMEOUT_S, cwd=ROOT)
+    assert done.returncode == 1 and json.loads(done.stdout)["error"] == "empty question"
+    done = subprocess.run([*cli, "Anyone?", "--service", "/nobody", "--wait", "0.5"], capture_output=True,
+                          text=True, timeout=START_TIMEOUT_S, cwd=ROOT)
+    assert done.returncode == 1 and "no /nobody service within 0.5 s" in done.stderr
+
+
+def test_invalid_configuration_is_a_startup_error(store, domain_id):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device cuda is valid here")
+    ctx = Context()
+    rclpy.init(args=[], context=ctx, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        with pytest.raises(vqa_node.StartupError, match="invalid configuration: device 'cuda'"):
+            VQANode(context=ctx, parameter_overrides=[Parameter("store_path", value=str(store)),
+                                                      Parameter("device", value="cuda")])
+    finally:
+        rclpy.try_shutdown(context=ctx)
 
 
 # ---- the node as a process -------------------------------------------------------------------------
@@ -466,6 +521,30 @@ def test_params_file_start_and_clean_exit_on_signal(store, env, sig):
     yaml_values = parameter_dict_from_yaml_file(str(CONFIG), target_nodes=["vqa_node"])
     sparsity = Parameter.from_parameter_msg(yaml_values["sparsity"]).value
     assert f"chunking at sparsity {sparsity:g}" in log  # the file's values were used
+
+
+def test_nchunk_demo_runs_end_to_end(env, tmp_path):
+    from nchunk_core.profile import cache_path
+    from nchunk_ros.demo import ensure_demo_store
+
+    cache = tmp_path / "cache"
+    demo_env = dict(os.environ, NCHUNK_CACHE_DIR=str(cache), ROS_DOMAIN_ID=str((int(os.environ["ROS_DOMAIN_ID"])
+                                                                                + 2) % 200 + 20))
+    os.environ["NCHUNK_CACHE_DIR"] = str(cache)  # the module fixture restores it
+    store = ensure_demo_store(log=lambda m: None)  # what the demo does first; built here to seed its profile
+    assert store == cache / "demo-store"
+    profile = cache_path(store, 6)
+    profile.parent.mkdir(parents=True)
+    LatencyTable.synthetic().save(profile)
+    done = subprocess.run([sys.executable, "-m", "nchunk_core.cli", "demo"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=demo_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for expected in ("== 1. questions over /ask", "A: ", "truth: ", "reset_context", "chunking 0.5",
+                     "magnitude 0.5", "sparsity 1.5 refused: ", "frames received", "demo finished"):
+        assert expected in out, f"{expected!r} missing from:\n{out}"
+    assert "first run on this drive" not in out  # the profile was found in the cache
+    assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
 
 
 # ---- the launch file -----------------------------------------------------------------------------
