@@ -332,6 +332,30 @@ def _demo_io(args) -> int:
     return 0
 
 
+def _add_soak(sub):
+    p = sub.add_parser("soak", help="long run: the node, a fast camera and a question every few seconds",
+                       description="Start the VQA node (config/vqa.yaml, the demo store unless --store) and the "
+                       "synthetic camera as separate processes, ask a question every --ask-every seconds for "
+                       "--minutes, sample the node's resident memory and its intake counters, then stop both with "
+                       "SIGTERM. Exit code 0 when every question was answered and both processes exited 0.")
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the run (default 10)")
+    p.add_argument("--rate", type=float, default=30.0, help="camera frames per second (default 30)")
+    p.add_argument("--width", type=int, default=640, help="frame width (default 640)")
+    p.add_argument("--height", type=int, default=480, help="frame height (default 480)")
+    p.add_argument("--ask-every", type=float, default=5.0, help="seconds between questions (default 5)")
+    p.add_argument("--store", default=None, help="store to answer from (default: the demo store)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_soak)
+
+
+def cmd_soak(args) -> int:
+    if not _ros_available("soak"):
+        return 1
+    from nchunk_ros.soak import run
+
+    return run(args.minutes, args.rate, args.width, args.height, args.ask_every, args.store, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nchunk", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_ask(sub)
     _add_demo(sub)
+    _add_soak(sub)
     return parser
 
 

@@ -64,10 +64,10 @@ if [[ "$(cat "$STAMP_DIR/deps" 2>/dev/null)" != "$deps_hash" ]]; then
     say "installing $NCHUNK_TORCH_SPEC"
     pip_q "$NCHUNK_TORCH_SPEC"
   fi
-  if ! "$VPY" -c 'import rclpy, sensor_msgs.msg, std_srvs.srv' >/dev/null 2>&1; then
+  if ! "$VPY" -c 'import rclpy, sensor_msgs.msg, std_srvs.srv, diagnostic_msgs.msg' >/dev/null 2>&1; then
     if "$VPY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)'; then
       say "installing ROS 2 Python packages from PyPI wheels"
-      pip_q ros-rclpy ros-sensor-msgs ros-std-msgs ros-std-srvs ros-rmw-fastrtps-cpp
+      pip_q ros-rclpy ros-sensor-msgs ros-std-msgs ros-std-srvs ros-diagnostic-msgs ros-rmw-fastrtps-cpp
     else
       say "rclpy not found: source your ROS 2 install (e.g. /opt/ros/humble/setup.bash) to use the node"
     fi
