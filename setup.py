@@ -38,7 +38,9 @@ setup(
         *share_files("launch"),
         *share_files("config"),
     ],
-    install_requires=["setuptools", "numpy", "safetensors", "tqdm", "matplotlib"],
+    # torch is deliberately absent: a Jetson keeps the torch that comes with JetPack.
+    install_requires=["setuptools", "numpy", "safetensors", "tqdm", "matplotlib", "pillow", "transformers>=5.23,<6",
+                      "tokenizers"],
     zip_safe=False,
     maintainer="nchunk developers",
     maintainer_email="nchunk@example.org",

@@ -159,17 +159,19 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
 # ---------------------------------------------------------------- per-architecture builders
 
 
+def _text_config(tok, **extra) -> dict:
+    """The tiny language backbone shared by every architecture, with the tokenizer's special ids."""
+    return dict(**TEXT, vocab_size=VOCAB_SIZE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, **extra)
+
+
 def _qwen2_5_vl(tok):
     ids = tok.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            **TEXT,
-            vocab_size=VOCAB_SIZE,
+        text_config=_text_config(
+            tok,
             # mrope splits the 8 rotary frequencies (head_dim / 2) into t, h, w sections.
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         ),
         vision_config=dict(
             depth=2,
@@ -204,14 +206,7 @@ def _llava_onevision(tok):
     ids = tok.convert_tokens_to_ids
     pinpoints = [[32, 32], [32, 64], [64, 32]]  # anyres tiles of the 32-px vision input
     config = LlavaOnevisionConfig(
-        text_config=dict(
-            model_type="qwen2",
-            **TEXT,
-            vocab_size=VOCAB_SIZE,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=_text_config(tok, model_type="qwen2"),
         vision_config=dict(
             model_type="siglip_vision_model",
             hidden_size=32,
@@ -244,14 +239,7 @@ def _llava_onevision(tok):
 
 def _smolvlm(tok):
     config = SmolVLMConfig(
-        text_config=dict(
-            model_type="llama",
-            **TEXT,
-            vocab_size=VOCAB_SIZE,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        ),
+        text_config=_text_config(tok, model_type="llama"),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
