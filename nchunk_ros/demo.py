@@ -172,7 +172,7 @@ def run(store: str | None = None) -> int:
 
     from .ask_client import AskClient, format_response
     from .synthetic_camera import SyntheticCamera
-    from .vqa_node import DEFAULTS, EXECUTOR_THREADS, StartupError, VQANode
+    from .vqa_node import DEFAULTS, EXECUTOR_THREADS, StartupError, VQANode, spin
 
     if path.is_dir() and not cache_path(path, DEFAULTS["reader_threads"]).exists():
         print("first run on this drive: measuring its latency profile once (about 10-40 s, progress on stderr); "
@@ -195,7 +195,7 @@ def run(store: str | None = None) -> int:
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS + 2, context=context)
         for n in nodes:
             executor.add_node(n)
-        spinner = threading.Thread(target=executor.spin, name="demo-executor", daemon=True)
+        spinner = threading.Thread(target=spin, args=(executor,), name="demo-executor", daemon=True)
         spinner.start()
         model = node.session.store.manifest.get("model", {})
         print(f"\nstore    {path}  ({model.get('arch', 'unknown architecture')})")

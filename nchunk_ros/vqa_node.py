@@ -60,6 +60,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.exceptions import InvalidTopicNameException, ParameterException
+from rclpy.exceptions import InvalidHandle
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -656,6 +657,21 @@ class VQANode(Node):
         return super().destroy_node()
 
 
+def spin(executor) -> None:
+    """`executor.spin()`, surviving rclpy's race after a subscription is destroyed at run time.
+
+    When the camera topics or their reliability change, the node destroys its subscriptions while
+    the executor may still be waiting on them; rclpy can then raise InvalidHandle ("destruction was
+    requested") out of spin_once (ros2/rclpy#1206), which would end spinning for the whole node.
+    That one error is harmless here: the next spin_once builds its wait set from the live entities.
+    """
+    while executor.context.ok() and not executor._is_shutdown:
+        try:
+            executor.spin_once()
+        except InvalidHandle:
+            continue
+
+
 def main(args=None) -> int:
     """Console entry point `vqa_node`: ROS arguments as usual (--ros-args --params-file FILE -p k:=v).
 
@@ -668,7 +684,7 @@ def main(args=None) -> int:
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         node = VQANode()
         executor.add_node(node)
-        executor.spin()
+        spin(executor)
     except (StartupError, ParameterException) as exc:
         reason = " ".join(str(exc).split())
         print(f"{NODE_NAME}: {reason}", file=sys.stderr, flush=True)
