@@ -439,7 +439,8 @@ def test_malformed_images_are_counted_and_the_node_keeps_answering(rig):
 def test_concurrent_questions_are_queued_and_bounded(rig):
     node, tester = rig["node"], rig["tester"]
     feed(tester, node, frames=1, seed=60)
-    futures = [tester.call_async(f"Question {i}?", max_new_tokens=8) for i in range(MAX_WAITING_ASKS + 1)]
+    # as many as may wait: all are served in turn even if the worker is still busy with a frame
+    futures = [tester.call_async(f"Question {i}?", max_new_tokens=8) for i in range(MAX_WAITING_ASKS)]
     responses = [response(f) for f in futures]
     assert all(r.success for r in responses), [r.error for r in responses]
     assert max(r.queue_s for r in responses) > 0.0  # some waited behind others
