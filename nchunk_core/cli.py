@@ -13,6 +13,18 @@ every frame and layer only the weight rows that matter, chosen so the reads are 
 """
 
 
+def _progress_log(args):
+    """Progress messages go to stderr, and nowhere with --json (stdout is then one JSON object)."""
+    return (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+
+
+def _report(args, json_name: str, json_text: str, table: str) -> int:
+    """Save a benchmark's JSON result under --out and print it (--json) or its table."""
+    Path(args.out, json_name).write_text(json_text)
+    print(json_text if args.json else table)
+    return 0
+
+
 def _add_profile(sub):
     p = sub.add_parser(
         "profile",
@@ -39,7 +51,7 @@ def cmd_profile(args) -> int:
     from . import profile as prof
 
     directory = Path(args.dir or tempfile.gettempdir())
-    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    log = _progress_log(args)
     table = prof.load_or_profile(directory, threads=args.threads, quick=args.quick, force=args.force,
                                  progress=not args.json, log=log)
     out = {
@@ -156,36 +168,26 @@ def cmd_bench_io(args) -> int:
     from .bench import io_bench
 
     directory = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "nchunk-bench"
-    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    log = _progress_log(args)
     res = io_bench.run(directory, layers=args.layers, frames=args.frames, methods=tuple(args.methods.split(",")),
                        threads=args.threads, progress=not args.json, log=log)
     res["plots"] = io_bench.plot(res, args.out)
-    Path(args.out, "bench_io.json").write_text(io_bench.to_json(res))
-    if args.json:
-        print(io_bench.to_json(res))
-    else:
-        print(io_bench.format_table(res))
-        print("plots: " + ", ".join(res["plots"]))
-    return 0
+    return _report(args, "bench_io.json", io_bench.to_json(res),
+                   io_bench.format_table(res) + "\nplots: " + ", ".join(res["plots"]))
 
 
 def cmd_bench_session(args) -> int:
     from .bench import session_bench
 
     directory = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "nchunk-bench-session"
-    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    log = _progress_log(args)
     sweep = tuple(float(x) for x in args.sweep.split(",") if x.strip())
     res = session_bench.run(directory, frames=args.frames, sparsity=args.sparsity, sweep=sweep,
                             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                             layers=args.layers, threads=args.threads, rounds=args.rounds, log=log)
     res["plot"] = session_bench.plot(res, args.out)
-    Path(args.out, "bench_session.json").write_text(json.dumps(res, indent=1))
-    if args.json:
-        print(json.dumps(res, indent=1))
-    else:
-        print(session_bench.format_table(res))
-        print(f"plot: {res['plot']}")
-    return 0
+    return _report(args, "bench_session.json", json.dumps(res, indent=1),
+                   session_bench.format_table(res) + f"\nplot: {res['plot']}")
 
 
 def _add_convert(sub):

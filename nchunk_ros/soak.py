@@ -62,8 +62,9 @@ class StatisticsListener(Node):
 def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: int = 480,
         ask_every_s: float = 5.0, store: str | None = None, as_json: bool = False) -> int:
     store = store or str(ensure_demo_store())
-    env = dict(os.environ, ROS_DOMAIN_ID=str(random.randint(110, 200)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
-    os.environ.update(ROS_DOMAIN_ID=env["ROS_DOMAIN_ID"], ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    # a domain of its own, on this host: the child processes and this one's rclpy context share it
+    os.environ.update(ROS_DOMAIN_ID=str(random.randint(110, 200)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    env = dict(os.environ)
     node = _process("nchunk_ros.vqa_node", ["--params-file", str(CONFIG), "-p", f"store_path:={store}"], env)
     camera = _process("nchunk_ros.synthetic_camera",
                       ["-p", f"rate_hz:={float(rate_hz)}", "-p", f"width:={width}", "-p", f"height:={height}"], env)

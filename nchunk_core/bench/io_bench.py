@@ -90,7 +90,7 @@ def build_store(path: Path, layers: int, bundled: bool, progress: bool = True) -
 
 
 class Matrix:
-    """The groups of one input in a store, opened for reading, with its importance stream."""
+    """The groups of one input in a store, opened for reading, with the cost table selection uses."""
 
     def __init__(self, store: Store, reader: Reader, input_name: str, table: LatencyTable):
         self.groups = store.groups_for_input(input_name)
