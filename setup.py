@@ -30,6 +30,8 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=find_packages(include=["nchunk_ros", "nchunk_ros.*", "nchunk_core", "nchunk_core.*"]),
+    # The built-in demo model (a converted store; `nchunk train-demo` rebuilds it).
+    package_data={"nchunk_core": ["data/shapes-vlm/*"]},
     ext_modules=[native],
     cmdclass={"build_ext": build_ext},
     data_files=[

@@ -150,6 +150,22 @@ def _add_bench(sub):
     se.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")
     se.add_argument("--json", action="store_true", help="print one JSON object")
     se.set_defaults(func=cmd_bench_session)
+    ac = bsub.add_parser("accuracy", help="accuracy vs I/O per frame on the trained built-in model",
+                         description="Answers the held-out test questions of the shape scenes with the built-in "
+                         "model through the real store and reader (one frame in context), at sparsity 0 and "
+                         "10-70%% for magnitude and chunking on the hot-cold order, interleaved per frame. Prints "
+                         "accuracy per question kind and the frame's I/O time, bytes and reads per setting, and the "
+                         "I/O speedup of chunking over magnitude at matched accuracy (linear interpolation, the "
+                         "paper's protocol); writes bench_accuracy.png and bench_accuracy.json to --out.")
+    ac.add_argument("--store", default=None, help="store of a model trained on the shape scenes "
+                    "(default: the built-in model)")
+    ac.add_argument("--scenes", type=int, default=None, help="test scenes (default: the whole test set, 500; "
+                    "about 3.8 questions each)")
+    ac.add_argument("--methods", default="magnitude,chunking", help="comma-separated (default magnitude,chunking)")
+    ac.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
+    ac.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")
+    ac.add_argument("--json", action="store_true", help="print one JSON object")
+    ac.set_defaults(func=cmd_bench_accuracy)
 
 
 def cmd_bench_reader(args) -> int:
@@ -188,6 +204,45 @@ def cmd_bench_session(args) -> int:
     res["plot"] = session_bench.plot(res, args.out)
     return _report(args, "bench_session.json", json.dumps(res, indent=1),
                    session_bench.format_table(res) + f"\nplot: {res['plot']}")
+
+
+def cmd_bench_accuracy(args) -> int:
+    from .bench import accuracy_bench
+    from .train_demo import TEST_SCENES
+
+    res = accuracy_bench.run(args.store, scene_count=args.scenes or TEST_SCENES,
+                             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                             threads=args.threads, log=_progress_log(args))
+    res["plot"] = accuracy_bench.plot(res, args.out)
+    return _report(args, "bench_accuracy.json", accuracy_bench.to_json(res),
+                   accuracy_bench.format_table(res) + f"\nplot: {res['plot']}")
+
+
+def _add_train_demo(sub):
+    from .train_demo import Settings
+
+    d = Settings()
+    p = sub.add_parser("train-demo", help="train the built-in demo model from scratch and convert it to a store",
+                       description="Train the small SmolVLM of the built-in demo on rendered scenes of coloured "
+                       "shapes (nchunk_core/scenes.py; train, validation and test scenes never overlap), report "
+                       "accuracy per question kind on the held-out test set, save the Hugging Face checkpoint and "
+                       "convert it, calibrated on training scenes, into the store that nchunk demo uses.")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seeds the model, the scenes and the splits "
+                   f"(default {d.seed})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--out", default="out/shapes-vlm-checkpoint", help="folder for the Hugging Face checkpoint "
+                   "and training.json (default: out/shapes-vlm-checkpoint)")
+    p.add_argument("--store", default=None, help="where the store goes (default: the built-in model's place in "
+                   "the package, nchunk_core/data/shapes-vlm)")
+    p.add_argument("--no-convert", action="store_true", help="stop after saving the checkpoint")
+    p.set_defaults(func=cmd_train_demo)
+
+
+def cmd_train_demo(args) -> int:
+    from .train_demo import Settings, train_and_convert
+
+    return train_and_convert(Settings.scaled(seed=args.seed, steps=args.steps), Path(args.out),
+                             Path(args.store) if args.store else None, convert_store=not args.no_convert)
 
 
 def _add_convert(sub):
@@ -299,13 +354,14 @@ def cmd_ask(args) -> int:
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="the VQA node, a synthetic camera and questions over ROS 2, on this machine",
-                       description="Start the VQA node on a store (--store, or a tiny random-initialised model built "
-                       "once into the nchunk cache), a synthetic camera publishing scenes of coloured shapes, and "
-                       "ask questions over the real /ask service; change the sparsity live through the parameter "
+                       description="Start the VQA node on a store (--store, or the built-in model trained on scenes of "
+                       "coloured shapes), a synthetic camera publishing held-out scenes of that kind with their "
+                       "ground truth, and ask each scene's questions over the real /ask service, answers beside the "
+                       "truth; change the sparsity live through the parameter "
                        "service and show the drive reads per frame under each setting. Needs no ROS install (the "
                        "PyPI wheels of scripts/setup.sh), no download and no network. With --io: the flash I/O "
                        "path alone instead (drive profile, cost-model validation, reader vs fio).")
-    p.add_argument("--store", default=None, help="store to answer from (default: the demo store, built on first use)")
+    p.add_argument("--store", default=None, help="store to answer from (default: the built-in model)")
     p.add_argument("--io", action="store_true", help="show the flash I/O path only: profile the drive holding --dir, "
                    "validate the cost model, compare the reader with fio (no ROS)")
     p.add_argument("--dir", default=None, help="--io: directory on the drive to use (default: system temp dir)")
@@ -336,7 +392,7 @@ def _demo_io(args) -> int:
 
 def _add_soak(sub):
     p = sub.add_parser("soak", help="long run: the node, a fast camera and a question every few seconds",
-                       description="Start the VQA node (config/vqa.yaml, the demo store unless --store) and the "
+                       description="Start the VQA node (config/vqa.yaml, the built-in model unless --store) and the "
                        "synthetic camera as separate processes, ask a question every --ask-every seconds for "
                        "--minutes, sample the node's resident memory and its intake counters, then stop both with "
                        "SIGTERM. Exit code 0 when every question was answered and both processes exited 0.")
@@ -345,7 +401,7 @@ def _add_soak(sub):
     p.add_argument("--width", type=int, default=640, help="frame width (default 640)")
     p.add_argument("--height", type=int, default=480, help="frame height (default 480)")
     p.add_argument("--ask-every", type=float, default=5.0, help="seconds between questions (default 5)")
-    p.add_argument("--store", default=None, help="store to answer from (default: the demo store)")
+    p.add_argument("--store", default=None, help="store to answer from (default: the built-in model)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_soak)
 
@@ -365,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(sub)
     _add_bench(sub)
     _add_convert(sub)
+    _add_train_demo(sub)
     _add_verify(sub)
     _add_ask(sub)
     _add_demo(sub)

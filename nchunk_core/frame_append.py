@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -257,15 +258,20 @@ def greedy_decode(
     next_position: int,
     max_new_tokens: int,
     stop_ids: tuple[int, ...] = (),
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[int], int]:
     """Greedy tokens after the context in `cache` (logits [1, V] of its last token).
 
     Each generated token but the last is appended as a one-token text chunk; stops after a stop id
-    (included) or max_new_tokens. The last token is not in the cache yet: a caller that continues
-    the conversation appends it (with whatever follows). Returns (token ids, next free position).
+    (included), after max_new_tokens, or when `should_stop()`, asked before each new token, is true
+    (a deadline, a cancelled request: the tokens so far are returned). The last token is not in the
+    cache yet: a caller that continues the conversation appends it (with whatever follows). Returns
+    (token ids, next free position).
     """
     tokens: list[int] = []
     for _ in range(max_new_tokens):
+        if should_stop is not None and should_stop():
+            break
         token = int(logits[0].argmax())
         tokens.append(token)
         if token in stop_ids or len(tokens) == max_new_tokens:

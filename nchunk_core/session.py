@@ -4,6 +4,7 @@
     s = Session.open(store_path, cfg)
     s.append_frame(frame)            # np.ndarray [H, W, 3] uint8 RGB or PIL image -> FrameStats
     s.ask("What is on the table?")   # -> Answer
+    s.ask("And now?", deadline=time.monotonic() + 2.0)   # partial answer if decoding runs past it
     s.update(sparsity=0.3)           # validated now, applied at the start of the next call
     s.close()
 
@@ -19,11 +20,16 @@ Context policy:
   layers (stops at an end-of-sequence token or `max_new_tokens`), and then truncates the KV cache
   back to the frames-only state. Questions and answers never pile up in the context: every question
   sees exactly the frames in context, and asking twice gives the same answer.
+- A `deadline` (time.monotonic()) or a `should_stop` callable stops decoding before the next token:
+  the Answer holds the tokens so far and `interrupted` is True. The question's prefill itself is not
+  interrupted (an answer stopped right after it is empty). The context is cropped back as usual.
 - Bounded context: a frame that arrives when `max_frames` frames are in context (or when the model's
-  position limit would be reached) rebuilds the cache: a fresh cache gets the prefix, the last
+  position limit would be reached) rebuilds the cache: a new cache gets a copy of the prefix's keys
+  and values (same text at the same positions, so it is not recomputed or read again), the last
   `max_frames // 2` earlier frames (kept in RAM as images, downscaled to at most KEEP_MAX_SIDE px)
   re-encoded, then the new frame (`FrameStats.rebuilt` is True). RAM stays flat however long the
-  camera runs: at most `max_frames` frames of KV cache and `max_frames // 2` images.
+  camera runs: at most `max_frames` frames of KV cache and `max_frames // 2` images. A smaller
+  `max_frames` given to `update` while more frames are in context makes the next append rebuild.
 - A failed call leaves the context as it was before the call (the cache is truncated back).
 
 Timing in FrameStats: `vision_s` is image preprocessing plus the vision tower and projector;
@@ -172,6 +178,7 @@ class Answer:
     select_s: float
     retained: float
     reads: int = 0  # contiguous runs of rows read (one request per run and group of the input)
+    interrupted: bool = False  # decoding stopped at the deadline or by should_stop: text is partial
 
 
 def as_frame_image(image) -> Image.Image:
@@ -340,13 +347,16 @@ class Session:
             raise RuntimeError("session is closed")
 
     # -- settings -----------------------------------------------------------------------------------
-    def update(self, sparsity=None, method=None, chunk_params=None) -> None:
-        """Change selection settings; checked now, applied at the start of the next call.
+    def update(self, sparsity=None, method=None, chunk_params=None, max_frames=None) -> None:
+        """Change selection settings or max_frames; checked now, applied at the start of the next call.
 
         None leaves a setting unchanged; `chunk_params="default"` returns to the per-matrix defaults.
-        A refused value raises ValueError and changes nothing.
+        A refused value raises ValueError and changes nothing. A max_frames below the frames in context
+        makes the next append rebuild the context (module docstring).
         """
         change = {}
+        if max_frames is not None:
+            change["max_frames"] = _positive_int("max_frames", max_frames)
         if sparsity is not None:
             change["sparsity"] = _sparsity(sparsity)
         if method is not None:
@@ -369,10 +379,14 @@ class Session:
             pending, self._pending = self._pending, {}
         if not pending:
             return
-        self._cfg = dataclasses.replace(self._cfg, **pending)
+        old, self._cfg = self._cfg, dataclasses.replace(self._cfg, **pending)
         cfg, sp = self._cfg, self._flash.sparsity
         sp.sparsity, sp.method, sp.params = cfg.sparsity, cfg.method, cfg.chunk_params
-        self._log(f"selection now {cfg.method} at sparsity {cfg.sparsity:g}")
+        if (old.sparsity, old.method, old.chunk_params) != (cfg.sparsity, cfg.method, cfg.chunk_params):
+            self._log(f"selection now {cfg.method} at sparsity {cfg.sparsity:g}")
+        if old.max_frames != cfg.max_frames:
+            self._kept = collections.deque(self._kept, maxlen=cfg.max_frames // 2)
+            self._log(f"max_frames now {cfg.max_frames}")
 
     # -- appending ----------------------------------------------------------------------------------
     def _append(self, chunk: Chunk, cache: DynamicCache, position: int, phase: str):
@@ -417,7 +431,7 @@ class Session:
             if rebuilt:
                 prep_s += self._rebuild(chunk)
             else:
-                chunks = [] if self._prefixed else [(self.adapter.encode_text(self.adapter.prompt_prefix), "prefix")]
+                chunks = [] if self._prefixed else [(self._prefix_chunk(), "prefix")]
                 chunks.append((chunk, "frame"))
                 length, position = self._cache.get_seq_length(), self._next_position
                 try:
@@ -445,14 +459,30 @@ class Session:
                 retained=float(np.mean([c.retained for c in calls])) if calls else 1.0,
                 frames_in_context=self._frames, rebuilt=rebuilt, reads=sum(c.runs for c in calls))
 
+    def _prefix_chunk(self) -> Chunk:
+        chunk = self.adapter.encode_text(self.adapter.prompt_prefix)
+        self._prefix_tokens = chunk.num_tokens  # a text chunk at 0 takes positions 0 … n-1 in every adapter
+        return chunk
+
+    def _prefix_copy(self) -> DynamicCache:
+        """A new cache holding a copy of the current cache's prefix."""
+        n, cache = self._prefix_tokens, DynamicCache()
+        for i, layer in enumerate(self._cache.layers):
+            cache.update(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone(), i)
+        return cache
+
     def _rebuild(self, chunk: Chunk) -> float:
-        """Fresh cache: prefix, the kept frames re-encoded, then `chunk`. Returns encoding seconds."""
+        """New cache: the prefix (copied), the kept frames re-encoded, then `chunk`. Returns encoding s."""
         t0 = time.perf_counter()
         replay = [(self._encode(image), "replay") for image, _ in self._kept]
         prep_s = time.perf_counter() - t0
-        cache = DynamicCache()
-        chunks = [(self.adapter.encode_text(self.adapter.prompt_prefix), "prefix"), *replay, (chunk, "frame")]
-        position = self._fill(cache, 0, chunks)  # the old context stays intact if this fails
+        if self._prefixed:  # the prefix's keys and values are kept: it is the same text at the same place
+            cache, position = self._prefix_copy(), self._prefix_tokens
+            chunks = [*replay, (chunk, "frame")]
+        else:
+            cache, position = DynamicCache(), 0
+            chunks = [(self._prefix_chunk(), "prefix"), *replay, (chunk, "frame")]
+        position = self._fill(cache, position, chunks)  # the old context stays intact if this fails
         self._cache, self._next_position = cache, position
         self._prefixed = True
         self._frames = len(replay) + 1
@@ -460,8 +490,21 @@ class Session:
         return prep_s
 
     # -- questions ----------------------------------------------------------------------------------
-    def ask(self, question: str, max_new_tokens: int | None = None) -> Answer:
-        """Answer a question about the frames in context; the context is left as it was."""
+    def ask(self, question: str, max_new_tokens: int | None = None, deadline: float | None = None,
+            should_stop: Callable[[], bool] | None = None) -> Answer:
+        """Answer a question about the frames in context; the context is left as it was.
+
+        Decoding stops before the next token once time.monotonic() reaches `deadline` or
+        `should_stop()` is true: the Answer then holds the tokens so far, with `interrupted` True.
+        """
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not math.isfinite(deadline)):
+            raise ValueError(f"deadline must be a finite time.monotonic() value or None, got {deadline!r}")
+
+        def stop() -> bool:
+            return (should_stop is not None and should_stop()) or (deadline is not None
+                                                                   and time.monotonic() >= deadline)
+
         if not isinstance(question, str):
             raise ValueError(f"question must be a string, got {type(question).__name__}")
         text = question.strip()
@@ -490,7 +533,7 @@ class Session:
                 logits, pos = self._append(chunk, self._cache, position, "question")
                 t1 = time.perf_counter()
                 self._flash.phase = "answer"
-                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids)
+                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop)
             finally:
                 truncate_cache(self._cache, length)
                 self._next_position = position
@@ -504,7 +547,8 @@ class Session:
                 bytes_read=sum(c.bytes for c in calls), io_s=sum(c.io_s for c in calls),
                 select_s=sum(c.select_s for c in calls),
                 retained=float(np.mean([c.retained for c in calls])) if calls else 1.0,
-                reads=sum(c.runs for c in calls))
+                reads=sum(c.runs for c in calls),
+                interrupted=len(tokens) < n_new and not (tokens and tokens[-1] in self.stop_ids))
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -2,88 +2,40 @@
 
 Needs no ROS install (the PyPI wheels of scripts/setup.sh do), no model download and no network:
 
-1. a store: `--store STORE`, or the demo store in the nchunk cache (~/.cache/nchunk/demo-store, or
-   $NCHUNK_CACHE_DIR/demo-store), built once from a tiny random-initialised SmolVLM (tiny_models.py)
-   with `nchunk convert`, calibrated on frames of the synthetic camera. A random model's answers are
-   noise; the frames, reads, timings and the ROS plumbing are real.
+1. the built-in model (nchunk_core/data/shapes-vlm: a small SmolVLM trained from scratch on scenes
+   of coloured shapes by `nchunk train-demo`, already converted to a store), or `--store STORE`;
 2. in one process, on DDS restricted to this host unless ROS_AUTOMATIC_DISCOVERY_RANGE says
-   otherwise: the VQA node (vqa_node.py) on that store, the synthetic camera (synthetic_camera.py),
-   and an observer node that records the node's statistics and the camera's ground truth;
-3. questions over the real /ask service from a separate client participant (ask_client.py), with
-   the ground truth of the scene beside each answer;
+   otherwise: the VQA node (vqa_node.py) on that store, the synthetic camera (synthetic_camera.py)
+   showing held-out test scenes of the same generator, and an observer node that records the
+   node's statistics and the camera's ground truth;
+3. for a few scenes, the scene's questions over the real /ask service from a separate client
+   participant (ask_client.py), each answer beside the truth, once a frame of that scene is in
+   context (the built-in model answers about one frame, so the node keeps one: max_frames 1);
 4. the sparsity and selection method changed live through the parameter services (what
    `ros2 param set /vqa_node sparsity 0.7` does), with the drive reads per frame under each setting,
    and an out-of-range value refused with its reason;
-5. the intake counters; then everything shuts down. About 20 s once the store and the drive
-   profile are cached (the first run adds their one-time setup).
+5. the intake counters; then everything shuts down. About 30 s once the drive profile is cached
+   (the first run on a drive adds the one-time quick profile).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-DEMO_ARCH = "smolvlm"  # the tiny architecture with the fewest tokens per frame: the quickest demo
-CAMERA = {"rate_hz": 10.0, "scene_period_s": 4.0, "width": 320, "height": 240}
-NODE = {"max_append_rate_hz": 4.0, "max_new_tokens": 12, "sparsity": 0.5, "method": "chunking"}
-QUESTIONS = (
-    ("What shapes do you see?", False),
-    ("What colour is the largest shape?", False),
-    ("What is in front of the camera right now?", True),  # reset_context: only the newest frame
-)
+from nchunk_core.demo_model import TRAIN_MINUTES, shipped_store
+
+CAMERA = {"rate_hz": 10.0, "scene_period_s": 5.0, "width": 320, "height": 240}
+NODE = {"max_append_rate_hz": 4.0, "max_new_tokens": 4, "max_frames": 1, "sparsity": 0.1,
+        "method": "chunking"}
+SCENES = 3  # scenes whose questions are asked
 SETTINGS = (("chunking", 0.0), ("magnitude", 0.5), ("chunking", 0.5), ("chunking", 0.7))
 FRAMES_PER_SETTING = 3
 WAIT_S = 15.0  # for anything that should take a second or two
-
-
-def demo_store_path() -> Path:
-    from nchunk_core.profile import cache_dir
-
-    return cache_dir().parent / "demo-store"
-
-
-def ensure_demo_store(log=print) -> Path:
-    """The demo store, built on first use (a few seconds) and reused after."""
-    from nchunk_core.store import Store, StoreError
-    from nchunk_core.store.format import MANIFEST
-
-    path = demo_store_path()
-    if (path / MANIFEST).is_file():
-        try:
-            Store.open(path)
-            return path
-        except StoreError as exc:
-            log(f"the demo store is damaged ({exc}); building it again")
-    if path.exists():
-        shutil.rmtree(path)  # our own cache entry, incomplete or damaged
-    import numpy as np
-    from PIL import Image
-
-    from nchunk_core.convert import convert
-    from nchunk_core.tiny_models import build_tiny_vlm
-
-    from .synthetic_camera import random_scene, render_scene
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # save_pretrained's one-shard bar is noise here
-    log(f"building the demo store (tiny random-init {DEMO_ARCH}) in {path} ...")
-    with tempfile.TemporaryDirectory(prefix="nchunk-demo-") as tmp:
-        model = build_tiny_vlm(DEMO_ARCH, Path(tmp) / "model", seed=0)
-        frames = Path(tmp) / "frames"
-        frames.mkdir()
-        rng = np.random.default_rng(1)
-        for i in range(8):
-            scene = random_scene(rng, CAMERA["width"], CAMERA["height"], i)
-            Image.fromarray(render_scene(scene)).save(frames / f"{i:02d}.png")
-        convert(model, path, frames, progress=False, log=lambda m: None)
-    return path
 
 
 def _wait_until(condition, timeout_s: float = WAIT_S, what: str = "") -> None:
@@ -131,6 +83,37 @@ def _observer_class():
     return Observer
 
 
+def _next_scene_in_context(observer) -> dict:
+    """Wait for the camera's next scene and for a frame of it appended by the node; its truth."""
+    first = observer.scene["scene"] if observer.scene else -1
+    period = CAMERA["scene_period_s"]
+    _wait_until(lambda: observer.scene and observer.scene["scene"] > first, period + WAIT_S, "a new scene")
+    scene = observer.scene
+    _wait_until(lambda: any(float(f["stamp"]) >= scene["stamp"] for f in observer.frames[-4:]),
+                what="a frame of the new scene in context")
+    return scene
+
+
+def _other_scene(stamp: float, scene: dict, newest: dict) -> str:
+    """A note when the answer's newest frame (header stamp) shows another scene than `scene`."""
+    if stamp < scene["stamp"]:
+        return "  (answered from a frame of the previous scene)"
+    if newest["scene"] != scene["scene"] and stamp >= newest["stamp"]:
+        return "  (answered from a frame of the next scene)"
+    return ""
+
+
+def accuracy_note(store: Path) -> str:
+    """The model's test accuracy as recorded at training time, if the store has training.json."""
+    try:
+        report = json.loads((store / "training.json").read_text())
+        test = report["test"]
+    except (OSError, ValueError, KeyError):
+        return "no training record in the store"
+    return (f"dense test accuracy at training: {test['all']:.1%} of {test['questions']} held-out questions, "
+            + ", ".join(f"{k} {test[k]:.0%}" for k in ("colour", "presence", "count", "position") if k in test))
+
+
 def _setting_rows(observer, settings) -> list[tuple]:
     rows = []
     for method, sparsity in settings:
@@ -160,7 +143,11 @@ def run(store: str | None = None) -> int:
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # before any rclpy context
     print("nchunk demo: a synthetic camera, the VQA node and questions over ROS 2 /ask, on this machine\n",
           flush=True)
-    path = Path(store).expanduser() if store else ensure_demo_store()
+    path = Path(store).expanduser() if store else shipped_store()
+    if not store and not path.is_dir():
+        print(f"nchunk demo: the built-in model is missing from {path}; `nchunk train-demo` rebuilds it "
+              f"(about {TRAIN_MINUTES} min on 2 cores)", file=sys.stderr)
+        return 1
 
     import rclpy
     from rclpy.context import Context
@@ -200,30 +187,36 @@ def run(store: str | None = None) -> int:
         model = node.session.store.manifest.get("model", {})
         print(f"\nstore    {path}  ({model.get('arch', 'unknown architecture')})")
         if not store:
-            print("         a tiny random-initialised model built on this machine: its answers are noise;\n"
-                  "         the frames, drive reads, timings and ROS 2 plumbing are real")
+            print("         the built-in model: a small SmolVLM trained from scratch on scenes of coloured shapes")
         print(f"camera   /camera/image_raw {CAMERA['width']}x{CAMERA['height']} rgb8 at {CAMERA['rate_hz']:g} Hz, "
               f"a new scene every {CAMERA['scene_period_s']:g} s (ground truth on /camera/scene)")
         print(f"node     vqa_node up in {time.monotonic() - t0:.1f} s: {NODE['method']} at sparsity "
               f"{NODE['sparsity']:g}, at most {NODE['max_append_rate_hz']:g} frames/s appended, "
               f"answers of up to {NODE['max_new_tokens']} tokens", flush=True)
-        _wait_until(lambda: node.session.frames_in_context >= 2, what="the first camera frames")
+        _wait_until(lambda: node.session.frames_in_context >= 1, what="the first camera frame")
 
-        print("\n== 1. questions over /ask (a separate DDS participant, as another process would be)\n")
+        print(f"\n== 1. questions about {SCENES} scenes over /ask (a separate DDS participant, as another "
+              f"process would be)")
+        right = total = 0
         with AskClient() as client:
             if not client.wait_for_service(WAIT_S):
                 raise TimeoutError("demo: the /ask service did not appear")
-            for question, reset in QUESTIONS:
-                scene, asked_at = observer.scene, time.time()
-                response = client.ask(question, reset_context=reset)
-                if reset:
-                    print("(reset_context: only the newest frame)")
-                print(format_response(question, response, asked_at))
-                if scene:
-                    print(f"truth: {scene['description']}")
-                print(flush=True)
-                if not response.success:
-                    return 1
+            for _ in range(SCENES):
+                scene = _next_scene_in_context(observer)
+                print(f"\nscene {scene['scene']}: {scene['description']}")
+                for q in scene["questions"]:
+                    response = client.ask(q["question"])
+                    if not response.success:
+                        print(format_response(q["question"], response))
+                        return 1
+                    stamp = response.newest_frame_stamp.sec + response.newest_frame_stamp.nanosec * 1e-9
+                    ok = response.answer == q["answer"]
+                    right, total = right + ok, total + 1
+                    late = _other_scene(stamp, scene, observer.scene)
+                    print(f"  Q: {q['question']:<36} A: {response.answer:<16} truth: {q['answer']:<16} "
+                          f"{'✓' if ok else '✗'}  {response.total_s * 1e3:4.0f} ms{late}", flush=True)
+        print(f"\n{right} of {total} answers correct ({NODE['method']} at sparsity {NODE['sparsity']:g}; "
+              f"{accuracy_note(path)})\n")
 
         print("== 2. selection changed live through the parameter service "
               "(as `ros2 param set /vqa_node sparsity 0.7`)\n")

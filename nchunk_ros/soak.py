@@ -24,12 +24,13 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
+from nchunk_core.demo_model import shipped_store
+
 from .ask_client import AskClient
-from .demo import ensure_demo_store
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "vqa.yaml"
-QUESTIONS = ["What shapes do you see?", "What color is the circle?", "How many squares are there?",
-             "Is there a red triangle?", "What is left of the square?"]
+QUESTIONS = ["What color is the circle?", "How many squares are there?", "Is there a red triangle?",
+             "What is left of the blue square?"]
 
 
 def _rss_mib(pid: int) -> float:
@@ -61,7 +62,7 @@ class StatisticsListener(Node):
 
 def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: int = 480,
         ask_every_s: float = 5.0, store: str | None = None, as_json: bool = False) -> int:
-    store = store or str(ensure_demo_store())
+    store = store or str(shipped_store())
     # a domain of its own, on this host: the child processes and this one's rclpy context share it
     os.environ.update(ROS_DOMAIN_ID=str(random.randint(110, 200)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     env = dict(os.environ)

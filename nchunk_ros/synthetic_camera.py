@@ -2,21 +2,22 @@
 
     synthetic_camera --ros-args -p rate_hz:=5.0 -p scene_period_s:=4.0
 
-Every `scene_period_s` seconds a new random scene is drawn (a plain background and one to
-`max_shapes` circles, squares and triangles in named colours, drawn with NumPy, no OpenCV) and
-published at `rate_hz` as rgb8 on `image_topic`. Each scene's ground truth goes to `scene_topic` as a
-std_msgs/String holding JSON, for example
+The scenes come from the generator the built-in model was trained and tested on
+(nchunk_core/scenes.py): by default the held-out test split, scene 0, 1, 2, … of seed 0, so the demo
+shows scenes the model has never seen. Every `scene_period_s` seconds the next scene is published at
+`rate_hz` as rgb8 on `image_topic`, and its ground truth goes to `scene_topic` as a std_msgs/String
+holding JSON, for example
 
     {"scene": 3, "width": 320, "height": 240, "background": "white",
-     "shapes": [{"shape": "circle", "color": "red", "center": [80, 60], "size": 40}],
-     "description": "a red circle on a white background"}
+     "shapes": [{"shape": "circle", "color": "red", "center": [40, 60], "size": 50}],
+     "description": "a red circle on a white background, left to right", "stamp": 1763740000.25,
+     "questions": [{"kind": "colour", "question": "what color is the circle?", "answer": "red"}, ...]}
 
 published once per scene with transient-local durability, so a late subscriber still gets the
-current scene. `render_scene` and `random_scene` are plain functions (tests, the demo).
+current scene; every frame whose header stamp is at or after "stamp" shows this scene. `render_scene` and `random_scene` are re-exported from nchunk_core.scenes.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -29,83 +30,12 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
+from nchunk_core.scenes import (COLUMNS, SPLIT_IDS, Scene, questions_for, random_scene, render_scene,
+                                split_scene)
+
 from .image_conversion import array_to_image
 
-COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (40, 70, 220),
-    "yellow": (240, 210, 30),
-    "purple": (140, 50, 170),
-    "orange": (245, 140, 20),
-}
-BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (15, 15, 15)}
-SHAPES = ("circle", "square", "triangle")
-
-
-@dataclasses.dataclass
-class Shape:
-    shape: str  # one of SHAPES
-    color: str  # a key of COLORS
-    center: tuple[int, int]  # (x, y) px
-    size: int  # circle diameter, square side, triangle base and height (px)
-
-
-@dataclasses.dataclass
-class Scene:
-    index: int
-    width: int
-    height: int
-    background: str
-    shapes: list[Shape]
-
-    def description(self) -> str:
-        things = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} {s.shape}" for s in self.shapes]
-        listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
-        return f"{listed} on a {self.background} background"
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "scene": self.index, "width": self.width, "height": self.height, "background": self.background,
-            "shapes": [dataclasses.asdict(s) | {"center": list(s.center)} for s in self.shapes],
-            "description": self.description(),
-        })
-
-
-def random_scene(rng: np.random.Generator, width: int, height: int, index: int = 0,
-                 max_shapes: int = 3) -> Scene:
-    """One to `max_shapes` shapes of distinct colours at random places, fully inside the image."""
-    count = int(rng.integers(1, max_shapes + 1))
-    colors = rng.choice(list(COLORS), size=count, replace=False)
-    shapes = []
-    for color in colors:
-        size = int(rng.integers(max(4, min(width, height) // 6), max(5, min(width, height) // 3)))
-        half = size // 2 + 1
-        center = (int(rng.integers(half, max(half + 1, width - half))),
-                  int(rng.integers(half, max(half + 1, height - half))))
-        shapes.append(Shape(str(rng.choice(SHAPES)), str(color), center, size))
-    background = str(rng.choice(list(BACKGROUNDS)))
-    return Scene(index, width, height, background, shapes)
-
-
-def render_scene(scene: Scene) -> np.ndarray:
-    """The scene as uint8 [H, W, 3] RGB; later shapes are drawn over earlier ones."""
-    img = np.empty((scene.height, scene.width, 3), np.uint8)
-    img[:] = BACKGROUNDS[scene.background]
-    y, x = np.mgrid[0:scene.height, 0:scene.width]
-    for s in scene.shapes:
-        cx, cy, half = s.center[0], s.center[1], s.size / 2.0
-        if s.shape == "circle":
-            mask = (x - cx) ** 2 + (y - cy) ** 2 <= half ** 2
-        elif s.shape == "square":
-            mask = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
-        else:  # triangle, apex up: inside when below the apex and within the widening sides
-            top, bottom = cy - half, cy + half
-            rel = (y - top) / max(s.size, 1)  # 0 at the apex, 1 at the base
-            mask = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= rel * half)
-        img[mask] = COLORS[s.color]
-    return img
-
+__all__ = ["SyntheticCamera", "main", "random_scene", "render_scene"]
 
 def _describe(text, lo=None, hi=None, integer=False) -> ParameterDescriptor:
     d = ParameterDescriptor(description=text)
@@ -131,13 +61,16 @@ class SyntheticCamera(Node):
         self.declare_parameter("scene_period_s", 4.0, _describe("seconds between scene changes", 0.1, 3600.0))
         self.declare_parameter("width", 320, _describe("frame width in px", 16, 4096, integer=True))
         self.declare_parameter("height", 240, _describe("frame height in px", 16, 4096, integer=True))
-        self.declare_parameter("max_shapes", 3, _describe("most shapes in a scene", 1, len(COLORS), integer=True))
-        self.declare_parameter("seed", 0, _describe("random seed of the scene sequence", 0, 2**31 - 1, integer=True))
+        self.declare_parameter("max_shapes", COLUMNS, _describe("most shapes in a scene", 1, COLUMNS, integer=True))
+        self.declare_parameter("seed", 0, _describe("seed of the scene generator", 0, 2**31 - 1, integer=True))
+        self.declare_parameter("split", "test", _describe(
+            "generator split the scenes come from: test (held out from training), val or train"))
         p = {name: self.get_parameter(name).value for name in
              ("image_topic", "scene_topic", "frame_id", "rate_hz", "scene_period_s", "width", "height",
-              "max_shapes", "seed")}
+              "max_shapes", "seed", "split")}
+        if p["split"] not in SPLIT_IDS:
+            raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, not {p['split']!r}")
         self._p = p
-        self._rng = np.random.default_rng(p["seed"])
         self._image_pub = self.create_publisher(Image, p["image_topic"], qos_profile_sensor_data)
         latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self._scene_pub = self.create_publisher(String, p["scene_topic"], latched)
@@ -153,9 +86,16 @@ class SyntheticCamera(Node):
 
     def _next_scene(self) -> None:
         index = 0 if self.scene is None else self.scene.index + 1
-        self.scene = random_scene(self._rng, self._p["width"], self._p["height"], index, self._p["max_shapes"])
+        p = self._p
+        self.scene = split_scene(p["split"], index, p["seed"], p["width"], p["height"], p["max_shapes"])
         self._frame = render_scene(self.scene)
-        self._scene_pub.publish(String(data=self.scene.to_json()))
+        questions = [{"kind": q.kind, "question": q.text, "answer": q.answer}
+                     for q in questions_for(self.scene, np.random.default_rng(index))]
+        # Timers of one node never overlap (one mutually exclusive callback group): every frame
+        # stamped at or after `stamp` shows this scene.
+        stamp = self.get_clock().now().nanoseconds * 1e-9
+        truth = self.scene.to_dict() | {"stamp": stamp, "questions": questions}
+        self._scene_pub.publish(String(data=json.dumps(truth)))
 
     def _publish_frame(self) -> None:
         msg = array_to_image(self._frame, "rgb8", stamp=self.get_clock().now().to_msg(),

@@ -16,7 +16,9 @@ Interfaces (node name `vqa_node`):
   vision and compute seconds, rows read, retained importance, frames in context, sparsity, method)
   and once a second (status name "vqa_node: intake"). Both carry the intake counters:
   frames_received, frames_appended, frames_skipped (replaced by a newer frame before the model got
-  to them: busy or rate limited), frames_malformed, append_failures and the /ask counters.
+  to them: busy, rate limited or reloading), frames_malformed, append_failures, reloads,
+  reload_failures and the /ask counters. A model reload publishes status "vqa_node: reload" (OK, or
+  ERROR with the reason).
 
 Threads: camera callbacks only convert the message (malformed ones are counted and logged,
 throttled) and put the frame in a one-slot mailbox, replacing an older frame still waiting; one
@@ -25,53 +27,69 @@ times a second. /ask callbacks run in their own reentrant callback group: each r
 bounded queue (MAX_WAITING_ASKS waiting, beyond that "busy") served in arrival order by the same
 worker, ahead of waiting frames, and waits for its answer until its deadline (`timeout_s` of the
 request, else `ask_timeout_s`). Frames keep arriving (and replacing each other) during an answer.
-A request whose deadline passes gets success=false, error "timed out" at once. Session.ask cannot be
-interrupted yet, so a request already being decoded runs to its end in the background (its result
-is dropped) and the response carries no partial answer; likewise a shutdown waits for the call in
-progress.
+At the deadline, a request still waiting gets success=false, error "timed out" at once ("reloading
+the model; timed out after N s" when a model reload held it up); decoding stops before its next
+token and the response carries error "timed out after N s" and the answer so far. The question's
+prefill is not interrupted: a request whose deadline passes during it gets that error at once with
+an empty answer, and the prefill's result is dropped. A shutdown stops a decode the same way.
 
 Parameters (config/vqa.yaml documents each): every one is checked by `check_parameters` when
-declared and on every change, with a reason on refusal. The selection settings (sparsity, method,
-chunk_*) apply from the next frame or question; image_topics and qos_reliability re-subscribe at
-once; max_append_rate_hz, max_new_tokens and ask_timeout_s apply at once. store_path, device,
-dtype, reader_threads and max_frames are read at start-up: changing them at run time is refused
-with "restart the node".
+declared and on every change, with a reason on refusal, and applies without a restart. The
+selection settings (sparsity, method, chunk_*) and max_frames apply from the next frame or question
+(a max_frames below the frames in context makes the next frame rebuild the context);
+image_topics and qos_reliability re-subscribe at once; max_append_rate_hz, max_new_tokens and
+ask_timeout_s apply at once. store_path, device, dtype and reader_threads reload the model: a
+store_path that is not a directory with a manifest.json is refused at once; otherwise the worker,
+before its next frame or question, opens a new session with the new values (the drive profile from
+the cache, or a quick profile for a new drive or reader_threads) and only then closes the old one.
+The frames in context are dropped: the context starts again from the newest camera frame.
+Meanwhile questions wait in the queue and frames replace each other in the mailbox (counted as
+skipped). When the new session cannot be opened, the old one keeps answering, the reason is logged
+and published, and the parameters are set back to the running session's values. (Both sessions are
+in RAM for a moment.)
 
 Start-up opens the store, loads the drive profile of the store's drive from the cache or measures a
 quick one (progress in the log), and builds the model. A missing or bad store, or a bad parameter
 value, ends the process with exit code 1 and a one-line reason on stderr. SIGINT and SIGTERM stop it
-cleanly with exit code 0.
+cleanly with exit code 0, also during start-up (a Ctrl-C while the module's imports load included).
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
-import math
-import re
 import sys
-import threading
-import time
-import traceback
 from pathlib import Path
 
-import rclpy
-from builtin_interfaces.msg import Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.exceptions import InvalidTopicNameException, ParameterException
-from rclpy.exceptions import InvalidHandle
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from rclpy.validate_topic_name import validate_topic_name
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import String
+try:  # these take about half a second to load: a Ctrl-C meanwhile ends the vqa_node program quietly
+    import collections
+    import dataclasses
+    import math
+    import re
+    import threading
+    import time
+    import traceback
 
-from nchunk_core.select import METHODS, ChunkParams
-from nchunk_interfaces.srv import Ask
+    import rclpy
+    from builtin_interfaces.msg import Time
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+    from rclpy.exceptions import InvalidTopicNameException, ParameterException
+    from rclpy.exceptions import InvalidHandle
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from rclpy.validate_topic_name import validate_topic_name
+    from sensor_msgs.msg import CompressedImage, Image
+    from std_msgs.msg import String
 
-from .image_conversion import message_to_rgb
+    from nchunk_core.select import METHODS, ChunkParams
+    from nchunk_interfaces.srv import Ask
+
+    from .image_conversion import message_to_rgb
+except KeyboardInterrupt:
+    if __name__ != "__main__" and Path(sys.argv[0]).name != "vqa_node":
+        raise  # imported by another program: the interrupt is that program's
+    sys.exit(0)
 
 NODE_NAME = "vqa_node"
 SERVICE = "/ask"
@@ -86,6 +104,7 @@ DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 # reported without importing torch first (test_vqa_node checks that the two agree).
 DTYPES = ("float32", "float16", "bfloat16")
 SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
+SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames")  # passed to Session.update
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
 
 
@@ -96,12 +115,13 @@ class ParamSpec:
     description: str
     low: float | None = None  # inclusive range, for numbers
     high: float | None = None
-    restart: bool = False  # read at start-up only; a change at run time is refused
+    reload: bool = False  # a change reloads the model (module docstring)
 
     def descriptor(self) -> ParameterDescriptor:
         d = ParameterDescriptor(description=self.description)
-        if self.restart:
-            d.additional_constraints = "read at start-up; restart the node to change it"
+        if self.reload:
+            d.additional_constraints = ("a change reloads the model before the next frame or question; the "
+                                        "context restarts from the newest frame; a failed load sets it back")
         if isinstance(self.default, bool) or self.low is None:
             return d
         if isinstance(self.default, int):
@@ -113,13 +133,13 @@ class ParamSpec:
 
 
 PARAMETERS = (
-    ParamSpec("store_path", "", "store directory written by `nchunk convert` (required)", restart=True),
-    ParamSpec("device", "cpu", "compute device: cpu, cuda or cuda:N", restart=True),
-    ParamSpec("dtype", "float32", "compute dtype: float32, float16 or bfloat16", restart=True),
+    ParamSpec("store_path", "", "store directory written by `nchunk convert` (required)", reload=True),
+    ParamSpec("device", "cpu", "compute device: cpu, cuda or cuda:N", reload=True),
+    ParamSpec("dtype", "float32", "compute dtype: float32, float16 or bfloat16", reload=True),
     ParamSpec("reader_threads", 6, "threads reading weight rows from the drive (the drive profile is "
-              "measured and cached for this count)", 1, 256, restart=True),
+              "measured and cached for this count)", 1, 256, reload=True),
     ParamSpec("max_frames", 8, "frames kept in context; when full, the context is rebuilt from the last "
-              "max_frames/2 frames and the new one", 1, 1024, restart=True),
+              "max_frames/2 frames and the new one (a change applies from the next frame)", 1, 1024),
     ParamSpec("image_topics", ["/camera/image_raw"], "camera topics; a name ending in /compressed is "
               "sensor_msgs/CompressedImage (JPEG/PNG), any other sensor_msgs/Image; the newest frame of "
               "any of them is appended"),
@@ -142,6 +162,7 @@ PARAMETERS = (
               "including the wait behind other requests", 0.1, 3600.0),
 )
 SPECS = {spec.name: spec for spec in PARAMETERS}
+RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
 DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 
 
@@ -171,7 +192,8 @@ def check_parameters(changes: dict, current: dict, running: bool) -> SetParamete
     """Whether parameter `changes` (name -> value) may be applied on top of `current`.
 
     Ranges and types are checked by rclpy from the descriptors; this checks everything else.
-    `running`: the node has started, so start-up-only parameters may no longer change.
+    `running`: the node has started, so a store_path must name a store directory (at start-up,
+    opening the store says what is wrong, and the node exits).
     """
     def refuse(reason: str) -> SetParametersResult:
         return SetParametersResult(successful=False, reason=reason)
@@ -180,8 +202,14 @@ def check_parameters(changes: dict, current: dict, running: bool) -> SetParamete
         spec = SPECS.get(name)
         if spec is None:
             continue  # e.g. use_sim_time: not ours
-        if running and spec.restart and value != current.get(name):
-            return refuse(f"{name} is read at start-up only: restart the node to change it")
+        if name == "store_path" and running:
+            path = Path(value).expanduser()
+            if not value:
+                return refuse("store_path is empty: name a store directory written by `nchunk convert`")
+            if not path.is_dir():
+                return refuse(f"store {path} does not exist (store_path)")
+            if not (path / "manifest.json").is_file():
+                return refuse(f"{path} is not an nchunk store: no manifest.json (store_path)")
         if name == "device" and not DEVICE_PATTERN.match(value):
             return refuse(f"device must be cpu, cuda or cuda:N, got {value!r}")
         if name == "dtype" and value not in DTYPES:
@@ -234,9 +262,11 @@ class AskJob:
     request: Ask.Request
     arrival: float  # time.monotonic()
     deadline: float
+    timeout: float  # deadline - arrival
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     response: Ask.Response | None = None
     started: float = 0.0  # time.monotonic() when the worker took it; 0 while waiting
+    decoding: bool = False  # the worker is past the question's prefill (a deadline now gives a partial answer)
     abandoned: bool = False  # the caller stopped waiting (deadline)
 
 
@@ -246,8 +276,11 @@ class VQANode(Node):
     def __init__(self, **node_options):
         super().__init__(NODE_NAME, **node_options)
         self._session = None
-        self._running = False  # start-up-only parameters are frozen from here on
+        self._running = False  # the session is open: parameter changes apply to it
         self._values: dict = {}
+        self._session_values: dict = {}  # the RELOAD_PARAMETERS values the session was opened with
+        self._reload_wanted = False  # those differ from self._values: the worker reloads next
+        self._reloading = False
         self._lock = threading.Condition()  # guards the mailbox, the ask queue and the counters
         self._pending: Frame | None = None
         self._asks: collections.deque[AskJob] = collections.deque()
@@ -265,7 +298,8 @@ class VQANode(Node):
         for spec in PARAMETERS:
             self.declare_parameter(spec.name, spec.default, spec.descriptor())
 
-        self._session = self._open_session()
+        self._session = self._open_session(self._values)
+        self._session_values = {k: self._values[k] for k in RELOAD_PARAMETERS}
         self._running = True
         self._camera_group = MutuallyExclusiveCallbackGroup()
         self._ask_group = ReentrantCallbackGroup()
@@ -303,19 +337,33 @@ class VQANode(Node):
             self._values[p.name] = p.value
         if not self._running or not changed:
             return
+        v = self._values
+        if changed & set(SESSION_PARAMETERS):
+            self._update_session(self._session)
         if changed & set(SELECTION_PARAMETERS):
-            v = self._values
             chunk = chunk_params_from(v)
-            self._session.update(sparsity=v["sparsity"], method=v["method"],
-                                 chunk_params="default" if chunk is None else chunk)
             self.get_logger().info(f"selection from the next frame: {v['method']} at sparsity {v['sparsity']:g}"
                                    + ("" if chunk is None else f", windows {chunk}"))
+        if "max_frames" in changed:
+            self.get_logger().info(f"max_frames {v['max_frames']} from the next frame")
         if changed & set(SUBSCRIPTION_PARAMETERS):
             self._subscribe()
+        if changed & set(RELOAD_PARAMETERS):
+            with self._lock:  # a change back to the running session's values (a revert) cancels a reload
+                self._reload_wanted = {k: v[k] for k in RELOAD_PARAMETERS} != self._session_values
+                self._lock.notify_all()
 
-    # -- start-up -----------------------------------------------------------------------------------
-    def _open_session(self):
-        v, log = self._values, self.get_logger()
+    def _update_session(self, session) -> None:
+        """Hand the selection settings and max_frames to `session` (applied at its next call)."""
+        v = self._values
+        chunk = chunk_params_from(v)
+        session.update(sparsity=v["sparsity"], method=v["method"], chunk_params="default" if chunk is None else chunk,
+                       max_frames=v["max_frames"])
+
+    # -- opening the store (start-up and reloads) ----------------------------------------------------
+    def _open_session(self, v: dict):
+        """A Session opened with the parameter values `v`; StartupError with the one-line reason."""
+        log = self.get_logger()
         if not v["store_path"]:
             raise StartupError("store_path is not set: pass -p store_path:=/path/to/store or a params file")
         path = Path(v["store_path"]).expanduser()
@@ -339,7 +387,7 @@ class VQANode(Node):
         shown = [-1]
 
         def progress(fraction: float, message: str) -> None:
-            if not self.context.ok():  # SIGINT / SIGTERM while profiling: stop (the scratch file goes too)
+            if not self.context.ok() or self._stop:  # a signal or shutdown while profiling: the scratch file goes too
                 raise ExternalShutdownException()
             decile = int(fraction * 10)
             if decile > shown[0]:
@@ -356,7 +404,7 @@ class VQANode(Node):
             session = Session.open(path, cfg, log=log.info, table=table)
         except (StoreError, OSError, ValueError, RuntimeError) as exc:
             raise StartupError(f"cannot load the model from {path}: {exc}") from exc
-        if not self.context.ok():  # a signal arrived while the model was being built
+        if not self.context.ok() or self._stop:  # a signal arrived while the model was being built
             session.close()
             raise ExternalShutdownException()
         log.info(f"model ready on {v['device']} ({v['dtype']}): {v['method']} at sparsity {v['sparsity']:g}")
@@ -412,7 +460,7 @@ class VQANode(Node):
         if error:
             return self._failed(response, error, arrival, "asks_refused")
         timeout = request.timeout_s if request.timeout_s > 0 else self._values["ask_timeout_s"]
-        job = AskJob(request, arrival, arrival + timeout)
+        job = AskJob(request, arrival, arrival + timeout, timeout)
         with self._lock:
             waiting = len(self._asks)  # queued jobs have not started yet
             if waiting >= MAX_WAITING_ASKS:
@@ -425,13 +473,22 @@ class VQANode(Node):
         with self._lock:
             if job.done.is_set():  # finished right at the deadline
                 return job.response
-            job.abandoned = True
-            if not job.started:
-                self._asks.remove(job)
-            frames = self._session.frames_in_context
+            decoding = job.decoding
+            if not decoding:
+                job.abandoned = True
+                if not job.started:
+                    self._asks.remove(job)
+            frames, reloading = self._session.frames_in_context, self._reloading
+        if decoding:  # decoding stops before its next token: the partial answer comes in a moment
+            job.done.wait()
+            return job.response
+        if job.started:  # the deadline passed during the question's prefill: no answer token yet
+            error = f"timed out after {timeout:g} s"
+        else:
+            error = f"reloading the model; timed out after {timeout:g} s" if reloading else "timed out"
         response.frames_in_context = frames
         response.queue_s = (job.started or time.monotonic()) - arrival
-        return self._failed(response, "timed out", arrival, "asks_timed_out")
+        return self._failed(response, error, arrival, "asks_timed_out")
 
     def _check_request(self, request: Ask.Request) -> str:
         question = request.question
@@ -463,35 +520,93 @@ class VQANode(Node):
     def _work(self) -> None:
         while True:
             with self._lock:
-                job, frame = self._next_job()
-                if job is None and frame is None:
-                    return  # stopping
+                task, item = self._next_task()
+            if task is None:
+                return  # stopping
             try:
-                if job is not None:
-                    self._answer(job)
+                if task == "reload":
+                    self._reload(item)
+                elif task == "ask":
+                    self._answer(item)
                 else:
-                    self._append(frame)
+                    self._append(item)
             except Exception:  # never let the worker die: log, count and go on
                 self.get_logger().error("worker failure:\n" + traceback.format_exc())
 
-    def _next_job(self) -> tuple[AskJob | None, Frame | None]:
-        """Under the lock: the next question (first) or frame to process; (None, None) to stop."""
+    def _next_task(self) -> tuple[str | None, object]:
+        """Under the lock: ("reload", parameter values) first, then ("ask", AskJob), then ("frame",
+        Frame); (None, None) to stop."""
         while not self._stop:
+            if self._reload_wanted:
+                self._reload_wanted, self._reloading = False, True
+                return "reload", dict(self._values)
             if self._asks and (self._session.frames_in_context > 0 or self._pending is None):
                 job = self._asks.popleft()
                 job.started = time.monotonic()
-                return job, None
+                return "ask", job
             if self._pending is not None:
                 rate = self._values["max_append_rate_hz"]
                 wait = self._last_append + (1.0 / rate if rate > 0 else 0.0) - time.monotonic()
                 if wait <= 0 or (self._asks and self._session.frames_in_context == 0):
                     frame, self._pending = self._pending, None
                     self._last_append = time.monotonic()
-                    return None, frame
+                    return "frame", frame
                 self._lock.wait(wait)
             else:
                 self._lock.wait()
         return None, None
+
+    def _reload(self, values: dict) -> None:
+        """Open a session with `values`; swap it in if that works, else keep the old one and revert."""
+        log, old = self.get_logger(), self._session
+        changes = ", ".join(f"{k} {self._session_values[k]!r} -> {values[k]!r}" for k in RELOAD_PARAMETERS
+                            if values[k] != self._session_values[k])
+        try:
+            if not changes:  # set back before the worker got to it
+                return
+            log.info(f"reloading the model ({changes}): questions wait, frames are skipped meanwhile")
+            try:
+                session = self._open_session(values)
+            except ExternalShutdownException:
+                return  # stopping
+            except Exception as exc:  # StartupError: the one-line reason; anything else: a runtime failure
+                reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self._counters["reload_failures"] += 1
+                log.error(f"model reload failed, still answering with the running model: {reason}")
+                self._publish_status("vqa_node: reload", DiagnosticStatus.ERROR, f"reload failed: {reason}",
+                                     {"changes": changes})
+                self._revert(values)
+                return
+            with self._lock:
+                self._session = session
+                self._session_values = {k: values[k] for k in RELOAD_PARAMETERS}
+                self._context_tokens = 0
+                if self._pending is None:  # the context restarts from the newest frame
+                    self._pending = self._newest
+                self._newest = None
+                self._counters["reloads"] += 1
+        finally:
+            with self._lock:
+                self._reloading = False
+        self._update_session(session)  # selection or max_frames changed while it was opening
+        old.close()
+        message = f"model reloaded ({changes}): earlier frames are gone, the context starts again from the newest frame"
+        log.info(message)
+        self._publish_status("vqa_node: reload", DiagnosticStatus.OK, message, {"changes": changes})
+
+    def _revert(self, failed: dict) -> None:
+        """Set the parameters that asked for the `failed` reload back to the running session's values."""
+        back = [Parameter(k, value=self._session_values[k]) for k in RELOAD_PARAMETERS
+                if self._values[k] == failed[k] != self._session_values[k]]
+        if not back:  # changed again meanwhile: the next reload tries that
+            return
+        result = self.set_parameters_atomically(back)  # _apply_values then finds nothing to reload
+        names = ", ".join(f"{p.name} {p.value!r}" for p in back)
+        if result.successful:
+            self.get_logger().info(f"parameters set back to the running model's: {names}")
+        else:
+            self.get_logger().error(f"cannot set the parameters back to the running model's ({names}): {result.reason}")
 
     def _append(self, frame: Frame):
         v = dict(self._values)  # the selection settings this append starts with
@@ -518,7 +633,8 @@ class VQANode(Node):
             "rows_read": stats.rows_read, "rows_total": stats.rows_total, "retained": f"{stats.retained:.4f}",
             "visual_tokens": stats.visual_tokens, "tokens": stats.tokens, "context_tokens": self._context_tokens,
             "frames_in_context": stats.frames_in_context, "rebuilt": stats.rebuilt,
-            "sparsity": f"{v['sparsity']:g}", "method": v["method"],
+            "sparsity": f"{v['sparsity']:g}", "method": v["method"], "max_frames": v["max_frames"],
+            **{k: self._session_values[k] for k in ("device", "dtype", "reader_threads")},
         }
         mib_s = stats.bytes_read / stats.io_s / 2**20 if stats.io_s > 0 else 0.0
         self._publish_status("vqa_node: frame", DiagnosticStatus.OK,
@@ -531,6 +647,10 @@ class VQANode(Node):
         self._answering = job
         try:
             self._answer_job(job)
+        except Exception as exc:  # a bug: the caller must still get a response
+            self.get_logger().error("answering failed:\n" + traceback.format_exc())
+            if not job.done.is_set():
+                self._finish(job, Ask.Response(), f"internal error: {type(exc).__name__}: {exc}", "asks_failed")
         finally:
             self._answering = None
 
@@ -551,7 +671,14 @@ class VQANode(Node):
                 extra_prefill = time.monotonic() - t0
             if session.frames_in_context == 0:
                 raise ValueError(f"no camera frame yet (listening on {', '.join(self._values['image_topics'])})")
-            answer = session.ask(request.question, max_new_tokens=n_new)
+
+            def should_stop() -> bool:  # asked before each answer token, so the prefill is over
+                with self._lock:
+                    job.decoding = True
+                    return job.abandoned or self._stop
+
+            answer = session.ask(request.question, max_new_tokens=n_new, deadline=job.deadline,
+                                 should_stop=should_stop)
         except ValueError as exc:
             self._finish(job, response, str(exc), "asks_failed")
             return
@@ -564,8 +691,8 @@ class VQANode(Node):
         question_tokens = session.adapter.encode_text(session.adapter.question_prompt(request.question.strip()))
         response.success = True
         response.answer = printable(answer.text)
-        response.truncated = len(answer.token_ids) >= n_new and (not answer.token_ids
-                                                                  or answer.token_ids[-1] not in stop_ids)
+        response.truncated = answer.interrupted or (len(answer.token_ids) >= n_new
+                                                    and answer.token_ids[-1] not in stop_ids)
         response.frames_in_context = answer.frames_in_context
         if answer.frames_in_context and self._newest is not None:
             response.newest_frame_stamp = self._newest.stamp
@@ -576,7 +703,10 @@ class VQANode(Node):
         response.io_bytes = int(answer.bytes_read)
         response.io_reads = int(answer.reads)
         response.io_s = float(answer.io_s)
-        self._finish(job, response, "", "asks_answered")
+        error = ""
+        if answer.interrupted:  # the partial answer stays in the response
+            error = "node shutting down" if self._stop else f"timed out after {job.timeout:g} s"
+        self._finish(job, response, error, "asks_timed_out" if error else "asks_answered")
 
     def _finish(self, job: AskJob, response: Ask.Response, error: str, counter: str) -> None:
         response.error = error
@@ -591,8 +721,8 @@ class VQANode(Node):
                 job.response = response
                 job.done.set()
         if abandoned:
-            self.get_logger().warning(f"answer finished {response.total_s:.2f} s after arrival, past its "
-                                      f"deadline; the caller already got 'timed out'")
+            self.get_logger().warning(f"a question's deadline passed during its prefill: the caller got "
+                                      f"'timed out'; its result ({response.total_s:.2f} s after arrival) is dropped")
         elif response.success and self.context.ok():
             try:
                 self._answer_pub.publish(String(data=response.answer))
@@ -601,19 +731,21 @@ class VQANode(Node):
 
     # -- statistics ---------------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """A snapshot of the intake and /ask counters, with asks_waiting and asks_in_progress."""
+        """A snapshot of the intake, reload and /ask counters, with asks_waiting, asks_in_progress and
+        reloading (0 or 1)."""
         with self._lock:
             return {**self._counters, "asks_waiting": len(self._asks),
-                    "asks_in_progress": int(self._answering is not None)}
+                    "asks_in_progress": int(self._answering is not None), "reloading": int(self._reloading)}
 
     def _publish_status(self, name: str, level: bytes, message: str, values: dict) -> None:
         counters = self.counters()
         keys = ("frames_received", "frames_appended", "frames_skipped", "frames_malformed", "append_failures",
-                "asks_answered", "asks_failed", "asks_refused", "asks_busy", "asks_timed_out", "asks_waiting",
-                "asks_in_progress")
+                "reloads", "reload_failures", "reloading", "asks_answered", "asks_failed", "asks_refused",
+                "asks_busy", "asks_timed_out", "asks_waiting", "asks_in_progress")
         values = {**values, **{k: counters.get(k, 0) for k in keys}}
         values.setdefault("frames_in_context", self._session.frames_in_context if self._session else 0)
-        status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=self._values["store_path"],
+        status = DiagnosticStatus(level=level, name=name, message=message,
+                                  hardware_id=self._session_values.get("store_path", ""),
                                   values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -633,7 +765,7 @@ class VQANode(Node):
 
     # -- shutdown -----------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop the worker (after the call in progress), fail waiting questions, close the session.
+        """Stop the worker (a decode stops before its next token), fail waiting questions, close the session.
 
         Idempotent; destroy_node calls it too.
         """
@@ -677,6 +809,14 @@ def main(args=None) -> int:
 
     Exit status 0 after SIGINT / SIGTERM (also during start-up), 1 when the node cannot start.
     """
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # Ctrl-C before rclpy's signal handlers are installed, or a second one while stopping
+        return 0
+
+
+def run(args=None) -> int:
+    """main without its KeyboardInterrupt guard."""
     rclpy.init(args=args)
     node = executor = None
     code = 0

@@ -8,6 +8,7 @@ frame_append (proven equal to one-shot in test_tiny_models.py). Logits are compa
 import json
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -190,6 +191,49 @@ def test_bounded_context_rebuilds_from_recent_frames(built):
     assert session.ask(QUESTION, max_new_tokens=2).token_ids == tokens
     session.reset()
     assert session.frames_in_context == 0 and session.newest_stamp is None
+    session.close()
+
+
+def test_max_frames_update_rebuilds_at_the_next_frame(built):
+    session = open_session(built, "smolvlm", max_frames=8)
+    seen = record_logits(session.model)
+    for seed in range(1, 6):
+        session.append_frame(make_frame(seed=seed))
+    with pytest.raises(ValueError, match="max_frames"):
+        session.update(max_frames=0)
+    session.update(max_frames=2)
+    assert session.config.max_frames == 2 and session.frames_in_context == 5  # applied at the next call
+    stats = [session.append_frame(make_frame(seed=seed)) for seed in (6, 7)]
+    assert [(s.rebuilt, s.frames_in_context) for s in stats] == [(True, 2), (True, 2)]
+    assert len(session._kept) == 1
+    # the last rebuild kept frame 6 (max_frames // 2 = 1 earlier frame): prefix, 6, 7
+    ref, tokens = dense_reference(built, "smolvlm", (6, 7), session.stop_ids, n_new=2)
+    assert (seen[-1] - ref[2]).abs().max() <= 1e-4
+    assert session.ask(QUESTION, max_new_tokens=2).token_ids == tokens
+    session.close()
+
+
+def test_deadline_and_should_stop_give_a_partial_answer(built):
+    session = open_session(built, "smolvlm", max_new_tokens=NEW_TOKENS)
+    session.append_frame(make_frame(seed=1))
+    full = session.ask(QUESTION)
+    assert not full.interrupted and full.tokens_generated == NEW_TOKENS  # no early end: 2 tokens is partial
+    checks = []
+
+    def after_two_tokens():
+        checks.append(1)
+        return len(checks) > 2  # asked before each new token: stop before the third
+
+    partial = session.ask(QUESTION, should_stop=after_two_tokens)
+    assert partial.interrupted and partial.tokens_generated == 2 and partial.token_ids == full.token_ids[:2]
+    assert partial.text == session.tokenizer.decode(full.token_ids[:2], skip_special_tokens=True).strip()
+    late = session.ask(QUESTION, deadline=time.monotonic() - 1.0)  # passed before decoding began
+    assert late.interrupted and late.token_ids == [] and late.text == "" and late.prefill_s > 0
+    assert not session.ask(QUESTION, deadline=time.monotonic() + 600).interrupted
+    assert session.ask(QUESTION).token_ids == full.token_ids  # the stopped questions left no trace
+    for bad in (float("nan"), True, "soon"):
+        with pytest.raises(ValueError, match="deadline"):
+            session.ask(QUESTION, deadline=bad)
     session.close()
 
 

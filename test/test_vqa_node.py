@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,12 +28,12 @@ import pytest
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed")
 
 from builtin_interfaces.msg import Time  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 from rclpy.context import Context  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
-from rclpy.parameter import Parameter, parameter_dict_from_yaml_file  # noqa: E402
+from rclpy.parameter import Parameter, parameter_dict_from_yaml_file, parameter_value_to_python  # noqa: E402
 from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
@@ -122,6 +123,7 @@ class World(Node):
         self.ask_client = self.create_client(Ask, service)
         self.params = AsyncParameterClient(self, node)
         self.statuses = []
+        self.reloads = []  # (level, message) of the "vqa_node: reload" statuses
         self.answers = []
         self.create_subscription(DiagnosticArray, f"/{node}/statistics", self._on_stats, 100)
         self.create_subscription(String, f"/{node}/answer", lambda m: self.answers.append(m.data), 10)
@@ -130,6 +132,8 @@ class World(Node):
     def _on_stats(self, msg):
         for s in msg.status:
             self.statuses.append((s.name, s.level, {kv.key: kv.value for kv in s.values}))
+            if s.name == "vqa_node: reload":
+                self.reloads.append((s.level, s.message))
 
     def frame_statuses(self):
         return [values for name, level, values in list(self.statuses) if name == "vqa_node: frame" and level == b"\x00"]
@@ -159,6 +163,16 @@ class World(Node):
                                              for k, v in values.items()])
         wait_for(future.done, what="the parameter service")
         return future.result().results
+
+    def set_params_atomically(self, **values):
+        future = self.params.set_parameters_atomically([Parameter(k, value=v) for k, v in values.items()])
+        wait_for(future.done, what="the parameter service")
+        return future.result().result
+
+    def get_param(self, name):
+        future = self.params.get_parameters([name])
+        wait_for(future.done, what="the parameter service")
+        return parameter_value_to_python(future.result().values[0])
 
 
 def response(future, timeout=TIMEOUT_S):
@@ -251,10 +265,11 @@ def test_check_parameters_reasons():
         return "" if result.successful else result.reason
 
     assert reason(sparsity=0.3, method="magnitude", image_topics=["/a", "/b/compressed"]) == ""
-    assert "restart the node" in reason(store_path="/elsewhere")
-    assert "restart the node" in reason(reader_threads=2)
-    assert reason(running=False, store_path="/elsewhere") == ""  # start-up values are fine
-    assert reason(store_path="") == ""  # unchanged is not a change
+    assert reason(reader_threads=2, device="cpu", dtype="bfloat16", max_frames=3) == ""  # all apply at run time
+    assert "store /elsewhere does not exist" in reason(store_path="/elsewhere")
+    assert "not an nchunk store: no manifest.json" in reason(store_path=str(ROOT))
+    assert "store_path is empty" in reason(store_path="")
+    assert reason(running=False, store_path="/elsewhere") == ""  # at start-up, opening the store reports it
     assert "method must be one of" in reason(method="topk")
     assert "qos_reliability must be" in reason(qos_reliability="sometimes")
     assert "device must be" in reason(running=False, device="tpu")
@@ -265,6 +280,10 @@ def test_check_parameters_reasons():
     assert "chunk_max_kib (16) is below the smallest window (32 KiB)" in reason(chunk_max_kib=16.0)
     assert "below the smallest window (64 KiB)" in reason(chunk_start_kib=64.0, chunk_max_kib=48.0)
     assert reason(chunk_start_kib=16.0, chunk_max_kib=16.0) == ""
+    assert set(vqa_node.RELOAD_PARAMETERS) == {"store_path", "device", "dtype", "reader_threads"}
+    for spec in PARAMETERS:
+        d = spec.descriptor()
+        assert "restart the node" not in d.description + d.additional_constraints, spec.name
 
 
 def test_chunk_params_from_parameters():
@@ -386,7 +405,7 @@ def test_parameter_change_applies_to_the_next_frame(rig):
         "sparsity": (1.5, "out of range"),
         "method": ("bogus", "method must be one of"),
         "chunk_max_kib": (8.0, "below the smallest window"),
-        "store_path": ("/elsewhere", "restart the node"),
+        "store_path": ("/elsewhere", "store /elsewhere does not exist"),
         "image_topics": (Parameter("image_topics", Parameter.Type.STRING_ARRAY, []), "image_topics is empty"),
     }
     for name, (value, reason) in refused.items():
@@ -469,6 +488,113 @@ def test_deadline_passes_while_waiting(rig):
     assert response(slow).success
 
 
+def test_deadline_during_the_answer_returns_what_was_generated(rig):
+    node, tester = rig["node"], rig["tester"]
+    feed(tester, node, frames=1, seed=100)
+    question = "What colour is the square?"
+    full = tester.call(question, reset_context=True)  # the context is now that one frame, for every call below
+    assert full.success and full.tokens_generated >= 2, full
+
+    def slow(seconds, phase):  # an observer that makes one phase of Session.ask slow, nothing else
+        return lambda p, name, x: time.sleep(seconds) if p == phase else None
+
+    # each answer token after the first takes 8 streamed groups x 0.3 s: the 1 s deadline stops it after one
+    node.session.set_observer(slow(0.3, "answer"))
+    try:
+        r = tester.call(question, timeout_s=1.0)
+    finally:
+        node.session.set_observer(None)
+    assert not r.success and r.error == "timed out after 1 s"
+    assert r.tokens_generated == 1 and r.truncated and r.frames_in_context == 1 and r.decode_s > 0.5, r
+    one_token = node.session.ask(question, max_new_tokens=1)  # the node is idle: the same context, directly
+    assert r.answer == vqa_node.printable(one_token.text)
+
+    # the question's prefill (8 groups x 0.3 s) is still running at the deadline: an empty answer, at once
+    node.session.set_observer(slow(0.3, "question"))
+    try:
+        r = tester.call(question, timeout_s=1.0)
+    finally:
+        node.session.set_observer(None)
+    assert not r.success and r.error == "timed out after 1 s" and r.answer == "" and r.tokens_generated == 0
+    assert r.total_s < 2.0  # before the prefill ended
+    again = tester.call(question)
+    assert again.success and again.answer == full.answer  # the stopped questions left the context as it was
+
+
+def test_reload_parameters_reopen_the_model(rig, store):
+    from nchunk_core.profile import cache_path
+
+    node, tester = rig["node"], rig["tester"]
+    profile = cache_path(store, 2)  # a cached profile for reader_threads 2: the reload measures nothing
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    LatencyTable.synthetic().save(profile)
+    feed(tester, node, frames=2, seed=80)
+    old, reloads = node.session, node.counters().get("reloads", 0)
+    seen = len(tester.frame_statuses())
+    try:
+        assert tester.set_params_atomically(reader_threads=2, dtype="bfloat16").successful  # one reload
+        # the new session's first frame is the newest camera frame: the context restarted from it
+        first = wait_for(lambda: [s for s in tester.frame_statuses()[seen:] if s["reader_threads"] == "2"],
+                         what="a frame appended by the reloaded model")[0]
+        assert (first["dtype"], first["frames_in_context"], int(first["reloads"])) == ("bfloat16", "1", reloads + 1)
+        assert node.session is not old and (node.session.config.threads, node.session.config.dtype) == (2, "bfloat16")
+        with pytest.raises(RuntimeError, match="closed"):
+            old.ask("Still there?")
+        level, message = wait_for(lambda: tester.reloads, what="the reload status")[-1]
+        assert level == DiagnosticStatus.OK and "reader_threads 6 -> 2" in message and "starts again" in message
+        feed(tester, node, frames=1, seed=82)
+        r = tester.call()
+        assert r.success and r.frames_in_context == 2, r.error
+    finally:
+        tester.set_params_atomically(reader_threads=6, dtype="float32")
+    wait_for(lambda: (node.session.config.threads, node.session.config.dtype) == (6, "float32"),
+             what="the model reloaded with the original values")
+
+
+def test_bad_store_path_or_device_at_run_time_keeps_the_running_model(rig, store, tmp_path):
+    import torch
+
+    node, tester = rig["node"], rig["tester"]
+    old, failures = node.session, node.counters().get("reload_failures", 0)
+    for path, reason in ((tmp_path / "missing", "does not exist"), (tmp_path, "not an nchunk store")):
+        (result,) = tester.set_params(store_path=str(path))
+        assert not result.successful and reason in result.reason, result.reason
+    broken = shutil.copytree(store, tmp_path / "broken")
+    (broken / "manifest.json").write_text("{")
+    (result,) = tester.set_params(store_path=str(broken))
+    assert result.successful  # it looks like a store: opening it on the worker finds out, and sets it back
+    wait_for(lambda: tester.get_param("store_path") == str(store), what="store_path set back")
+    assert node.session is old and node.counters()["reload_failures"] == failures + 1
+    level, message = wait_for(lambda: tester.reloads and tester.reloads[-1][0] == DiagnosticStatus.ERROR
+                              and tester.reloads, what="the reload failure on ~/statistics")[-1]
+    assert f"cannot open store {broken}" in message and "manifest.json" in message and "\n" not in message
+    if not torch.cuda.is_available():  # a device this machine does not have: refused by the reload, set back
+        assert tester.set_params(device="cuda")[0].successful
+        wait_for(lambda: tester.get_param("device") == "cpu", what="device set back")
+        wait_for(lambda: "sees no CUDA device" in tester.reloads[-1][1], what="the reload failure")
+        assert node.session is old
+    feed(tester, node, frames=1, seed=85)
+    r = tester.call()
+    assert r.success, r.error
+
+
+def test_max_frames_changes_at_run_time(rig):
+    node, tester = rig["node"], rig["tester"]
+    feed(tester, node, frames=3, seed=90)
+    assert node.session.frames_in_context >= 3
+    try:
+        assert tester.set_params(max_frames=2)[0].successful
+        seen = len(tester.frame_statuses())
+        feed(tester, node, frames=3, seed=93)
+        stats = wait_for(lambda: tester.frame_statuses()[seen:] if len(tester.frame_statuses()) >= seen + 3 else None,
+                         what="statistics of the new frames")
+        assert all((s["frames_in_context"], s["rebuilt"], s["max_frames"]) == ("2", "True", "2") for s in stats), stats
+        assert node.session.frames_in_context == 2
+        assert tester.call().frames_in_context == 2
+    finally:
+        tester.set_params(max_frames=8)
+
+
 def test_nchunk_ask_command(rig, env):
     feed(rig["tester"], rig["node"], frames=1, seed=70)
     cli = [sys.executable, "-m", "nchunk_core.cli", "ask"]
@@ -540,28 +666,50 @@ def test_params_file_start_and_clean_exit_on_signal(store, env, sig):
     assert f"chunking at sparsity {sparsity:g}" in log  # the file's values were used
 
 
-def test_nchunk_demo_runs_end_to_end(env, tmp_path):
-    from nchunk_core.profile import cache_path
-    from nchunk_ros.demo import ensure_demo_store
+# Child programs that send the process a real SIGINT at one moment of vqa_node's start-up, then run it.
+INTERRUPT_AT = {
+    "imports": """
+import importlib.abc, os, signal, sys
+class InterruptOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "rclpy":  # the first third-party import of nchunk_ros.vqa_node
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, InterruptOnImport())
+""",
+    "rclpy.init": """
+import os, signal, rclpy
+init = rclpy.init
+def interrupted_init(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return init(*args, **kwargs)
+rclpy.init = interrupted_init
+""",
+    "model build": """
+import importlib.abc, os, signal, sys
+class InterruptOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "nchunk_core.session":  # imported while the node opens the store, after rclpy.init
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, InterruptOnImport())
+""",
+}
 
-    cache = tmp_path / "cache"
-    demo_env = dict(os.environ, NCHUNK_CACHE_DIR=str(cache), ROS_DOMAIN_ID=str((int(os.environ["ROS_DOMAIN_ID"])
-                                                                                + 2) % 200 + 20))
-    os.environ["NCHUNK_CACHE_DIR"] = str(cache)  # the module fixture restores it
-    store = ensure_demo_store(log=lambda m: None)  # what the demo does first; built here to seed its profile
-    assert store == cache / "demo-store"
-    profile = cache_path(store, 6)
-    profile.parent.mkdir(parents=True)
-    LatencyTable.synthetic().save(profile)
-    done = subprocess.run([sys.executable, "-m", "nchunk_core.cli", "demo"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=demo_env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    out = done.stdout
-    for expected in ("== 1. questions over /ask", "A: ", "truth: ", "reset_context", "chunking 0.5",
-                     "magnitude 0.5", "sparsity 1.5 refused: ", "frames received", "demo finished"):
-        assert expected in out, f"{expected!r} missing from:\n{out}"
-    assert "first run on this drive" not in out  # the profile was found in the cache
-    assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
+
+@pytest.mark.parametrize("moment", list(INTERRUPT_AT))
+def test_sigint_during_start_up_exits_0_quietly(store, env, moment):
+    child = INTERRUPT_AT[moment] + f"""
+import runpy, sys
+sys.argv = ["vqa_node", "--ros-args", "-p", "store_path:={store}"]
+runpy.run_module("nchunk_ros.vqa_node", run_name="__main__")
+"""
+    run_env = dict(os.environ, ROS_DOMAIN_ID=str((int(os.environ["ROS_DOMAIN_ID"]) + 3) % 200 + 20))
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=START_TIMEOUT_S,
+                          cwd=ROOT, env=run_env)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "Traceback" not in log and "terminate called" not in log and "ready: /ask served" not in log, log
 
 
 # ---- the launch file -----------------------------------------------------------------------------
