@@ -80,6 +80,11 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
     try:
         if not client.wait_for_service(120.0):
             raise RuntimeError("the node's /ask service did not appear within 120 s")
+        waited = time.monotonic() + 60.0  # questions are about frames: the first waits for one in context
+        while int(listener.intake.get("frames_appended", 0)) < 1:
+            if time.monotonic() > waited:
+                raise RuntimeError("no camera frame reached the node within 60 s")
+            executor.spin_once(timeout_sec=0.2)
         start = time.monotonic()
         end = start + 60.0 * minutes
         asked = 0
