@@ -104,10 +104,10 @@ class Question:
 
 
 def random_scene(rng: np.random.Generator, width: int = 320, height: int = 240, index: int = 0,
-                 max_shapes: int = COLUMNS, min_shapes: int = 1) -> Scene:
-    """`min_shapes`–`max_shapes` (≤ COLUMNS) shapes of distinct colours, one per random column."""
+                 max_shapes: int = COLUMNS) -> Scene:
+    """One to `max_shapes` (≤ COLUMNS) shapes of distinct colours, one per random column."""
     max_shapes = max(1, min(max_shapes, COLUMNS))
-    count = int(rng.integers(min(min_shapes, max_shapes), max_shapes + 1))
+    count = int(rng.integers(1, max_shapes + 1))
     columns = np.sort(rng.choice(COLUMNS, size=count, replace=False))
     colors = rng.choice(list(COLORS), size=count, replace=False)
     col_w = width / COLUMNS
@@ -179,7 +179,7 @@ def count_question(scene: Scene, rng: np.random.Generator) -> Question:
     return Question("count", f"how many {PLURALS[shape]} are there?", str(n))
 
 
-def describe_question(scene: Scene, rng: np.random.Generator | None = None) -> Question:
+def describe_question(scene: Scene) -> Question:
     """Every shape, left to right (a training aid: each answer word needs one column's shape)."""
     return Question("describe", "what shapes are there?", " ".join(s.name for s in scene.shapes))
 
@@ -224,8 +224,8 @@ def split_scenes(split: str, count: int, seed: int = 0, width: int = 320, height
     return out
 
 
-def question_set(scenes: list[Scene], seed: int, split: str) -> list[tuple[Scene, Question]]:
+def question_set(scenes: list[Scene], seed: int, split: str) -> list[tuple[Scene, list[Question]]]:
     """Every scene with one question of each kind it allows, drawn with a seeded generator."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], 1_000_003])
-    return [(scene, q) for scene in scenes for q in questions_for(scene, rng)]
+    return [(scene, questions_for(scene, rng)) for scene in scenes]
 

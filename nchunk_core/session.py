@@ -271,6 +271,9 @@ class Session:
         self._log = log
         options = {"frame_mode": cfg.frame_mode} if flash.arch == "llava_onevision" else {}
         self.adapter = adapter_class(flash.arch)(flash.model, processor, **options)
+        # The conversation's first chunk, the same text every time; a text chunk at 0 takes
+        # positions 0 … n-1 in every adapter, so it ends at position num_tokens.
+        self._prefix = self.adapter.encode_text(self.adapter.prompt_prefix)
         self.stop_ids = stop_token_ids(store.path, self.tokenizer)
         text = flash.model.config.get_text_config()
         self.max_positions = int(getattr(text, "max_position_embeddings", 1 << 30))
@@ -431,7 +434,7 @@ class Session:
             if rebuilt:
                 prep_s += self._rebuild(chunk)
             else:
-                chunks = [] if self._prefixed else [(self._prefix_chunk(), "prefix")]
+                chunks = [] if self._prefixed else [(self._prefix, "prefix")]
                 chunks.append((chunk, "frame"))
                 length, position = self._cache.get_seq_length(), self._next_position
                 try:
@@ -459,14 +462,9 @@ class Session:
                 retained=float(np.mean([c.retained for c in calls])) if calls else 1.0,
                 frames_in_context=self._frames, rebuilt=rebuilt, reads=sum(c.runs for c in calls))
 
-    def _prefix_chunk(self) -> Chunk:
-        chunk = self.adapter.encode_text(self.adapter.prompt_prefix)
-        self._prefix_tokens = chunk.num_tokens  # a text chunk at 0 takes positions 0 … n-1 in every adapter
-        return chunk
-
     def _prefix_copy(self) -> DynamicCache:
         """A new cache holding a copy of the current cache's prefix."""
-        n, cache = self._prefix_tokens, DynamicCache()
+        n, cache = self._prefix.num_tokens, DynamicCache()
         for i, layer in enumerate(self._cache.layers):
             cache.update(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone(), i)
         return cache
@@ -477,11 +475,11 @@ class Session:
         replay = [(self._encode(image), "replay") for image, _ in self._kept]
         prep_s = time.perf_counter() - t0
         if self._prefixed:  # the prefix's keys and values are kept: it is the same text at the same place
-            cache, position = self._prefix_copy(), self._prefix_tokens
+            cache, position = self._prefix_copy(), self._prefix.num_tokens
             chunks = [*replay, (chunk, "frame")]
         else:
             cache, position = DynamicCache(), 0
-            chunks = [(self._prefix_chunk(), "prefix"), *replay, (chunk, "frame")]
+            chunks = [(self._prefix, "prefix"), *replay, (chunk, "frame")]
         position = self._fill(cache, position, chunks)  # the old context stays intact if this fails
         self._cache, self._next_position = cache, position
         self._prefixed = True

@@ -230,14 +230,9 @@ class Batches:
         self._stop.set()
 
 
-def encode_set(encoder: Encoder, pairs: list[tuple[scenes.Scene, scenes.Question]]):
-    """A question set grouped by scene: [(pixels [3, S, S], [questions of that scene])]."""
-    grouped: dict[int, tuple[torch.Tensor, list]] = {}
-    for scene, q in pairs:
-        if id(scene) not in grouped:
-            grouped[id(scene)] = (encoder.pixels(scene), [])
-        grouped[id(scene)][1].append(q)
-    return list(grouped.values())
+def encode_set(encoder: Encoder, question_set: list[tuple[scenes.Scene, list[scenes.Question]]]):
+    """A question set (scenes.question_set) as [(pixels [3, S, S], questions of that scene)]."""
+    return [(encoder.pixels(scene), questions) for scene, questions in question_set]
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ def test_splits_are_seeded_and_disjoint():
 
 def test_question_sets_cover_every_kind_and_round_trip_json():
     pairs = scenes.question_set(scenes.split_scenes("test", 100), 0, "test")
-    kinds = {q.kind for _, q in pairs}
+    kinds = {q.kind for _, questions in pairs for q in questions}
     assert kinds == set(scenes.KINDS)
     scene = pairs[0][0]
     assert Scene.from_dict(scene.to_dict()).key == scene.key

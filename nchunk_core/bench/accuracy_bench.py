@@ -41,17 +41,15 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
         threads: int = 6, log=print) -> dict:
     store = Path(store) if store else shipped_store()
     test = scenes.split_scenes("test", scene_count, seed, FRAME_W, FRAME_H)
-    pairs = scenes.question_set(test, seed, "test")
-    by_scene: dict[int, list[scenes.Question]] = {}
-    for scene, q in pairs:
-        by_scene.setdefault(id(scene), []).append(q)
+    question_set = scenes.question_set(test, seed, "test")
     plan = settings(methods, sparsities)
     rec = {key: {"right": {k: 0 for k in scenes.KINDS}, "total": {k: 0 for k in scenes.KINDS},
                  "io_s": [], "bytes": [], "reads": [], "retained": [], "select_s": []} for key in plan}
     cfg = SessionConfig(max_frames=1, max_new_tokens=4, threads=threads)
     t0 = time.perf_counter()
     with Session.open(store, cfg, log=lambda m: None) as session:  # quiet: it logs every rebuild
-        for n, scene in enumerate(test):
+        sizes = row_bytes(session.store)
+        for n, (scene, questions) in enumerate(question_set):
             frame = scenes.render_scene(scene)
             for key in plan:
                 method, sparsity = key
@@ -64,7 +62,7 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
                     r["reads"].append(st.reads)
                     r["retained"].append(st.retained)
                     r["select_s"].append(st.select_s)
-                for q in by_scene[id(scene)]:
+                for q in questions:
                     r["total"][q.kind] += 1
                     r["right"][q.kind] += session.ask(q.text).text == q.answer
             if (n + 1) % 50 == 0 or n + 1 == len(test):
@@ -79,7 +77,8 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
             "reads": statistics.median(r["reads"]), "retained": float(np.mean(r["retained"])),
             "select_ms": statistics.median(r["select_s"]) * 1e3,
         })
-    return summarize(points, store, len(test), len(pairs), seed, time.perf_counter() - t0)
+    return summarize(points, store, sizes, len(test), sum(len(q) for _, q in question_set), seed,
+                     time.perf_counter() - t0)
 
 
 def pareto(points: list[dict]) -> list[dict]:
@@ -116,7 +115,8 @@ def _mean(d: dict) -> float | None:
     return float(np.mean(list(d.values()))) if d else None
 
 
-def summarize(points, store: Path, scene_count: int, question_count: int, seed: int, seconds: float) -> dict:
+def summarize(points, store: Path, sizes: dict[str, int], scene_count: int, question_count: int, seed: int,
+              seconds: float) -> dict:
     speedups, front = matched_speedups(points), matched_speedups(points, front=True)
     dense = next(p for p in points if p["method"] == "dense")
     return {
@@ -128,18 +128,15 @@ def summarize(points, store: Path, scene_count: int, question_count: int, seed: 
         "speedups_matched_accuracy": {str(s): v for s, v in speedups.items()},
         "mean_speedup_matched_accuracy_vs_front": _mean(front),
         "speedups_matched_accuracy_vs_front": {str(s): v for s, v in front.items()},
-        "row_bytes": row_bytes(store),
+        "row_bytes": sizes,
         "points": points,
     }
 
 
-def row_bytes(store: Path) -> dict[str, int]:
+def row_bytes(store) -> dict[str, int]:
     """Bytes of one row per group kind (the first layer's), to set these figures beside a 7B's."""
-    from ..store import Store
-
-    s = Store.open(store)
-    return {g.name.split(".", 2)[2]: g.row_bytes for name in s.inputs() if name.startswith("layers.0.")
-            for g in s.groups_for_input(name)}
+    return {g.name.split(".", 2)[2]: g.row_bytes for name in store.inputs() if name.startswith("layers.0.")
+            for g in store.groups_for_input(name)}
 
 
 def format_table(res: dict) -> str:
