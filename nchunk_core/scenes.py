@@ -5,9 +5,12 @@ the synthetic camera (nchunk_ros/synthetic_camera.py) and the accuracy benchmark
 shows exactly the kind of scene the model learned.
 
 A scene is a plain background with one to four shapes (circle, square, triangle) in distinct
-colours. The frame is split into `COLUMNS` equal columns and each shape sits in its own column (at a
-random height, size and horizontal offset inside the column), so "left of" and "right of" always
-have one answer: the shape in the nearest occupied column on that side, or "nothing".
+colours. The frame is split into `COLUMNS` × `ROWS` equal cells and each shape sits in its own
+column, inside one cell of it (random row, size and offset), so "left of" and "right of" always
+have one answer: the shape in the nearest occupied column on that side, or "nothing". The cells
+are the built-in model's visual tokens (a 4 × 4 grid over the frame), so each shape is seen whole
+by one token: a tiny vision tower learns to name them in a few hundred steps that way, against
+more than two thousand when a shape can straddle tokens (docs/design.md, "Built-in model").
 
 Questions (lower case, as the model's word-level tokenizer sees them) and answers:
 
@@ -41,10 +44,11 @@ BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (15, 
 SHAPES = ("circle", "square", "triangle")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 COLUMNS = 4  # a scene has at most one shape per column
+ROWS = 4  # ... drawn inside one of this many cells of its column
 KINDS = ("colour", "presence", "count", "position")
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 SPLIT_ORDER = ("test", "val", "train")  # a split never holds a layout of the splits before it
-SIZE_RANGE = (0.5, 0.85)  # shape size as a fraction of min(column width, frame height)
+SIZE_RANGE = (0.6, 0.9)  # shape size as a fraction of min(cell width, cell height)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,29 +109,30 @@ class Question:
 
 def random_scene(rng: np.random.Generator, width: int = 320, height: int = 240, index: int = 0,
                  max_shapes: int = COLUMNS) -> Scene:
-    """One to `max_shapes` (≤ COLUMNS) shapes of distinct colours, one per random column."""
+    """One to `max_shapes` (≤ COLUMNS) shapes of distinct colours, one per random column, each
+    inside a random cell (one of ROWS) of its column."""
     max_shapes = max(1, min(max_shapes, COLUMNS))
     count = int(rng.integers(1, max_shapes + 1))
     columns = np.sort(rng.choice(COLUMNS, size=count, replace=False))
     colors = rng.choice(list(COLORS), size=count, replace=False)
-    col_w = width / COLUMNS
-    limit = min(col_w, height)
+    col_w, row_h = width / COLUMNS, height / ROWS
     shapes = []
     for column, color in zip(columns, colors):
-        size = max(4, int(limit * rng.uniform(*SIZE_RANGE)))
-        half = size / 2
+        size = max(4, int(min(col_w, row_h) * rng.uniform(*SIZE_RANGE)))
         slack_x = max(0.0, (col_w - size) / 2 - 1)
+        slack_y = max(0.0, (row_h - size) / 2 - 1)
+        row = int(rng.integers(ROWS))
         cx = int(round((column + 0.5) * col_w + rng.uniform(-slack_x, slack_x)))
-        cy = int(round(rng.uniform(half + 1, max(half + 1, height - half - 1))))
+        cy = int(round((row + 0.5) * row_h + rng.uniform(-slack_y, slack_y)))
         shapes.append(Shape(str(rng.choice(SHAPES)), str(color), (cx, cy), size))
     return Scene(index, width, height, str(rng.choice(list(BACKGROUNDS))), shapes)
 
 
-def render_scene(scene: Scene) -> np.ndarray:
-    """The scene as uint8 [H, W, 3] RGB."""
-    img = np.empty((scene.height, scene.width, 3), np.uint8)
-    img[:] = BACKGROUNDS[scene.background]
+def shape_masks(scene: Scene) -> list[np.ndarray]:
+    """Where each shape is drawn, in scene order: bool [H, W] per shape (a later shape covers an
+    earlier one where they meet, as in render_scene)."""
     y, x = np.mgrid[0:scene.height, 0:scene.width]
+    masks = []
     for s in scene.shapes:
         cx, cy, half = s.center[0], s.center[1], s.size / 2.0
         if s.shape == "circle":
@@ -138,6 +143,15 @@ def render_scene(scene: Scene) -> np.ndarray:
             top, bottom = cy - half, cy + half
             rel = (y - top) / max(s.size, 1)  # 0 at the apex, 1 at the base
             mask = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= rel * half)
+        masks.append(mask)
+    return masks
+
+
+def render_scene(scene: Scene) -> np.ndarray:
+    """The scene as uint8 [H, W, 3] RGB."""
+    img = np.empty((scene.height, scene.width, 3), np.uint8)
+    img[:] = BACKGROUNDS[scene.background]
+    for s, mask in zip(scene.shapes, shape_masks(scene)):
         img[mask] = COLORS[s.color]
     return img
 

@@ -5,24 +5,36 @@
 
 Data (scenes.py): an endless stream of training scenes, rendered at the camera's 320×240 and put
 through the model's own processor, so the model sees exactly what the runtime feeds it. Every scene
-gives one question of each kind, another count and position question, and "what shapes are
+gives one question of each kind, another colour and position question, and "what shapes are
 there?" answered with every shape left to right. Validation and test scenes are drawn from their
 own seeds, and the training stream skips their layouts. Scenes hold at most two shapes for the
-first `curriculum_steps`, three for as many again, then up to four. A linear probe on the visual
-tokens (ColumnProbe, not saved) names each column's colour and shape: a direct signal for the
-vision tower.
+first `curriculum_steps`, three for as many again, then up to four.
+
+Two phases:
+
+1. Vision (`pretrain_vision`): the vision tower and connector alone learn, from a linear probe on
+   the visual tokens (SceneProbe, not saved), to name the shape in each token's area, in its
+   column and in the nearest columns on either side.
+2. Joint: the answer loss, plus three training aids that act on positions and weights the runtime
+   never reads: the probe; the early answer (the answer's first word predicted already at the
+   question's last shape word, "circle" in "what color is the circle?"); and the attention hints
+   (at that word, the first layer's first head attends to the visual tokens showing that shape,
+   and in a position question the second layer's first head to the neighbour the answer names).
+   Without them the language model sits near the answer priors for thousands of steps: finding
+   "the circle" among the visual tokens and then carrying its colour to the answer are two steps
+   that each learn only once the other works. The aids give each step its own signal.
 
 Batches: the vision tower runs once per image; its visual tokens are copied into every question
 sequence of that image, which holds the same ids as the runtime's conversation (prefix, frame
-chunk, question chunk; demo_model.prompt) followed by the answer and <end_of_utterance>. The loss is
-the cross-entropy of the answer tokens and the end token. Greedy decoding gives the right answer
-exactly when every one of those tokens is the argmax, which is how accuracy is counted.
+chunk, question chunk; demo_model.prompt) followed by the answer and <end_of_utterance>. The answer
+loss is the cross-entropy of the answer tokens and the end token. Greedy decoding gives the right
+answer exactly when every one of those tokens is the argmax, which is how accuracy is counted.
 
 Schedule: AdamW, linear warm-up then cosine decay; a background thread renders the next batches.
 Output: the Hugging Face checkpoint (model, tokenizer, processor, generation config) in `--out`,
 `training.json` with the settings, the time and the accuracy per kind on the validation and test
 sets, training_curve.png, and unless --no-convert the store (calibrated on training scenes) in
-`--store`. With the defaults this takes about 44 minutes on two CPU cores (README).
+`--store`. With the defaults this takes about TRAIN_MINUTES minutes on two CPU cores (README).
 """
 from __future__ import annotations
 
@@ -51,14 +63,18 @@ VAL_SCENES, TEST_SCENES = 300, 500
 @dataclasses.dataclass
 class Settings:
     seed: int = 0
-    steps: int = 6000
+    steps: int = 5000
     images_per_step: int = 16
     lr: float = 2e-3
     warmup: int = 150
     weight_decay: float = 0.01
     curriculum_steps: int = 1000  # scenes hold ≤ 2 shapes before this step, ≤ 3 until twice it
     eval_every: int = 500
-    probe_weight: float = 0.5  # weight of the ColumnProbe loss beside the answer loss
+    probe_weight: float = 0.5  # weight of the SceneProbe loss beside the answer loss
+    early_weight: float = 0.5  # weight of the early-answer loss (collate) beside the answer loss
+    hint_weight: float = 0.5  # weight of the attention hints (attention_hint_loss)
+    vision_steps: int = 500  # phase 1: vision tower and connector trained on the SceneProbe alone
+    vision_scenes: int = 2400  # phase 1 draws its batches from this many rendered training scenes
 
     @classmethod
     def scaled(cls, seed: int = 0, steps: int | None = None) -> "Settings":
@@ -66,7 +82,8 @@ class Settings:
         d = cls()
         steps = d.steps if steps is None else steps
         return cls(seed=seed, steps=steps, warmup=min(d.warmup, steps // 10),
-                   curriculum_steps=min(d.curriculum_steps, steps // 6), eval_every=min(d.eval_every, steps))
+                   curriculum_steps=min(d.curriculum_steps, steps // 6), eval_every=min(d.eval_every, steps),
+                   vision_steps=min(d.vision_steps, steps // 3), vision_scenes=min(d.vision_scenes, 4 * steps))
 
 
 class Encoder:
@@ -81,6 +98,9 @@ class Encoder:
         where = (self.context == self.adapter.image_token_id).nonzero()[:, 0]
         self.image_slice = slice(int(where[0]), int(where[-1]) + 1)
         self.eos = self.tok.convert_tokens_to_ids("<end_of_utterance>")
+        # shape words → shape class (1, 2, 3); a question's last one is where the aids act (collate)
+        self.shape_of = {self.tok.convert_tokens_to_ids(w): k + 1 for k, sh in enumerate(scenes.SHAPES)
+                         for w in (sh, scenes.PLURALS[sh])}
         self._cache: dict[str, list[int]] = {}
 
     def ids(self, text: str) -> list[int]:
@@ -93,18 +113,27 @@ class Encoder:
         chunk = self.adapter.encode_frame(scenes.render_scene(scene))
         return chunk.vision["pixel_values"][0, 0]
 
-    def sequence(self, q: scenes.Question) -> tuple[list[int], int]:
-        """Token ids after the context (question chunk, answer, end) and how many are targets."""
+    def sequence(self, q: scenes.Question) -> tuple[list[int], int, int | None]:
+        """Token ids after the context (question chunk, answer, end), how many are targets, and the
+        index of the question's last shape word (None for the description, which names none)."""
         question = self.ids(self.adapter.question_prompt(q.text))
         answer = self.ids(q.answer) + [self.eos]
-        return question + answer, len(answer)
+        objects = [i for i, t in enumerate(question) if t in self.shape_of]
+        return question + answer, len(answer), objects[-1] if objects and q.kind in scenes.KINDS else None
 
 
 def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Question]]]):
-    """→ pixels [B, 3, S, S], owner image [N], question-part ids [N, T], labels [N, T] (-100: no loss).
+    """→ pixels [B, 3, S, S], owner image [N], question-part ids [N, T], labels [N, T], early [N, T],
+    subject [N, 2].
 
     Row r is the part of question r after the shared context (prefix + frame chunk): question chunk,
-    answer, end token, right-padded. labels[r, t] is the token that position t must predict.
+    answer, end token, right-padded. labels[r, t] is the token that position t must predict (-100:
+    no loss). early[r, t] is the answer's first token at the question's last shape word ("circle" in
+    "what color is the circle?"), -100 elsewhere: the early-answer training aid (see train).
+    subject[r] is what the attention hints look for (attention_hint_loss), 0 for none: [r, 0] the
+    shape class of that word (1 + index in scenes.SHAPES; not for count questions, where all of the
+    attention on the shape would hide how many there are), [r, 1] the colour class (1 + index in
+    scenes.COLORS) of the shape that a position question's answer names.
     """
     pixels = torch.stack([p for p, _ in items])
     owners, seqs = [], []
@@ -112,17 +141,28 @@ def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Questi
         for q in questions:
             owners.append(i)
             seqs.append(encoder.sequence(q))
-    width = max(len(s) for s, _ in seqs)
+    width = max(len(row) for row, *_ in seqs)
     ids = torch.full((len(seqs), width), encoder.tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for r, (row, n_target) in enumerate(seqs):
+    early = torch.full_like(labels, -100)
+    subject = torch.zeros(len(seqs), 2, dtype=torch.long)
+    questions = [q for _, qs in items for q in qs]
+    for r, ((row, n_target, obj), q) in enumerate(zip(seqs, questions)):
         ids[r, : len(row)] = torch.tensor(row)
         labels[r, len(row) - n_target - 1 : len(row) - 1] = torch.tensor(row[-n_target:])
-    return pixels, torch.tensor(owners), ids, labels
+        if obj is not None:
+            early[r, obj] = row[-n_target]
+            if q.kind != "count":  # a count is read from how much of the attention the shape takes
+                subject[r, 0] = encoder.shape_of[row[obj]]
+        if q.kind == "position" and q.answer != "nothing":
+            subject[r, 1] = list(scenes.COLORS).index(q.answer.split()[0]) + 1
+    return pixels, torch.tensor(owners), ids, labels, early, subject
 
 
-def forward_logits(model, encoder: Encoder, pixels, owners, ids, labels):
-    """Logits [M, V] at the M labelled positions, their targets [M], and the visual tokens [B, 16, hidden].
+def forward_hidden(model, encoder: Encoder, pixels, owners, ids, attention: bool = False):
+    """Last hidden states [N, T, hidden] of the question rows, the visual tokens [B, 16, hidden] and,
+    with `attention`, the first head's attention of the question rows on the visual tokens in the
+    first two layers [N, 2, T, 16] (the model must run with eager attention for that).
 
     The vision tower and the shared context run once per image; each question then runs on a copy
     of its image's KV cache (the runtime's order of work: frame appended, then the question).
@@ -139,51 +179,94 @@ def forward_logits(model, encoder: Encoder, pixels, owners, ids, labels):
     cache.reorder_cache(owners)  # [B, …] → [N, …]: one copy per question
     c, t = len(encoder.context), ids.shape[1]
     positions = torch.arange(c, c + t)[None].expand(len(ids), -1)  # [N, T]
-    hidden = text(inputs_embeds=embed(ids), position_ids=positions, past_key_values=cache,
-                  use_cache=True).last_hidden_state  # [N, T, hidden]
+    out = text(inputs_embeds=embed(ids), position_ids=positions, past_key_values=cache, use_cache=True,
+               output_attentions=attention)
+    seen = (torch.stack([a[:, 0, :, encoder.image_slice] for a in out.attentions[:2]], 1)
+            if attention else None)  # [N, 2 layers, T, 16]
+    return out.last_hidden_state, visual, seen  # [N, T, hidden]
+
+
+def labelled_logits(model, hidden, labels):
+    """Logits [M, V] at the M positions where labels [N, T] is not -100, and those labels [M]."""
     mask = labels != -100
-    return model.lm_head(hidden[mask]), labels[mask], visual
+    return model.lm_head(hidden[mask]), labels[mask]
 
 
-class ColumnProbe(nn.Module):
-    """Training aid, not part of the model: names each column's colour and shape from its visual tokens.
+class SceneProbe(nn.Module):
+    """Training aid, not part of the model: every visual token names the shapes around it.
 
-    Visual tokens are a 4 × 4 grid in row-major order (pixel shuffle of the 12 × 12 patch grid), and
-    a token column is a scene column. This linear probe on each column's mean token gives the vision
-    tower a direct per-column signal, which it otherwise gets only through the language model.
+    Visual tokens are a 4 × 4 grid in row-major order (pixel shuffle of the 12 × 12 patch grid), each
+    over a quarter of the frame's width and height, so token t lies in scene column t % 4. Linear
+    heads on each token name the colour and shape in four slots (class 0: none): the shape drawn in
+    the token's own area, the shape of its column, and the nearest shape to the left and to the
+    right of that column: what colour, presence, count and position questions ask about. It gives
+    the vision tower a direct signal, which it otherwise gets only through the language model.
     """
 
     GRID = 4
+    SLOTS = 4  # token area, column, left neighbour, right neighbour
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.colour = nn.Linear(hidden, len(scenes.COLORS) + 1)  # class 0: empty column
-        self.shape = nn.Linear(hidden, len(scenes.SHAPES) + 1)
+        self.colour = nn.Linear(hidden, self.SLOTS * (len(scenes.COLORS) + 1))
+        self.shape = nn.Linear(hidden, self.SLOTS * (len(scenes.SHAPES) + 1))
+
+    def logits(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual [B, 16, hidden] → colour logits [B, 16, 4, 7] and shape logits [B, 16, 4, 4]."""
+        b, t, _ = visual.shape
+        return (self.colour(visual).reshape(b, t, self.SLOTS, -1),
+                self.shape(visual).reshape(b, t, self.SLOTS, -1))
 
     def loss(self, visual: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """visual [B, 16, hidden], targets [B, 4, 2] (colour, shape class per column) → scalar."""
-        b, _, h = visual.shape
-        columns = visual.reshape(b, self.GRID, self.GRID, h).mean(1)  # [B, 4 columns, hidden]
-        return (F.cross_entropy(self.colour(columns).flatten(0, 1), targets[..., 0].flatten())
-                + F.cross_entropy(self.shape(columns).flatten(0, 1), targets[..., 1].flatten())) / 2
+        """visual [B, 16, hidden], targets [B, 16, 4, 2] (probe_targets) → scalar."""
+        colour, shape = self.logits(visual)
+        return (F.cross_entropy(colour.flatten(0, 2), targets[..., 0].flatten())
+                + F.cross_entropy(shape.flatten(0, 2), targets[..., 1].flatten())) / 2
+
+    @torch.no_grad()
+    def accuracy(self, visual: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        """Fraction of (token, slot) pairs with colour and shape both right, per slot [4]."""
+        colour, shape = self.logits(visual)
+        right = (colour.argmax(-1) == targets[..., 0]) & (shape.argmax(-1) == targets[..., 1])
+        return right.float().mean((0, 1)).tolist()
 
 
-def column_targets(scene: scenes.Scene) -> torch.Tensor:
-    """[4, 2] long: (colour class, shape class) per column, 0 where the column is empty."""
-    out = torch.zeros(scenes.COLUMNS, 2, dtype=torch.long)
+def probe_targets(scene: scenes.Scene, min_share: float = 0.15) -> torch.Tensor:
+    """[16 tokens, 4 slots, 2] long: (colour class, shape class) for each SceneProbe slot, 0 for none.
+
+    A token's own area shows a shape when at least `min_share` of the shape's pixels lie in it (the
+    shape with the most pixels there wins)."""
+    grid = SceneProbe.GRID
     colours, shapes = list(scenes.COLORS), list(scenes.SHAPES)
-    for sh in scene.shapes:
-        column = min(scenes.COLUMNS - 1, int(sh.center[0] * scenes.COLUMNS // scene.width))
-        out[column] = torch.tensor([colours.index(sh.color) + 1, shapes.index(sh.shape) + 1])
+    classes = [torch.tensor([colours.index(sh.color) + 1, shapes.index(sh.shape) + 1]) for sh in scene.shapes]
+    where = [min(grid - 1, int(sh.center[0] * grid // scene.width)) for sh in scene.shapes]
+    out = torch.zeros(grid * grid, SceneProbe.SLOTS, 2, dtype=torch.long)
+    most = np.zeros(grid * grid)
+    h, w = scene.height // grid * grid, scene.width // grid * grid
+    for k, mask in enumerate(scenes.shape_masks(scene)):
+        area = mask[:h, :w].reshape(grid, h // grid, grid, w // grid).sum((1, 3)).reshape(-1)  # [16]
+        for t in np.nonzero((area >= min_share * max(1, mask.sum())) & (area > most))[0]:
+            most[t] = area[t]
+            out[t, 0] = classes[k]
+    for t in range(grid * grid):
+        column = t % grid
+        left = [k for k, c in enumerate(where) if c < column]
+        right = [k for k, c in enumerate(where) if c > column]
+        if column in where:
+            out[t, 1] = classes[where.index(column)]
+        if left:
+            out[t, 2] = classes[left[-1]]
+        if right:
+            out[t, 3] = classes[right[0]]
     return out
 
 
 def scene_questions(scene: scenes.Scene, rng: np.random.Generator) -> list[scenes.Question]:
-    """Training questions of a scene: one of each kind it allows, another count and position, and
-    the description (every shape named in order: the densest supervision for the vision tower)."""
-    return scenes.questions_for(scene, rng) + [scenes.count_question(scene, rng),
-                                               scenes.position_question(scene, rng),
-                                               scenes.describe_question(scene)]
+    """Training questions of a scene: one of each kind it allows, another colour and position
+    question (the kinds that need the model to bind a colour to one shape, which it learns last),
+    and the description (every shape named in order)."""
+    more = [scenes.colour_question(scene, rng), scenes.position_question(scene, rng), scenes.describe_question(scene)]
+    return scenes.questions_for(scene, rng) + [q for q in more if q is not None]
 
 
 class Batches:
@@ -204,15 +287,19 @@ class Batches:
         rng = np.random.default_rng([self.s.seed, 7])
         index = 0
         for step in range(self.s.steps):
-            items, columns = [], []
-            while len(items) < self.s.images_per_step:
-                scene = scenes.split_scene("train", index, self.s.seed, FRAME_W, FRAME_H, self._max_shapes(step))
-                index += 1
-                if scene.key in self.held_out:
-                    continue
-                items.append((self.encoder.pixels(scene), scene_questions(scene, rng)))
-                columns.append(column_targets(scene))
-            batch = collate(self.encoder, items), torch.stack(columns)
+            try:
+                items, columns = [], []
+                while len(items) < self.s.images_per_step:
+                    scene = scenes.split_scene("train", index, self.s.seed, FRAME_W, FRAME_H,
+                                               self._max_shapes(step))
+                    index += 1
+                    if scene.key in self.held_out:
+                        continue
+                    items.append((self.encoder.pixels(scene), scene_questions(scene, rng)))
+                    columns.append(probe_targets(scene))
+                batch = collate(self.encoder, items), torch.stack(columns)
+            except BaseException as e:  # handed to the training loop, which raises it
+                batch = e
             while not self._stop.is_set():
                 try:
                     self.queue.put(batch, timeout=0.5)
@@ -224,7 +311,10 @@ class Batches:
 
     def __iter__(self):
         for _ in range(self.s.steps):
-            yield self.queue.get()
+            batch = self.queue.get()
+            if isinstance(batch, BaseException):
+                raise RuntimeError("rendering a training batch failed") from batch
+            yield batch
 
     def close(self) -> None:
         self._stop.set()
@@ -243,8 +333,9 @@ def evaluate(model, encoder: Encoder, items, scenes_per_batch: int = 64) -> dict
     total = {k: 0 for k in scenes.KINDS}
     for start in range(0, len(items), scenes_per_batch):
         part = items[start : start + scenes_per_batch]
-        pixels, owners, ids, labels = collate(encoder, part)
-        logits, targets, _ = forward_logits(model, encoder, pixels, owners, ids, labels)
+        pixels, owners, ids, labels, *_ = collate(encoder, part)
+        hidden, *_ = forward_hidden(model, encoder, pixels, owners, ids)
+        logits, targets = labelled_logits(model, hidden, labels)
         rows = (labels != -100).nonzero()[:, 0]  # the question row of every target
         wrong = torch.zeros(len(ids), dtype=torch.long).index_add_(0, rows, (logits.argmax(-1) != targets).long())
         for q, bad in zip([q for _, qs in part for q in qs], wrong.tolist()):
@@ -255,6 +346,30 @@ def evaluate(model, encoder: Encoder, items, scenes_per_batch: int = 64) -> dict
     acc["all"] = sum(right.values()) / max(1, sum(total.values()))
     acc["questions"] = sum(total.values())
     return acc
+
+
+def attention_hint_loss(seen, early, subject, targets) -> torch.Tensor:
+    """Training aid: at a question's shape word, the first head of the first layer looks at the
+    visual tokens showing that shape, and in a position question the first head of the second
+    layer looks at the neighbour that the answer names.
+
+    seen [N, 2, T, 16]: those heads' attention of each question row on the visual tokens; early
+    [N, T] marks the shape word (collate); subject [N, 2] the shape class and the neighbour's colour
+    class (0: none); targets [N, 16, 4, 2] the probe targets of each row's image. The loss is -log
+    of the attention mass on the right tokens (from their area slot), summed over the two hints;
+    rows with nothing to look for are left out.
+    """
+    rows, where = (early != -100).nonzero(as_tuple=True)
+    area = targets[rows, :, 0]  # [R, 16, 2]: colour and shape class shown in each token's area
+    total = seen.sum() * 0.0
+    for layer, field in ((0, 1), (1, 0)):  # layer 0 finds the shape, layer 1 the named neighbour
+        want = subject[rows, layer, None]
+        hits = (area[..., field] == want) & (want > 0)  # [R, 16]
+        keep = hits.any(1)
+        if keep.any():
+            mass = (seen[rows, layer, where] * hits).sum(1)[keep]
+            total = total - torch.log(mass + 1e-6).mean()
+    return total
 
 
 def lr_at(step: int, s: Settings) -> float:
@@ -271,6 +386,42 @@ def held_out_sets(encoder: Encoder, seed: int, val_scenes: int, test_scenes: int
     keys = {s.key for s in test} | {s.key for s in val}
     return (encode_set(encoder, scenes.question_set(val, seed, "val")),
             encode_set(encoder, scenes.question_set(test, seed, "test")), keys)
+
+
+def pretrain_vision(model, probe: SceneProbe, encoder: Encoder, s: Settings, held_out: set, log) -> list[float]:
+    """Phase 1: the vision tower and connector learn to see from the SceneProbe alone.
+
+    Each shape lies inside one token's area (scenes.py), so naming the shape in a token's area is
+    a local task: a few hundred steps of the probe alone, at a quarter of a joint step's cost, and
+    the language model starts on visual tokens that already name colour and shape.
+    Batches come from a fixed pool of `vision_scenes` rendered training scenes (rendering costs more
+    than the step); up to 256 more scenes measure the probe. Returns the probe accuracy per slot.
+    """
+    pool, targets, index = [], [], 0
+    while len(pool) < s.vision_scenes + min(256, s.vision_scenes):
+        scene = scenes.split_scene("train", 20_000_000 + index, s.seed, FRAME_W, FRAME_H)
+        index += 1
+        if scene.key not in held_out:
+            pool.append(encoder.pixels(scene))
+            targets.append(probe_targets(scene))
+    pixels, targets = torch.stack(pool), torch.stack(targets)  # [P, 3, S, S], [P, 16, 4, 2]
+    see = lambda x: model.model.connector(model.model.vision_model(pixel_values=x).last_hidden_state)
+    params = [*model.model.vision_model.parameters(), *model.model.connector.parameters(), *probe.parameters()]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    pick = torch.Generator().manual_seed(s.seed)
+    accuracy = [0.0] * SceneProbe.SLOTS
+    for step in range(s.vision_steps):
+        batch = torch.randint(0, s.vision_scenes, (s.images_per_step,), generator=pick)
+        loss = probe.loss(see(pixels[batch]), targets[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % max(1, s.vision_steps // 8) == 0 or step + 1 == s.vision_steps:
+            with torch.no_grad():
+                accuracy = probe.accuracy(see(pixels[s.vision_scenes:]), targets[s.vision_scenes:])
+            log(f"vision {step + 1}/{s.vision_steps}  probe loss {loss.item():.3f}  accuracy (area, column, "
+                f"left, right) {' '.join(f'{a:.3f}' for a in accuracy)}")
+    return accuracy
 
 
 def fmt(acc: dict) -> str:
@@ -291,7 +442,10 @@ def train(s: Settings, out: Path, log=print, eval_scenes: tuple[int, int] = (VAL
     log(f"held out: {sum(len(q) for _, q in val)} validation and {sum(len(q) for _, q in test)} test questions "
         f"({eval_scenes[0]} and {eval_scenes[1]} scenes); "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    probe = ColumnProbe(model.config.text_config.hidden_size)
+    probe = SceneProbe(model.config.text_config.hidden_size)
+    vision_accuracy = pretrain_vision(model, probe, encoder, s, held_out, log)
+    attention = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the attention hint reads attention weights
     named = [*model.named_parameters(), *probe.named_parameters(prefix="probe")]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
@@ -303,17 +457,21 @@ def train(s: Settings, out: Path, log=print, eval_scenes: tuple[int, int] = (VAL
         for step, batch in enumerate(batches):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, s)
-            questions, columns = batch
-            logits, targets, visual = forward_logits(model, encoder, *questions)
-            answer_loss, probe_loss = F.cross_entropy(logits, targets), probe.loss(visual, columns)
+            (pixels, owners, ids, labels, early, subject), targets = batch
+            hidden, visual, seen = forward_hidden(model, encoder, pixels, owners, ids, attention=True)
+            answer_loss = F.cross_entropy(*labelled_logits(model, hidden, labels))
+            early_loss = F.cross_entropy(*labelled_logits(model, hidden, early))
+            hint_loss = attention_hint_loss(seen, early, subject, targets[owners])
+            probe_loss = probe.loss(visual, targets)
             opt.zero_grad(set_to_none=True)
-            (answer_loss + s.probe_weight * probe_loss).backward()
+            (answer_loss + s.early_weight * early_loss + s.hint_weight * hint_loss
+             + s.probe_weight * probe_loss).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            now = np.array([answer_loss.item(), probe_loss.item()])
+            now = np.array([answer_loss.item(), early_loss.item(), hint_loss.item(), probe_loss.item()])
             running = now if running is None else 0.98 * running + 0.02 * now
             if (step + 1) % min(50, max(1, s.steps // 10)) == 0:
-                log(f"step {step + 1}/{s.steps}  loss {running[0]:.4f}  probe {running[1]:.4f}  "
+                log(f"step {step + 1}/{s.steps}  loss {running[0]:.4f}  early {running[1]:.4f}  hint {running[2]:.4f}  probe {running[3]:.4f}  "
                     f"lr {lr_at(step, s):.2e}  {time.perf_counter() - t0:.0f} s")
             if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
                 acc = evaluate(model, encoder, val)
@@ -322,6 +480,7 @@ def train(s: Settings, out: Path, log=print, eval_scenes: tuple[int, int] = (VAL
     finally:
         batches.close()
     train_s = time.perf_counter() - t0
+    model.set_attn_implementation(attention)
     test_acc = evaluate(model, encoder, test)
     log(f"test ({test_acc['questions']} questions): {fmt(test_acc)}")
     model.eval()
@@ -332,7 +491,8 @@ def train(s: Settings, out: Path, log=print, eval_scenes: tuple[int, int] = (VAL
     processor.save_pretrained(out)
     report = {"settings": dataclasses.asdict(s), "train_s": round(train_s, 1),
               "torch_threads": torch.get_num_threads(), "test": test_acc, "validation": history,
-              "val_scenes": eval_scenes[0], "test_scenes": eval_scenes[1]}
+              "val_scenes": eval_scenes[0], "test_scenes": eval_scenes[1],
+              "vision_probe_accuracy": dict(zip(("area", "column", "left", "right"), vision_accuracy))}
     (out / "training.json").write_text(json.dumps(report, indent=1))
     log(f"learning curve: {plot_history(report, out / 'training_curve.png')}")
     return model, processor, report

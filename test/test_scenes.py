@@ -6,17 +6,23 @@ from nchunk_core import scenes
 from nchunk_core.scenes import COLORS, COLUMNS, Question, Scene, Shape
 
 
-def test_layout_one_shape_per_column_inside_the_frame():
+def test_layout_one_shape_per_column_each_inside_one_cell():
     rng = np.random.default_rng(0)
+    cell_w, cell_h = 320 / COLUMNS, 240 / scenes.ROWS
+    rows = set()
     for _ in range(300):
         s = scenes.random_scene(rng, 320, 240)
         assert 1 <= len(s.shapes) <= COLUMNS
         assert len({sh.color for sh in s.shapes}) == len(s.shapes)
-        columns = [int(sh.center[0] // (320 / COLUMNS)) for sh in s.shapes]
+        columns = [int(sh.center[0] // cell_w) for sh in s.shapes]
         assert columns == sorted(set(columns))  # distinct columns, left to right
-        for sh in s.shapes:
+        for sh, column in zip(s.shapes, columns):
+            row = int(sh.center[1] // cell_h)
+            rows.add(row)
             half = sh.size / 2
-            assert half <= sh.center[0] <= 320 - half and half <= sh.center[1] <= 240 - half
+            assert column * cell_w <= sh.center[0] - half and sh.center[0] + half <= (column + 1) * cell_w
+            assert row * cell_h <= sh.center[1] - half and sh.center[1] + half <= (row + 1) * cell_h
+    assert rows == set(range(scenes.ROWS))
 
 
 def test_render_draws_each_shape_in_its_colour():

@@ -32,7 +32,9 @@ def test_training_forward_matches_a_whole_sequence_forward():
         scene = scenes.split_scene("train", i, 0)
         items.append((enc.pixels(scene), scenes.questions_for(scene, rng)))
     with torch.no_grad():
-        logits, targets, visual = train_demo.forward_logits(model, enc, *train_demo.collate(enc, items))
+        pixels, owners, ids, labels, *_ = train_demo.collate(enc, items)
+        hidden, visual, _ = train_demo.forward_hidden(model, enc, pixels, owners, ids)
+        logits, targets = train_demo.labelled_logits(model, hidden, labels)
         expected, want = [], []
         for (pixels, questions), scene in zip(items, [scenes.split_scene("train", i, 0) for i in range(2)]):
             frame = scenes.render_scene(scene)
@@ -48,6 +50,61 @@ def test_training_forward_matches_a_whole_sequence_forward():
     assert torch.equal(targets, torch.cat(want))
     assert visual.shape == (2, VISUAL_TOKENS, model.config.text_config.hidden_size)
     assert torch.allclose(logits, torch.cat(expected), atol=1e-4), (logits - torch.cat(expected)).abs().max()
+
+
+def test_early_answer_labels_sit_on_the_last_shape_word():
+    """The early-answer aid: the answer's first word, at the question's last shape word only."""
+    model, processor = build_untrained(seed=0)
+    enc = train_demo.Encoder(model, processor)
+    questions = [scenes.Question("colour", "what color is the circle?", "red"),
+                 scenes.Question("position", "what is left of the blue square?", "green triangle"),
+                 scenes.Question("count", "how many triangles are there?", "2"),
+                 scenes.describe_question(scenes.split_scene("train", 0))]
+    _, _, ids, labels, early, subject = train_demo.collate(enc, [(torch.zeros(3, 96, 96), questions)])
+    tok = processor.tokenizer
+    for row, q in enumerate(questions[:3]):
+        (where,) = (early[row] != -100).nonzero()[:, 0].tolist()
+        assert tok.convert_ids_to_tokens(int(ids[row, where])) in {"circle", "square", "triangles"}
+        assert tok.convert_ids_to_tokens(int(early[row, where])) == q.answer.split()[0]
+        assert labels[row, where] == -100  # no answer loss inside the question
+    assert (early[3] == -100).all()  # the description names no single shape
+    shape = {sh: scenes.SHAPES.index(sh) + 1 for sh in scenes.SHAPES}
+    green = list(scenes.COLORS).index("green") + 1
+    assert subject.tolist() == [[shape["circle"], 0], [shape["square"], green], [0, 0], [0, 0]]
+
+
+def test_attention_hint_loss_is_small_only_when_the_heads_look_at_the_right_tokens():
+    scene = scenes.Scene(0, 320, 240, "white", [scenes.Shape("circle", "red", (40, 30), 40),
+                                                scenes.Shape("square", "blue", (280, 200), 40)])
+    targets = train_demo.probe_targets(scene)[None]  # [1, 16, 4, 2]: circle in token 0, square in 15
+    early = torch.full((1, 5), -100)
+    early[0, 2] = 7  # the shape word sits at position 2
+    subject = torch.tensor([[scenes.SHAPES.index("square") + 1, list(scenes.COLORS).index("red") + 1]])
+    right = torch.zeros(1, 2, 5, 16)
+    right[0, 0, 2, 15] = 1.0  # layer 0 on the square
+    right[0, 1, 2, 0] = 1.0  # layer 1 on the red neighbour
+    wrong = right.flip(-1)  # the same mass on the other shape's token
+    uniform = torch.full((1, 2, 5, 16), 1 / 16)
+    loss = lambda seen: float(train_demo.attention_hint_loss(seen, early, subject, targets))
+    assert loss(right) < 1e-4
+    assert abs(loss(uniform) - 2 * np.log(16)) < 1e-3
+    assert loss(wrong) > 10
+
+
+def test_probe_targets_name_area_column_and_neighbours():
+    """Token t covers a quarter of the frame's width and height; column t % 4."""
+    shapes = [scenes.Shape("circle", "red", (40, 30), 40),  # column 0, top token row
+              scenes.Shape("triangle", "blue", (280, 200), 60)]  # column 3, bottom rows
+    scene = scenes.Scene(0, 320, 240, "white", shapes)
+    t = train_demo.probe_targets(scene)  # [16, 4, 2]
+    red_circle = [list(scenes.COLORS).index("red") + 1, scenes.SHAPES.index("circle") + 1]
+    blue_triangle = [list(scenes.COLORS).index("blue") + 1, scenes.SHAPES.index("triangle") + 1]
+    assert t[0, 0].tolist() == red_circle and t[4, 0].tolist() == [0, 0]  # area: only the top token
+    assert t[15, 0].tolist() == blue_triangle and t[3, 0].tolist() == [0, 0]
+    assert all(t[k, 1].tolist() == red_circle for k in (0, 4, 8, 12))  # column: every row
+    assert t[1, 1].tolist() == [0, 0] and t[1, 2].tolist() == red_circle and t[1, 3].tolist() == blue_triangle
+    assert t[0, 2].tolist() == [0, 0] and t[0, 3].tolist() == blue_triangle  # nearest occupied column
+    assert t[7, 2].tolist() == red_circle and t[7, 3].tolist() == [0, 0]
 
 
 def test_short_training_run_learns_and_its_store_answers(tmp_path):
