@@ -136,17 +136,14 @@ def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Questi
     scenes.COLORS) of the shape that a position question's answer names.
     """
     pixels = torch.stack([p for p, _ in items])
-    owners, seqs = [], []
-    for i, (_, questions) in enumerate(items):
-        for q in questions:
-            owners.append(i)
-            seqs.append(encoder.sequence(q))
+    owners = [i for i, (_, qs) in enumerate(items) for _ in qs]
+    questions = [q for _, qs in items for q in qs]
+    seqs = [encoder.sequence(q) for q in questions]
     width = max(len(row) for row, *_ in seqs)
     ids = torch.full((len(seqs), width), encoder.tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     early = torch.full_like(labels, -100)
     subject = torch.zeros(len(seqs), 2, dtype=torch.long)
-    questions = [q for _, qs in items for q in qs]
     for r, ((row, n_target, obj), q) in enumerate(zip(seqs, questions)):
         ids[r, : len(row)] = torch.tensor(row)
         labels[r, len(row) - n_target - 1 : len(row) - 1] = torch.tensor(row[-n_target:])
