@@ -30,7 +30,7 @@ def _add_profile(sub):
         "profile",
         help="measure the drive's latency table T[s] (cached per drive)",
         description="Measure the steady-state latency per contiguous chunk of s bytes, for s on a 1 KiB grid up "
-        "to the saturation size (throughput >= 99%% of peak), through the reader the runtime uses, with "
+        "to the saturation size (throughput >= 99% of peak), through the reader the runtime uses, with "
         "direct I/O on a scratch file on the drive. The table is cached per drive and thread count; "
         "the node reuses it at start-up.",
     )
@@ -112,7 +112,7 @@ def _add_bench(sub):
     io = bsub.add_parser("io", help="I/O efficiency of selection methods on 7B-VLM decoder shapes",
                          description="Writes (once, then reuses) stores with the decoder projections of "
                          "LLaVA-OneVision-Qwen2-7B (fp16, bundled and unbundled) on the drive under test, then sweeps "
-                         "sparsity 0-70%% for magnitude and chunking, with and without hot-cold reordering, reading "
+                         "sparsity 0-70% for magnitude and chunking, with and without hot-cold reordering, reading "
                          "every selection cold through the reader. Prints a table with measured and estimated I/O "
                          "time, retained importance, requests, mean run length and the physical limit; writes PNG "
                          "plots; reports the speedup over magnitude at matched retained importance.")
@@ -153,15 +153,15 @@ def _add_bench(sub):
     ac = bsub.add_parser("accuracy", help="accuracy vs I/O per frame on the trained built-in model",
                          description="Answers the held-out test questions of the shape scenes with the built-in "
                          "model through the real store and reader (one frame in context), at sparsity 0 and "
-                         "10-70%% for magnitude and chunking on the hot-cold order, interleaved per frame. Prints "
+                         "10-70% for magnitude and chunking on the hot-cold order, interleaved per frame. Prints "
                          "accuracy per question kind and the frame's I/O time, bytes and reads per setting, and the "
                          "I/O speedup of chunking over magnitude at matched accuracy (linear interpolation, the "
                          "paper's protocol); writes bench_accuracy.png and bench_accuracy.json to --out.")
     ac.add_argument("--store", default=None, help="store of a model trained on the shape scenes "
                     "(default: the built-in model)")
     ac.add_argument("--scenes", type=int, default=None, help="test scenes (default: the whole test set, 500, "
-                    "about 3.8 questions each; every scene runs 15 settings, about 5 s per scene on 2 CPU "
-                    "cores, so --scenes 120 takes about 10 min)")
+                    "about 3.8 questions each; every scene runs 15 settings, about 6.5 s per scene on 2 CPU "
+                    "cores, so --scenes 120 takes about 13 min)")
     ac.add_argument("--methods", default="magnitude,chunking", help="comma-separated (default magnitude,chunking)")
     ac.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
     ac.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")

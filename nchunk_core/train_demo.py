@@ -5,7 +5,7 @@
 
 Data (scenes.py): an endless stream of training scenes, rendered at the camera's 320×240 and put
 through the model's own processor, so the model sees exactly what the runtime feeds it. Every scene
-gives one question of each kind, another colour and position question, and "what shapes are
+gives one question of each kind, another colour, presence and position question, and "what shapes are
 there?" answered with every shape left to right. Validation and test scenes are drawn from their
 own seeds, and the training stream skips their layouts. Scenes hold at most two shapes for the
 first `curriculum_steps`, three for as many again, then up to four.
@@ -18,8 +18,7 @@ Two phases:
 2. Joint: the answer loss, plus three training aids that act on positions and weights the runtime
    never reads: the probe; the early answer (the answer's first word predicted already at the
    question's last shape word, "circle" in "what color is the circle?"); and the attention hints
-   (at that word, the first layer's first head attends to the visual tokens showing that shape,
-   and in a position question the second layer's first head to the neighbour the answer names).
+   (at that word, attention heads look at the visual tokens that answer: `HINTS`).
    Without them the language model sits near the answer priors for thousands of steps: finding
    "the circle" among the visual tokens and then carrying its colour to the answer are two steps
    that each learn only once the other works. The aids give each step its own signal.
@@ -58,12 +57,20 @@ from .frame_append import SmolVLMAdapter
 
 FRAME_W, FRAME_H = 320, 240  # the synthetic camera's default frame
 VAL_SCENES, TEST_SCENES = 300, 500
+# Attention hints (attention_hint_loss): at a question's last shape word, hint k's head looks at
+# the visual tokens whose area shows the class in column k of collate's `subject`, a colour or a
+# shape class (`field` 0 or 1 of the probe's area slot).
+HINTS = (  # (layer, head, field)
+    (0, 0, 1),  # the shape named (not in count questions)
+    (1, 0, 0),  # position: the neighbour that the answer names
+    (1, 1, 0),  # presence: the shape in the colour named, if the scene has that colour
+)
 
 
 @dataclasses.dataclass
 class Settings:
     seed: int = 0
-    steps: int = 5000
+    steps: int = 6000
     images_per_step: int = 16
     lr: float = 2e-3
     warmup: int = 150
@@ -124,16 +131,17 @@ class Encoder:
 
 def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Question]]]):
     """→ pixels [B, 3, S, S], owner image [N], question-part ids [N, T], labels [N, T], early [N, T],
-    subject [N, 2].
+    subject [N, 3].
 
     Row r is the part of question r after the shared context (prefix + frame chunk): question chunk,
     answer, end token, right-padded. labels[r, t] is the token that position t must predict (-100:
     no loss). early[r, t] is the answer's first token at the question's last shape word ("circle" in
     "what color is the circle?"), -100 elsewhere: the early-answer training aid (see train).
-    subject[r] is what the attention hints look for (attention_hint_loss), 0 for none: [r, 0] the
-    shape class of that word (1 + index in scenes.SHAPES; not for count questions, where all of the
-    attention on the shape would hide how many there are), [r, 1] the colour class (1 + index in
-    scenes.COLORS) of the shape that a position question's answer names.
+    subject[r] is what the attention hints look for (HINTS), 0 for none: [r, 0] the shape class of
+    that word (1 + index in scenes.SHAPES; not for count questions, where all of the attention on
+    the shape would hide how many there are), [r, 1] the colour class (1 + index in scenes.COLORS)
+    of the shape that a position question's answer names, [r, 2] the colour class that a presence
+    question names.
     """
     pixels = torch.stack([p for p, _ in items])
     owners = [i for i, (_, qs) in enumerate(items) for _ in qs]
@@ -143,7 +151,8 @@ def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Questi
     ids = torch.full((len(seqs), width), encoder.tok.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     early = torch.full_like(labels, -100)
-    subject = torch.zeros(len(seqs), 2, dtype=torch.long)
+    subject = torch.zeros(len(seqs), len(HINTS), dtype=torch.long)
+    colour_class = {c: k + 1 for k, c in enumerate(scenes.COLORS)}
     for r, ((row, n_target, obj), q) in enumerate(zip(seqs, questions)):
         ids[r, : len(row)] = torch.tensor(row)
         labels[r, len(row) - n_target - 1 : len(row) - 1] = torch.tensor(row[-n_target:])
@@ -152,14 +161,16 @@ def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Questi
             if q.kind != "count":  # a count is read from how much of the attention the shape takes
                 subject[r, 0] = encoder.shape_of[row[obj]]
         if q.kind == "position" and q.answer != "nothing":
-            subject[r, 1] = list(scenes.COLORS).index(q.answer.split()[0]) + 1
+            subject[r, 1] = colour_class[q.answer.split()[0]]
+        if q.kind == "presence":  # "is there a red square?"
+            subject[r, 2] = colour_class[q.text.split()[-2]]
     return pixels, torch.tensor(owners), ids, labels, early, subject
 
 
 def forward_hidden(model, encoder: Encoder, pixels, owners, ids, attention: bool = False):
     """Last hidden states [N, T, hidden] of the question rows, the visual tokens [B, 16, hidden] and,
-    with `attention`, the first head's attention of the question rows on the visual tokens in the
-    first two layers [N, 2, T, 16] (the model must run with eager attention for that).
+    with `attention`, the attention of the question rows on the visual tokens in the heads of
+    `HINTS` [N, len(HINTS), T, 16] (the model must run with eager attention for that).
 
     The vision tower and the shared context run once per image; each question then runs on a copy
     of its image's KV cache (the runtime's order of work: frame appended, then the question).
@@ -178,8 +189,8 @@ def forward_hidden(model, encoder: Encoder, pixels, owners, ids, attention: bool
     positions = torch.arange(c, c + t)[None].expand(len(ids), -1)  # [N, T]
     out = text(inputs_embeds=embed(ids), position_ids=positions, past_key_values=cache, use_cache=True,
                output_attentions=attention)
-    seen = (torch.stack([a[:, 0, :, encoder.image_slice] for a in out.attentions[:2]], 1)
-            if attention else None)  # [N, 2 layers, T, 16]
+    seen = (torch.stack([out.attentions[layer][:, head, :, encoder.image_slice] for layer, head, _ in HINTS], 1)
+            if attention else None)  # [N, len(HINTS), T, 16]
     return out.last_hidden_state, visual, seen  # [N, T, hidden]
 
 
@@ -259,10 +270,11 @@ def probe_targets(scene: scenes.Scene, min_share: float = 0.15) -> torch.Tensor:
 
 
 def scene_questions(scene: scenes.Scene, rng: np.random.Generator) -> list[scenes.Question]:
-    """Training questions of a scene: one of each kind it allows, another colour and position
-    question (the kinds that need the model to bind a colour to one shape, which it learns last),
-    and the description (every shape named in order)."""
-    more = [scenes.colour_question(scene, rng), scenes.position_question(scene, rng), scenes.describe_question(scene)]
+    """Training questions of a scene: one of each kind it allows, another colour, presence and
+    position question (the kinds that need the model to bind a colour to one shape, which it
+    learns last), and the description (every shape named in order)."""
+    more = [scenes.colour_question(scene, rng), scenes.presence_question(scene, rng),
+            scenes.position_question(scene, rng), scenes.describe_question(scene)]
     return scenes.questions_for(scene, rng) + [q for q in more if q is not None]
 
 
@@ -346,25 +358,24 @@ def evaluate(model, encoder: Encoder, items, scenes_per_batch: int = 64) -> dict
 
 
 def attention_hint_loss(seen, early, subject, targets) -> torch.Tensor:
-    """Training aid: at a question's shape word, the first head of the first layer looks at the
-    visual tokens showing that shape, and in a position question the first head of the second
-    layer looks at the neighbour that the answer names.
+    """Training aid: at a question's shape word, the heads of `HINTS` look at the visual tokens that
+    show what the question is about.
 
-    seen [N, 2, T, 16]: those heads' attention of each question row on the visual tokens; early
-    [N, T] marks the shape word (collate); subject [N, 2] the shape class and the neighbour's colour
-    class (0: none); targets [N, 16, 4, 2] the probe targets of each row's image. The loss is -log
-    of the attention mass on the right tokens (from their area slot), summed over the two hints;
-    rows with nothing to look for are left out.
+    seen [N, len(HINTS), T, 16]: those heads' attention of each question row on the visual tokens;
+    early [N, T] marks the shape word (collate); subject [N, len(HINTS)] the class each hint looks
+    for (0: none); targets [N, 16, 4, 2] the probe targets of each row's image. The loss is -log of
+    the attention mass on the right tokens (from their area slot), summed over the hints; rows with
+    nothing to look for, or whose scene shows none of it, are left out.
     """
     rows, where = (early != -100).nonzero(as_tuple=True)
     area = targets[rows, :, 0]  # [R, 16, 2]: colour and shape class shown in each token's area
     total = seen.sum() * 0.0
-    for layer, field in ((0, 1), (1, 0)):  # layer 0 finds the shape, layer 1 the named neighbour
-        want = subject[rows, layer, None]
+    for k, (_, _, field) in enumerate(HINTS):
+        want = subject[rows, k, None]
         hits = (area[..., field] == want) & (want > 0)  # [R, 16]
         keep = hits.any(1)
         if keep.any():
-            mass = (seen[rows, layer, where] * hits).sum(1)[keep]
+            mass = (seen[rows, k, where] * hits).sum(1)[keep]
             total = total - torch.log(mass + 1e-6).mean()
     return total
 

@@ -59,18 +59,20 @@ def test_early_answer_labels_sit_on_the_last_shape_word():
     questions = [scenes.Question("colour", "what color is the circle?", "red"),
                  scenes.Question("position", "what is left of the blue square?", "green triangle"),
                  scenes.Question("count", "how many triangles are there?", "2"),
+                 scenes.Question("presence", "is there a purple circle?", "no"),
                  scenes.describe_question(scenes.split_scene("train", 0))]
     _, _, ids, labels, early, subject = train_demo.collate(enc, [(torch.zeros(3, 96, 96), questions)])
     tok = processor.tokenizer
-    for row, q in enumerate(questions[:3]):
+    for row, q in enumerate(questions[:4]):
         (where,) = (early[row] != -100).nonzero()[:, 0].tolist()
         assert tok.convert_ids_to_tokens(int(ids[row, where])) in {"circle", "square", "triangles"}
         assert tok.convert_ids_to_tokens(int(early[row, where])) == q.answer.split()[0]
         assert labels[row, where] == -100  # no answer loss inside the question
-    assert (early[3] == -100).all()  # the description names no single shape
+    assert (early[4] == -100).all()  # the description names no single shape
     shape = {sh: scenes.SHAPES.index(sh) + 1 for sh in scenes.SHAPES}
-    green = list(scenes.COLORS).index("green") + 1
-    assert subject.tolist() == [[shape["circle"], 0], [shape["square"], green], [0, 0], [0, 0]]
+    colour = {c: k + 1 for k, c in enumerate(scenes.COLORS)}
+    assert subject.tolist() == [[shape["circle"], 0, 0], [shape["square"], colour["green"], 0], [0, 0, 0],
+                                [shape["circle"], 0, colour["purple"]], [0, 0, 0]]
 
 
 def test_attention_hint_loss_is_small_only_when_the_heads_look_at_the_right_tokens():
@@ -79,16 +81,21 @@ def test_attention_hint_loss_is_small_only_when_the_heads_look_at_the_right_toke
     targets = train_demo.probe_targets(scene)[None]  # [1, 16, 4, 2]: circle in token 0, square in 15
     early = torch.full((1, 5), -100)
     early[0, 2] = 7  # the shape word sits at position 2
-    subject = torch.tensor([[scenes.SHAPES.index("square") + 1, list(scenes.COLORS).index("red") + 1]])
-    right = torch.zeros(1, 2, 5, 16)
-    right[0, 0, 2, 15] = 1.0  # layer 0 on the square
-    right[0, 1, 2, 0] = 1.0  # layer 1 on the red neighbour
+    colour = {c: k + 1 for k, c in enumerate(scenes.COLORS)}
+    subject = torch.tensor([[scenes.SHAPES.index("square") + 1, colour["red"], colour["blue"]]])
+    right = torch.zeros(1, 3, 5, 16)
+    right[0, 0, 2, 15] = 1.0  # hint 0 on the square
+    right[0, 1, 2, 0] = 1.0  # hint 1 on the red neighbour
+    right[0, 2, 2, 15] = 1.0  # hint 2 on the blue shape
     wrong = right.flip(-1)  # the same mass on the other shape's token
-    uniform = torch.full((1, 2, 5, 16), 1 / 16)
-    loss = lambda seen: float(train_demo.attention_hint_loss(seen, early, subject, targets))
+    uniform = torch.full((1, 3, 5, 16), 1 / 16)
+    loss = lambda seen, subject=subject: float(train_demo.attention_hint_loss(seen, early, subject, targets))
     assert loss(right) < 1e-4
-    assert abs(loss(uniform) - 2 * np.log(16)) < 1e-3
+    assert abs(loss(uniform) - 3 * np.log(16)) < 1e-3
     assert loss(wrong) > 10
+    absent = subject.clone()
+    absent[0, 2] = colour["green"]  # a colour the scene does not show: that hint drops out
+    assert abs(loss(uniform, absent) - 2 * np.log(16)) < 1e-3
 
 
 def test_probe_targets_name_area_column_and_neighbours():
