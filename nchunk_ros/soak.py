@@ -4,7 +4,8 @@ The node and the synthetic camera run as separate processes (as on a robot), sta
 package's parameters file; this process asks a question every few seconds over /ask, listens to the
 node's statistics, and samples the node's resident memory. At the end both processes get SIGTERM and
 must exit 0. Prints a summary (and JSON with --json): resident memory at start and end, frames
-received, appended and skipped, questions asked and answered, answer latency.
+received, appended and skipped, questions asked and answered, answer latency, and the folder with
+the two processes' logs (their stderr).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,10 +42,12 @@ def _rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def _process(module: str, ros_args: list[str], env: dict) -> subprocess.Popen:
+def _process(module: str, ros_args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """Start `module`'s main() with `ros_args`; its stderr (the ROS log) goes to `log`."""
     code = f"import sys; from {module} import main; sys.exit(main())"
-    return subprocess.Popen([sys.executable, "-c", code, "--ros-args", *ros_args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as stderr:  # the child keeps its own handle
+        return subprocess.Popen([sys.executable, "-c", code, "--ros-args", *ros_args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 class StatisticsListener(Node):
@@ -66,9 +70,12 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
     # a domain of its own, on this host: the child processes and this one's rclpy context share it
     os.environ.update(ROS_DOMAIN_ID=str(random.randint(110, 200)), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     env = dict(os.environ)
-    node = _process("nchunk_ros.vqa_node", ["--params-file", str(CONFIG), "-p", f"store_path:={store}"], env)
+    logs = Path(tempfile.mkdtemp(prefix="nchunk-soak-"))
+    node = _process("nchunk_ros.vqa_node", ["--params-file", str(CONFIG), "-p", f"store_path:={store}"], env,
+                    logs / "vqa_node.log")
     camera = _process("nchunk_ros.synthetic_camera",
-                      ["-p", f"rate_hz:={float(rate_hz)}", "-p", f"width:={width}", "-p", f"height:={height}"], env)
+                      ["-p", f"rate_hz:={float(rate_hz)}", "-p", f"width:={width}", "-p", f"height:={height}"], env,
+                      logs / "synthetic_camera.log")
     context = Context()
     rclpy.init(args=[], context=context, signal_handler_options=SignalHandlerOptions.NO)
     listener = StatisticsListener(context)
@@ -132,7 +139,7 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
         "node_rss_max_mib": round(rss.get("max_mib", float("nan")), 1),
         "intake": listener.intake, "asked": len(latencies), "answered": answers, "failures": failures[:10],
         "answer_s_p50": lat[len(lat) // 2] if lat else None, "answer_s_max": lat[-1] if lat else None,
-        "exit_codes": codes,
+        "exit_codes": codes, "logs": str(logs),
     }
     if as_json:
         print(json.dumps(result, indent=1))
