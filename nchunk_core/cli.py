@@ -396,7 +396,8 @@ def _add_soak(sub):
                        description="Start the VQA node (config/vqa.yaml, the built-in model unless --store) and the "
                        "synthetic camera as separate processes, ask a question every --ask-every seconds for "
                        "--minutes, sample the node's resident memory and its intake counters, then stop both with "
-                       "SIGTERM (their logs go to a temporary folder that the summary names). Exit code 0 when every question was answered and both processes exited 0.")
+                       "SIGTERM (their logs go to a temporary folder that the summary names). Exit code 0 when "
+                       "every question was answered and both processes exited 0.")
     p.add_argument("--minutes", type=float, default=10.0, help="length of the run (default 10)")
     p.add_argument("--rate", type=float, default=30.0, help="camera frames per second (default 30)")
     p.add_argument("--width", type=int, default=640, help="frame width (default 640)")

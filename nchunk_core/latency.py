@@ -85,6 +85,8 @@ class LatencyTable:
             raise ValueError(f"not a latency table: {exc}") from exc
 
     def save(self, path) -> None:
+        """Write the table as JSON to `path`, creating its folder."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
 
     @classmethod

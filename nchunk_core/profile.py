@@ -263,7 +263,6 @@ def load_or_profile(
             log(f"ignoring unreadable drive profile {path}: {exc}")
     log(f"profiling the drive holding {directory} ({'quick' if quick else 'full'}; cached at {path})")
     table = profile_drive(directory, threads=threads, quick=quick, progress=progress, **profile_options)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     table.save(tmp)
     os.replace(tmp, path)

@@ -57,6 +57,9 @@ from .frame_append import SmolVLMAdapter
 
 FRAME_W, FRAME_H = 320, 240  # the synthetic camera's default frame
 VAL_SCENES, TEST_SCENES = 300, 500
+# Class ids of the probe targets and the attention hints (0: none)
+COLOUR_CLASS = {c: k + 1 for k, c in enumerate(scenes.COLORS)}
+SHAPE_CLASS = {sh: k + 1 for k, sh in enumerate(scenes.SHAPES)}
 # Attention hints (attention_hint_loss): at a question's last shape word, hint k's head looks at
 # the visual tokens whose area shows the class in column k of collate's `subject`, a colour or a
 # shape class (`field` 0 or 1 of the probe's area slot).
@@ -105,8 +108,8 @@ class Encoder:
         where = (self.context == self.adapter.image_token_id).nonzero()[:, 0]
         self.image_slice = slice(int(where[0]), int(where[-1]) + 1)
         self.eos = self.tok.convert_tokens_to_ids("<end_of_utterance>")
-        # shape words → shape class (1, 2, 3); a question's last one is where the aids act (collate)
-        self.shape_of = {self.tok.convert_tokens_to_ids(w): k + 1 for k, sh in enumerate(scenes.SHAPES)
+        # shape word ids → SHAPE_CLASS; a question's last one is where the aids act (collate)
+        self.shape_of = {self.tok.convert_tokens_to_ids(w): SHAPE_CLASS[sh] for sh in scenes.SHAPES
                          for w in (sh, scenes.PLURALS[sh])}
         self._cache: dict[str, list[int]] = {}
 
@@ -137,11 +140,10 @@ def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Questi
     answer, end token, right-padded. labels[r, t] is the token that position t must predict (-100:
     no loss). early[r, t] is the answer's first token at the question's last shape word ("circle" in
     "what color is the circle?"), -100 elsewhere: the early-answer training aid (see train).
-    subject[r] is what the attention hints look for (HINTS), 0 for none: [r, 0] the shape class of
-    that word (1 + index in scenes.SHAPES; not for count questions, where all of the attention on
-    the shape would hide how many there are), [r, 1] the colour class (1 + index in scenes.COLORS)
-    of the shape that a position question's answer names, [r, 2] the colour class that a presence
-    question names.
+    subject[r] is what the attention hints look for (HINTS), 0 for none: [r, 0] the SHAPE_CLASS of
+    that word (not for count questions, where all of the attention on the shape would hide how many
+    there are), [r, 1] the COLOUR_CLASS of the shape that a position question's answer names,
+    [r, 2] the COLOUR_CLASS that a presence question names.
     """
     pixels = torch.stack([p for p, _ in items])
     owners = [i for i, (_, qs) in enumerate(items) for _ in qs]
@@ -152,7 +154,6 @@ def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Questi
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
     early = torch.full_like(labels, -100)
     subject = torch.zeros(len(seqs), len(HINTS), dtype=torch.long)
-    colour_class = {c: k + 1 for k, c in enumerate(scenes.COLORS)}
     for r, ((row, n_target, obj), q) in enumerate(zip(seqs, questions)):
         ids[r, : len(row)] = torch.tensor(row)
         labels[r, len(row) - n_target - 1 : len(row) - 1] = torch.tensor(row[-n_target:])
@@ -161,9 +162,9 @@ def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Questi
             if q.kind != "count":  # a count is read from how much of the attention the shape takes
                 subject[r, 0] = encoder.shape_of[row[obj]]
         if q.kind == "position" and q.answer != "nothing":
-            subject[r, 1] = colour_class[q.answer.split()[0]]
+            subject[r, 1] = COLOUR_CLASS[q.answer.split()[0]]
         if q.kind == "presence":  # "is there a red square?"
-            subject[r, 2] = colour_class[q.text.split()[-2]]
+            subject[r, 2] = COLOUR_CLASS[q.text.split()[-2]]
     return pixels, torch.tensor(owners), ids, labels, early, subject
 
 
@@ -245,8 +246,7 @@ def probe_targets(scene: scenes.Scene, min_share: float = 0.15) -> torch.Tensor:
     A token's own area shows a shape when at least `min_share` of the shape's pixels lie in it (the
     shape with the most pixels there wins)."""
     grid = SceneProbe.GRID
-    colours, shapes = list(scenes.COLORS), list(scenes.SHAPES)
-    classes = [torch.tensor([colours.index(sh.color) + 1, shapes.index(sh.shape) + 1]) for sh in scene.shapes]
+    classes = [torch.tensor([COLOUR_CLASS[sh.color], SHAPE_CLASS[sh.shape]]) for sh in scene.shapes]
     where = [min(grid - 1, int(sh.center[0] * grid // scene.width)) for sh in scene.shapes]
     out = torch.zeros(grid * grid, SceneProbe.SLOTS, 2, dtype=torch.long)
     most = np.zeros(grid * grid)
@@ -479,8 +479,9 @@ def train(s: Settings, out: Path, log=print, eval_scenes: tuple[int, int] = (VAL
             now = np.array([answer_loss.item(), early_loss.item(), hint_loss.item(), probe_loss.item()])
             running = now if running is None else 0.98 * running + 0.02 * now
             if (step + 1) % min(50, max(1, s.steps // 10)) == 0:
-                log(f"step {step + 1}/{s.steps}  loss {running[0]:.4f}  early {running[1]:.4f}  hint {running[2]:.4f}  probe {running[3]:.4f}  "
-                    f"lr {lr_at(step, s):.2e}  {time.perf_counter() - t0:.0f} s")
+                log(f"step {step + 1}/{s.steps}  loss {running[0]:.4f}  early {running[1]:.4f}  "
+                    f"hint {running[2]:.4f}  probe {running[3]:.4f}  lr {lr_at(step, s):.2e}  "
+                    f"{time.perf_counter() - t0:.0f} s")
             if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
                 acc = evaluate(model, encoder, val)
                 history.append({"step": step + 1, "s": round(time.perf_counter() - t0, 1), **acc})

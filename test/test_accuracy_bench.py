@@ -37,9 +37,7 @@ def test_matched_speedup_interpolates_along_magnitudes_curve_or_front():
 
 def test_bench_accuracy_runs_on_the_built_in_model(tmp_path, monkeypatch):
     monkeypatch.setenv("NCHUNK_CACHE_DIR", str(tmp_path / "cache"))
-    profile = cache_path(shipped_store(), 2)
-    profile.parent.mkdir(parents=True)
-    LatencyTable.synthetic().save(profile)
+    LatencyTable.synthetic().save(cache_path(shipped_store(), 2))
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "nchunk_core.cli", "bench", "accuracy", "--scenes", "4",
                            "--threads", "2", "--out", str(out), "--json"],

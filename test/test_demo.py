@@ -27,9 +27,7 @@ def test_nchunk_demo_answers_questions_about_the_current_scene(tmp_path, monkeyp
     monkeypatch.setenv("NCHUNK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("ROS_DOMAIN_ID", str(random.randint(20, 200)))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    profile = cache_path(shipped_store(), 6)
-    profile.parent.mkdir(parents=True)
-    LatencyTable.synthetic().save(profile)  # skip the one-time drive profile
+    LatencyTable.synthetic().save(cache_path(shipped_store(), 6))  # skip the one-time drive profile
     done = subprocess.run([sys.executable, "-m", "nchunk_core.cli", "demo"], capture_output=True, text=True,
                           timeout=180, cwd=ROOT)
     out = done.stdout

@@ -50,7 +50,6 @@ def test_profile_small_file(small_table):
 def test_cache_is_reused(tmp_path, cache, small_table):
     d, t = small_table
     path = prof.cache_path(d, 4)
-    path.parent.mkdir(parents=True)
     t.save(path)
     messages = []
     loaded = prof.load_or_profile(d, threads=4, log=messages.append)

@@ -356,7 +356,6 @@ def test_latency_table_comes_from_the_drive_profile_cache(built, monkeypatch, tm
     monkeypatch.setenv("NCHUNK_CACHE_DIR", str(tmp_path / "cache"))
     store = built[2]["smolvlm"]
     path = profile.cache_path(store, 2)
-    path.parent.mkdir(parents=True)
     LatencyTable.synthetic(setup_s=1e-4).save(path)
     messages = []
     session = Session.open(store, SessionConfig(threads=2, sparsity=0.5), log=messages.append)

@@ -107,9 +107,7 @@ def store(env, tmp_path_factory):
     for i in range(3):
         PILImage.fromarray(render_scene(random_scene(rng, 96, 64, i))).save(frames / f"{i}.png")
     path = convert(build_tiny_vlm("smolvlm", root / "model", seed=0), root / "store", frames, progress=False)
-    profile = cache_path(path, 6)  # reader_threads default
-    profile.parent.mkdir(parents=True, exist_ok=True)
-    LatencyTable.synthetic().save(profile)
+    LatencyTable.synthetic().save(cache_path(path, 6))  # reader_threads default
     return path
 
 
@@ -525,9 +523,7 @@ def test_reload_parameters_reopen_the_model(rig, store):
     from nchunk_core.profile import cache_path
 
     node, tester = rig["node"], rig["tester"]
-    profile = cache_path(store, 2)  # a cached profile for reader_threads 2: the reload measures nothing
-    profile.parent.mkdir(parents=True, exist_ok=True)
-    LatencyTable.synthetic().save(profile)
+    LatencyTable.synthetic().save(cache_path(store, 2))  # cached for reader_threads 2: the reload measures nothing
     feed(tester, node, frames=2, seed=80)
     old, reloads = node.session, node.counters().get("reloads", 0)
     seen = len(tester.frame_statuses())
