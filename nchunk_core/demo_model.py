@@ -39,7 +39,7 @@ VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_at
 TEXT = dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
             rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=INIT_STD)
-TRAIN_MINUTES = 52  # `nchunk train-demo` with the defaults on 2 CPU cores (README, "The built-in model")
+TRAIN_MINUTES = 51  # `nchunk train-demo` with the defaults on 2 CPU cores (README, "The built-in model")
 UNK = "[UNK]"
 # Words of the prompts around a question (SmolVLMAdapter) and of common paraphrases.
 PROMPT_WORDS = ["user", ":", "assistant", "?", ".", ",", "colour", "which", "the", "a", "an", "is",
