@@ -31,7 +31,7 @@ setup(
     version="0.1.0",
     packages=find_packages(include=["nchunk_ros", "nchunk_ros.*", "nchunk_core", "nchunk_core.*"]),
     # The built-in demo model (a converted store; `nchunk train-demo` rebuilds it).
-    package_data={"nchunk_core": ["data/shapes-vlm/*"]},
+    package_data={"nchunk_core.demo": ["data/shapes-vlm/*"]},
     ext_modules=[native],
     cmdclass={"build_ext": build_ext},
     data_files=[
@@ -52,7 +52,7 @@ setup(
         "console_scripts": [
             "nchunk = nchunk_core.cli:main",
             "vqa_node = nchunk_ros.vqa_node:main",
-            "synthetic_camera = nchunk_ros.synthetic_camera:main",
+            "synthetic_camera = nchunk_ros.tools.synthetic_camera:main",
         ],
     },
 )

@@ -48,7 +48,7 @@ def _add_profile(sub):
 
 
 def cmd_profile(args) -> int:
-    from . import profile as prof
+    from nchunk_core.io import profile as prof
 
     directory = Path(args.dir or tempfile.gettempdir())
     log = _progress_log(args)
@@ -170,7 +170,7 @@ def _add_bench(sub):
 
 
 def cmd_bench_reader(args) -> int:
-    from .bench import reader_bench
+    from nchunk_core.bench import reader_bench
 
     res = reader_bench.run(args.dir, file_mib=args.file_mib, threads=args.threads, repeats=args.repeats,
                            progress=not args.json)
@@ -182,7 +182,7 @@ def cmd_bench_reader(args) -> int:
 
 
 def cmd_bench_io(args) -> int:
-    from .bench import io_bench
+    from nchunk_core.bench import io_bench
 
     directory = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "nchunk-bench"
     log = _progress_log(args)
@@ -194,7 +194,7 @@ def cmd_bench_io(args) -> int:
 
 
 def cmd_bench_session(args) -> int:
-    from .bench import session_bench
+    from nchunk_core.bench import session_bench
 
     directory = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "nchunk-bench-session"
     log = _progress_log(args)
@@ -208,8 +208,8 @@ def cmd_bench_session(args) -> int:
 
 
 def cmd_bench_accuracy(args) -> int:
-    from .bench import accuracy_bench
-    from .train_demo import TEST_SCENES
+    from nchunk_core.bench import accuracy_bench
+    from nchunk_core.demo.train import TEST_SCENES
 
     res = accuracy_bench.run(args.store, scene_count=args.scenes or TEST_SCENES,
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -220,12 +220,12 @@ def cmd_bench_accuracy(args) -> int:
 
 
 def _add_train_demo(sub):
-    from .train_demo import Settings
+    from nchunk_core.demo.train import Settings
 
     d = Settings()
     p = sub.add_parser("train-demo", help="train the built-in demo model from scratch and convert it to a store",
                        description="Train the small SmolVLM of the built-in demo on rendered scenes of coloured "
-                       "shapes (nchunk_core/scenes.py; train, validation and test scenes never overlap), report "
+                       "shapes (nchunk_core/demo/scenes.py; train, validation and test scenes never overlap), report "
                        "accuracy per question kind on the held-out test set, save the Hugging Face checkpoint and "
                        "convert it, calibrated on training scenes, into the store that nchunk demo uses.")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seeds the model, the scenes and the splits "
@@ -234,13 +234,13 @@ def _add_train_demo(sub):
     p.add_argument("--out", default="out/shapes-vlm-checkpoint", help="folder for the Hugging Face checkpoint "
                    "and training.json (default: out/shapes-vlm-checkpoint)")
     p.add_argument("--store", default=None, help="where the store goes (default: the built-in model's place in "
-                   "the package, nchunk_core/data/shapes-vlm)")
+                   "the package, nchunk_core/demo/data/shapes-vlm)")
     p.add_argument("--no-convert", action="store_true", help="stop after saving the checkpoint")
     p.set_defaults(func=cmd_train_demo)
 
 
 def cmd_train_demo(args) -> int:
-    from .train_demo import Settings, train_and_convert
+    from nchunk_core.demo.train import Settings, train_and_convert
 
     return train_and_convert(Settings.scaled(seed=args.seed, steps=args.steps), Path(args.out),
                              Path(args.store) if args.store else None, convert_store=not args.no_convert)
@@ -275,8 +275,8 @@ def _add_convert(sub):
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert
-    from .store import StoreError
+    from nchunk_core.convert.converter import convert
+    from nchunk_core.store import StoreError
 
     try:
         path = convert(args.model_dir, args.store, args.calib, bundle=not args.no_bundle, dtype=args.dtype,
@@ -300,7 +300,7 @@ def _add_verify(sub):
 
 
 def cmd_verify(args) -> int:
-    from .store import Store, StoreError
+    from nchunk_core.store import Store, StoreError
 
     try:
         store = Store.open(args.store)
@@ -375,7 +375,7 @@ def cmd_demo(args) -> int:
         return _demo_io(args)
     if not _ros_available("demo"):
         return 1
-    from nchunk_ros.demo import run
+    from nchunk_ros.tools.demo import run
 
     return run(args.store)
 
@@ -411,7 +411,7 @@ def _add_soak(sub):
 def cmd_soak(args) -> int:
     if not _ros_available("soak"):
         return 1
-    from nchunk_ros.soak import run
+    from nchunk_ros.tools.soak import run
 
     return run(args.minutes, args.rate, args.width, args.height, args.ask_every, args.store, args.json)
 

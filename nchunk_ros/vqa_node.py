@@ -82,10 +82,10 @@ try:  # these take about half a second to load: a Ctrl-C meanwhile ends the vqa_
     from sensor_msgs.msg import CompressedImage, Image
     from std_msgs.msg import String
 
-    from nchunk_core.select import METHODS, ChunkParams
+    from nchunk_core.runtime.select import METHODS, ChunkParams
     from nchunk_interfaces.srv import Ask
 
-    from .image_conversion import message_to_rgb
+    from nchunk_ros.image_conversion import message_to_rgb
 except KeyboardInterrupt:
     if __name__ != "__main__" and Path(sys.argv[0]).name != "vqa_node":
         raise  # imported by another program: the interrupt is that program's
@@ -100,7 +100,7 @@ STATS_PERIOD_S = 1.0
 MALFORMED_LOG_PERIOD_S = 5.0
 QOS_RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
-# The compute dtypes of nchunk_core.flash_model.DTYPES, named here so that a bad configuration is
+# The compute dtypes of nchunk_core.runtime.flash_model.DTYPES, named here so that a bad configuration is
 # reported without importing torch first (test_vqa_node checks that the two agree).
 DTYPES = ("float32", "float16", "bfloat16")
 SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
@@ -370,8 +370,8 @@ class VQANode(Node):
         if not path.is_dir():
             raise StartupError(f"store {path} does not exist (store_path)")
 
-        from nchunk_core.profile import load_or_profile  # torch comes with these: imported when needed
-        from nchunk_core.session import Session, SessionConfig
+        from nchunk_core.io.profile import load_or_profile  # torch comes with these: imported when needed
+        from nchunk_core.runtime.session import Session, SessionConfig
         from nchunk_core.store import Store, StoreError
 
         try:

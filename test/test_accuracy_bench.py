@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from nchunk_core.bench import accuracy_bench
-from nchunk_core.latency import LatencyTable
-from nchunk_core.profile import cache_path
-from nchunk_core.demo_model import shipped_store
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.io.profile import cache_path
+from nchunk_core.demo.model import shipped_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """Drive identity: the cache key of a drive profile."""
-from nchunk_core.drive import drive_info
+from nchunk_core.io.drive import drive_info
 
 
 def test_drive_info_of_tmp(tmp_path):

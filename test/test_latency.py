@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nchunk_core.latency import LatencyTable
+from nchunk_core.io.latency import LatencyTable
 
 
 def table():

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from nchunk_core.latency import LatencyTable
-from nchunk_core.layers import FlashProjections, SparsityConfig, Workspace
-from nchunk_core.reader import Reader
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.layers import FlashProjections, SparsityConfig, Workspace
+from nchunk_core.io.reader import Reader
 from nchunk_core.store import Store, StoreWriter
 
 IN, OUTS = 96, [("q_proj", 96), ("k_proj", 32), ("v_proj", 32)]
@@ -97,7 +97,7 @@ def test_refused_setting_keeps_previous_value():
 
 
 def test_combined_table_costs_every_group():
-    from nchunk_core.layers import combined_table
+    from nchunk_core.runtime.layers import combined_table
 
     t = LatencyTable.synthetic()
     rbs = [7168, 1024, 1024]  # q, k, v rows of a 7B model, stored unbundled

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from nchunk_core import profile as prof
-from nchunk_core.latency import LatencyTable
+from nchunk_core.io import profile as prof
+from nchunk_core.io.latency import LatencyTable
 
 MIB = 1 << 20
 

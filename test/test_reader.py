@@ -1,4 +1,4 @@
-"""Tests of nchunk_core.reader against real files with real direct I/O (tmp_path is on ext4 here).
+"""Tests of nchunk_core.io.reader against real files with real direct I/O (tmp_path is on ext4 here).
 
 Every read is compared with the file's bytes as Python reads them. Error paths use honest sources: a
 missing file, a directory, an unprivileged child process, a truncated file, and a descriptor pointed at a
@@ -17,8 +17,8 @@ import weakref
 import numpy as np
 import pytest
 
-from nchunk_core import reader as reader_module
-from nchunk_core.reader import DioAlignment, Reader, ReadStats, dio_alignment
+from nchunk_core.io import reader as reader_module
+from nchunk_core.io.reader import DioAlignment, Reader, ReadStats, dio_alignment
 
 FILE_SIZE = 3 * (1 << 20) + 1234  # not a multiple of 512
 TASK = 64 * 1024

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from nchunk_core.reorder import ActivationCounter, hot_cold_permutation, inverse
+from nchunk_core.convert.reorder import ActivationCounter, hot_cold_permutation, inverse
 
 
 def test_always_active_channels_come_first():

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from nchunk_core import scenes
-from nchunk_core.scenes import COLORS, COLUMNS, Question, Scene, Shape
+from nchunk_core.demo import scenes
+from nchunk_core.demo.scenes import COLORS, COLUMNS, Question, Scene, Shape
 
 
 def test_layout_one_shape_per_column_each_inside_one_cell():

@@ -1,4 +1,4 @@
-"""Tests of row selection (nchunk_core.select): native kernels against the NumPy reference, the
+"""Tests of row selection (nchunk_core.runtime.select): native kernels against the NumPy reference, the
 invariants every selection keeps, the latency estimator, exactness of the dynamic program, edge
 cases and errors."""
 import itertools
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from nchunk_core import _native
-from nchunk_core.latency import LatencyTable
-from nchunk_core.select import (METHODS, ChunkParams, Selection, WindowRows, default_params,
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.select import (METHODS, ChunkParams, Selection, WindowRows, default_params,
                                 optimal_runs, select)
 
 TABLE = LatencyTable.synthetic(setup_s=80e-6, peak_bytes_per_s=1e9, max_kib=64)

@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from nchunk_core import cli
-from nchunk_core.convert import convert
-from nchunk_core.flash_model import ProjectionView
-from nchunk_core.frame_append import adapter_for, greedy_decode
-from nchunk_core.latency import LatencyTable
-from nchunk_core.session import Answer, FrameStats, Session, SessionConfig
+from nchunk_core.convert.converter import convert
+from nchunk_core.runtime.flash_model import ProjectionView
+from nchunk_core.runtime.adapters import adapter_for, greedy_decode
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.session import Answer, FrameStats, Session, SessionConfig
 from nchunk_core.store import Store, StoreError
-from nchunk_core.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
+from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
 
 QUESTION = "What is in the box?"
 NEW_TOKENS = 5
@@ -351,7 +351,7 @@ def test_half_precision(built, dtype):
 
 
 def test_latency_table_comes_from_the_drive_profile_cache(built, monkeypatch, tmp_path):
-    from nchunk_core import profile
+    from nchunk_core.io import profile
 
     monkeypatch.setenv("NCHUNK_CACHE_DIR", str(tmp_path / "cache"))
     store = built[2]["smolvlm"]

@@ -4,9 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nchunk_core.demo_model import shipped_store
-from nchunk_core.latency import LatencyTable
-from nchunk_core.profile import cache_path
+from nchunk_core.demo.model import shipped_store
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.io.profile import cache_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -139,7 +139,7 @@ def test_small_file_cap_rolls_to_new_files(tmp_path):
 
 
 def test_rows_read_back_with_direct_io(store_dir):
-    from nchunk_core.reader import Reader
+    from nchunk_core.io.reader import Reader
 
     store = Store.open(store_dir)
     g = store.groups["layers.1.mlp.up_proj"]
@@ -251,7 +251,7 @@ def test_missing_or_truncated_resident_file(store_dir):
 
 
 def test_drive_with_larger_alignment_is_refused(store_dir, monkeypatch):
-    import nchunk_core.reader as reader
+    import nchunk_core.io.reader as reader
 
     class BigBlocks:  # a drive whose direct-I/O offset alignment exceeds the store's
         offset, memory, direct = 1 << 16, 4096, True

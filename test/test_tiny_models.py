@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from nchunk_core.frame_append import PROJECTIONS, adapter_for, greedy_decode
-from nchunk_core.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
+from nchunk_core.runtime.adapters import PROJECTIONS, adapter_for, greedy_decode
+from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What is in the box?"
@@ -205,7 +205,7 @@ def test_reload_offline_with_auto_classes(saved):
     """A fresh process with HF_HUB_OFFLINE=1 reloads every saved model with the Auto classes."""
     code = (
         "import json, sys\n"
-        "import nchunk_core.tiny_models\n"
+        "import nchunk_core.testing.tiny_models\n"
         "from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor\n"
         "out = {}\n"
         "for path in sys.argv[1:]:\n"

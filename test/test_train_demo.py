@@ -4,10 +4,10 @@ import json
 import numpy as np
 import torch
 
-from nchunk_core import scenes, train_demo
-from nchunk_core.demo_model import VISUAL_TOKENS, build_tokenizer, build_untrained, prompt
-from nchunk_core.frame_append import SmolVLMAdapter
-from nchunk_core.session import Session, SessionConfig
+from nchunk_core.demo import scenes, train as train_demo
+from nchunk_core.demo.model import VISUAL_TOKENS, build_tokenizer, build_untrained, prompt
+from nchunk_core.runtime.adapters import SmolVLMAdapter
+from nchunk_core.runtime.session import Session, SessionConfig
 
 
 def test_tokenizer_is_word_level_and_lower_case():
@@ -125,7 +125,7 @@ def test_short_training_run_learns_and_its_store_answers(tmp_path):
     report = json.loads((tmp_path / "ckpt" / "training.json").read_text())
     assert report["settings"]["steps"] == 20 and 25 <= report["test"]["questions"] <= 32
     assert set(report["test"]) >= {"presence", "count", "position", "all"}
-    from nchunk_core.convert import convert
+    from nchunk_core.convert.converter import convert
 
     frames = train_demo.calibration_frames(tmp_path / "calib", seed=0, count=4)
     store = convert(tmp_path / "ckpt", tmp_path / "store", calib=frames, progress=False, log=lambda m: None)

@@ -40,11 +40,11 @@ from rclpy.signals import SignalHandlerOptions  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from nchunk_core.latency import LatencyTable  # noqa: E402
+from nchunk_core.io.latency import LatencyTable  # noqa: E402
 from nchunk_interfaces.srv import Ask  # noqa: E402
 from nchunk_ros import vqa_node  # noqa: E402
 from nchunk_ros.image_conversion import array_to_compressed, array_to_image  # noqa: E402
-from nchunk_ros.synthetic_camera import random_scene, render_scene  # noqa: E402
+from nchunk_ros.tools.synthetic_camera import random_scene, render_scene  # noqa: E402
 from nchunk_ros.vqa_node import (  # noqa: E402
     MAX_WAITING_ASKS,
     PARAMETERS,
@@ -96,9 +96,9 @@ def env(tmp_path_factory, domain_id):
 @pytest.fixture(scope="module")
 def store(env, tmp_path_factory):
     """A tiny SmolVLM store (calibrated on synthetic camera scenes) and a cached synthetic drive profile."""
-    from nchunk_core.convert import convert
-    from nchunk_core.profile import cache_path
-    from nchunk_core.tiny_models import build_tiny_vlm
+    from nchunk_core.convert.converter import convert
+    from nchunk_core.io.profile import cache_path
+    from nchunk_core.testing.tiny_models import build_tiny_vlm
 
     root = tmp_path_factory.mktemp("vqa-store")
     frames = root / "frames"
@@ -252,7 +252,7 @@ DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 
 
 def test_dtype_names_match_the_runtime():
-    from nchunk_core.flash_model import DTYPES
+    from nchunk_core.runtime.flash_model import DTYPES
 
     assert set(vqa_node.DTYPES) == set(DTYPES)
 
@@ -285,7 +285,7 @@ def test_check_parameters_reasons():
 
 
 def test_chunk_params_from_parameters():
-    from nchunk_core.select import ChunkParams
+    from nchunk_core.runtime.select import ChunkParams
 
     assert chunk_params_from(DEFAULTS) is None  # per-matrix defaults
     got = chunk_params_from({**DEFAULTS, "chunk_start_kib": 8.0, "chunk_max_kib": 256.0})
@@ -520,7 +520,7 @@ def test_deadline_during_the_answer_returns_what_was_generated(rig):
 
 
 def test_reload_parameters_reopen_the_model(rig, store):
-    from nchunk_core.profile import cache_path
+    from nchunk_core.io.profile import cache_path
 
     node, tester = rig["node"], rig["tester"]
     LatencyTable.synthetic().save(cache_path(store, 2))  # cached for reader_threads 2: the reload measures nothing
@@ -685,7 +685,7 @@ rclpy.init = interrupted_init
 import importlib.abc, os, signal, sys
 class InterruptOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name == "nchunk_core.session":  # imported while the node opens the store, after rclpy.init
+        if name == "nchunk_core.runtime.session":  # imported while the node opens the store, after rclpy.init
             sys.meta_path.remove(self)
             os.kill(os.getpid(), signal.SIGINT)
 sys.meta_path.insert(0, InterruptOnImport())

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..latency import LatencyTable
-from ..layers import combined_table, read_runs
-from ..reader import Reader
-from ..reorder import hot_cold_permutation
-from ..select import select
-from ..store import Store, StoreError, StoreWriter
-from .importance import ImportanceModel, cv
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.layers import combined_table, read_runs
+from nchunk_core.io.reader import Reader
+from nchunk_core.convert.reorder import hot_cold_permutation
+from nchunk_core.runtime.select import select
+from nchunk_core.store import Store, StoreError, StoreWriter
+from nchunk_core.bench.importance import ImportanceModel, cv
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 3584, 28, 4, 128, 18944
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
@@ -106,7 +106,7 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
     """Run the sweep; returns the JSON-able result (points, summary)."""
     from tqdm import tqdm
 
-    from ..profile import load_or_profile
+    from nchunk_core.io.profile import load_or_profile
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..profile import MIB, ScratchFile
-from ..reader import Reader
+from nchunk_core.io.profile import MIB, ScratchFile
+from nchunk_core.io.reader import Reader
 
 FIO_HINT = "fio is not installed: install it with `sudo apt-get install fio` (Debian/Ubuntu package `fio`)."
 

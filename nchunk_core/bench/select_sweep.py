@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from nchunk_core.latency import LatencyTable
-from nchunk_core.select import ChunkParams, default_params, optimal_runs, select
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.select import ChunkParams, default_params, optimal_runs, select
 
 # LLaVA-OneVision-Qwen2-7B fp16: hidden 3584, intermediate 18944, 4 KV heads of 128.
 SHAPES = {  # name: (rows = input channels, bytes per stored row)

@@ -65,7 +65,7 @@ def build_model(out_dir: Path, layers: int, seed: int = 0) -> Path:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from ..tiny_models import ImageOnlyQwen2_5_VLProcessor, build_tokenizer
+    from nchunk_core.testing.tiny_models import ImageOnlyQwen2_5_VLProcessor, build_tokenizer
 
     settings = model_settings(layers)
     tok = build_tokenizer("qwen2_5_vl")
@@ -92,7 +92,7 @@ def build_model(out_dir: Path, layers: int, seed: int = 0) -> Path:
 
 
 def bench_frames(count: int, seed0: int = 0) -> list[np.ndarray]:
-    from ..tiny_models import make_frame
+    from nchunk_core.testing.tiny_models import make_frame
 
     return [make_frame(*FRAME_HW, seed=seed0 + i) for i in range(count)]
 
@@ -101,7 +101,7 @@ def prepare(directory: Path, layers: int, threads: int, log) -> tuple[Path, Path
     """(checkpoint, store) in `directory`, built and converted unless present with these settings."""
     from PIL import Image
 
-    from ..convert import convert
+    from nchunk_core.convert.converter import convert
 
     model_dir, store_dir, calib = directory / "model", directory / "store", directory / "calib"
     settings = model_settings(layers)
@@ -166,7 +166,7 @@ def _drop_page_cache(paths) -> None:
 
 
 def _run_flash(spec: dict) -> list[dict]:
-    from ..session import Session, SessionConfig
+    from nchunk_core.runtime.session import Session, SessionConfig
 
     cfg = SessionConfig(sparsity=spec["sparsity"], method=spec["method"], threads=spec["threads"],
                         max_frames=spec["frames"] + 1)
@@ -186,8 +186,8 @@ def _run_transformers(spec: dict) -> list[dict]:
     import torch
     from transformers import AutoModelForImageTextToText, DynamicCache
 
-    from ..frame_append import adapter_for
-    from ..session import load_processor
+    from nchunk_core.runtime.adapters import adapter_for
+    from nchunk_core.runtime.session import load_processor
 
     model_dir = Path(spec["model"])
     kwargs = {}
@@ -293,7 +293,7 @@ def run(directory, frames: int = 4, sparsity: float = 0.5, sweep=(), methods=DEF
     """Build/convert if needed, profile the drive (cached), then run every method in its own process,
     `rounds` times interleaved (method A, B, C, A, B, C, ...) so that slow phases of a shared machine
     fall on every method alike."""
-    from ..profile import load_or_profile
+    from nchunk_core.io.profile import load_or_profile
 
     log = log or (lambda m: None)
     layers = layers or BACKBONE["num_hidden_layers"]

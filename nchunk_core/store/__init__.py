@@ -15,10 +15,10 @@ sharing an input name; both are valid. Each group carries crc32 checksums per 1 
 
 A = max(4096, the writing drive's direct-I/O offset alignment); the manifest records both.
 """
-from .format import (GroupInfo, StoreCorruptError, StoreError, StoreFormatError,
+from nchunk_core.store.format import (GroupInfo, StoreCorruptError, StoreError, StoreFormatError,
                      FORMAT, VERSION)
-from .loader import BadBlock, Store, VerifyReport, group_rows_to_torch
-from .writer import StoreWriter
+from nchunk_core.store.loader import BadBlock, Store, VerifyReport, group_rows_to_torch
+from nchunk_core.store.writer import StoreWriter
 
 __all__ = ["FORMAT", "VERSION", "BadBlock", "GroupInfo", "Store", "StoreCorruptError",
            "StoreError", "StoreFormatError", "StoreWriter", "VerifyReport", "group_rows_to_torch"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (MANIFEST, GroupInfo, StoreCorruptError, StoreError, StoreFormatError, _field,
+from nchunk_core.store.format import (MANIFEST, GroupInfo, StoreCorruptError, StoreError, StoreFormatError, _field,
                      check_header, check_sizes_on_disk, parse_files, parse_groups,
                      safetensors_header)
 
@@ -277,7 +277,7 @@ def _load_permutations(root: Path, name: str | None) -> dict[str, np.ndarray]:
 
 
 def _check_drive_alignment(root: Path, alignment: int) -> None:
-    from nchunk_core.reader import dio_alignment
+    from nchunk_core.io.reader import dio_alignment
 
     try:
         dio = dio_alignment(str(root))

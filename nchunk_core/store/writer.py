@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (CHECKSUM_BLOCK_BYTES, FORMAT, MANIFEST, MIN_ALIGNMENT, PERMUTATIONS, RESIDENT,
+from nchunk_core.store.format import (CHECKSUM_BLOCK_BYTES, FORMAT, MANIFEST, MIN_ALIGNMENT, PERMUTATIONS, RESIDENT,
                      STORAGE_DTYPES, VERSION, WEIGHTS_PATTERN, BlockCrc, StoreError)
 
 DEFAULT_FILE_SIZE_CAP = 4 << 30
@@ -69,7 +69,7 @@ def _align_up(n: int, a: int) -> int:
 
 
 def _query_alignment(path: Path):
-    from nchunk_core.reader import dio_alignment
+    from nchunk_core.io.reader import dio_alignment
 
     return dio_alignment(str(path))
 

@@ -30,10 +30,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .frame_append import adapter_class
-from .latency import LatencyTable
-from .layers import FlashProjections, SparsityConfig, Workspace
-from .store import Store, StoreFormatError
+from nchunk_core.runtime.adapters import adapter_class
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.layers import FlashProjections, SparsityConfig, Workspace
+from nchunk_core.store import Store, StoreFormatError
 
 CALIBRATION_PREFIX = "calibration/"
 BUNDLED_GROUP_NAMES = {"attn_in": "qkv", "attn_out": "o", "mlp_in": "gate_up", "mlp_out": "down"}

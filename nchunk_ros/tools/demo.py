@@ -2,7 +2,7 @@
 
 Needs no ROS install (the PyPI wheels of scripts/setup.sh do), no model download and no network:
 
-1. the built-in model (nchunk_core/data/shapes-vlm: a small SmolVLM trained from scratch on scenes
+1. the built-in model (nchunk_core/demo/data/shapes-vlm: a small SmolVLM trained from scratch on scenes
    of coloured shapes by `nchunk train-demo`, already converted to a store), or `--store STORE`;
 2. in one process, on DDS restricted to this host unless ROS_AUTOMATIC_DISCOVERY_RANGE says
    otherwise: the VQA node (vqa_node.py) on that store, the synthetic camera (synthetic_camera.py)
@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from nchunk_core.demo_model import TRAIN_MINUTES, shipped_store
+from nchunk_core.demo.model import TRAIN_MINUTES, shipped_store
 
 CAMERA = {"rate_hz": 10.0, "scene_period_s": 5.0, "width": 320, "height": 240}
 NODE = {"max_append_rate_hz": 4.0, "max_new_tokens": 4, "max_frames": 1, "sparsity": 0.1,
@@ -155,11 +155,11 @@ def run(store: str | None = None) -> int:
     from rclpy.logging import LoggingSeverity
     from rclpy.parameter import Parameter
 
-    from nchunk_core.profile import cache_path
+    from nchunk_core.io.profile import cache_path
 
-    from .ask_client import AskClient, format_response
-    from .synthetic_camera import SyntheticCamera
-    from .vqa_node import DEFAULTS, EXECUTOR_THREADS, StartupError, VQANode, spin
+    from nchunk_ros.ask_client import AskClient, format_response
+    from nchunk_ros.tools.synthetic_camera import SyntheticCamera
+    from nchunk_ros.vqa_node import DEFAULTS, EXECUTOR_THREADS, StartupError, VQANode, spin
 
     if path.is_dir() and not cache_path(path, DEFAULTS["reader_threads"]).exists():
         print("first run on this drive: measuring its latency profile once (about 10-40 s, progress on stderr); "

@@ -11,7 +11,7 @@ the prompt words of the SmolVLM chat format and SmolVLM's special tokens; anythi
 Text is lower-cased, so "What colour is the Circle?" reads as the training questions do.
 
 `build_untrained(seed)` makes the model and processor; train_demo.py trains them; `shipped_store()`
-is the converted store in the package (nchunk_core/data/shapes-vlm), which `nchunk demo` uses.
+is the converted store in the package (nchunk_core/demo/data/shapes-vlm), which `nchunk demo` uses.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, SmolVLMConfig, SmolVLMForConditionalGeneration
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from . import scenes
-from .frame_append import SmolVLMAdapter
-from .tiny_models import ROLE_TOKENS, SPECIAL_TOKENS, ImageOnlySmolVLMProcessor
+from nchunk_core.demo import scenes
+from nchunk_core.runtime.adapters import SmolVLMAdapter
+from nchunk_core.testing.tiny_models import ROLE_TOKENS, SPECIAL_TOKENS, ImageOnlySmolVLMProcessor
 
 IMAGE_SIDE = 96  # the processor squashes every frame to IMAGE_SIDE × IMAGE_SIDE
 PATCH = 8

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .flash_model import load_config, meta_model, tied_keys
-from .frame_append import ADAPTERS, adapter_class
+from nchunk_core.runtime.flash_model import load_config, meta_model, tied_keys
+from nchunk_core.runtime.adapters import ADAPTERS, adapter_class
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

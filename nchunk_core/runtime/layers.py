@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .latency import LatencyTable
-from .reader import Reader
-from .select import METHODS, ChunkParams, Selection, select
-from .store import GroupInfo, Store
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.io.reader import Reader
+from nchunk_core.runtime.select import METHODS, ChunkParams, Selection, select
+from nchunk_core.store import GroupInfo, Store
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

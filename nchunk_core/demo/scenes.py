@@ -1,7 +1,7 @@
 """Scenes of coloured shapes, questions about them with their answers, and seeded dataset splits.
 
 One generator serves the built-in model's training and test sets (demo_model.py, train_demo.py),
-the synthetic camera (nchunk_ros/synthetic_camera.py) and the accuracy benchmark, so the camera
+the synthetic camera (nchunk_ros/tools/synthetic_camera.py) and the accuracy benchmark, so the camera
 shows exactly the kind of scene the model learned.
 
 A scene is a plain background with one to four shapes (circle, square, triangle) in distinct

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nchunk_core.latency import LatencyTable
+from nchunk_core.io.latency import LatencyTable
 
 METHODS = ("dense", "magnitude", "chunking", "dp")
 IMPLS = ("native", "numpy")

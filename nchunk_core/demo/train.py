@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from . import scenes
-from .demo_model import build_untrained, shipped_store
-from .frame_append import SmolVLMAdapter
+from nchunk_core.demo import scenes
+from nchunk_core.demo.model import build_untrained, shipped_store
+from nchunk_core.runtime.adapters import SmolVLMAdapter
 
 FRAME_W, FRAME_H = 320, 240  # the synthetic camera's default frame
 VAL_SCENES, TEST_SCENES = 300, 500
@@ -547,7 +547,7 @@ def train_and_convert(s: Settings, out: Path, store: Path | None = None, convert
     import shutil
     import tempfile
 
-    from .convert import convert
+    from nchunk_core.convert.converter import convert
 
     train(s, out, log)
     if convert_store:

@@ -29,9 +29,9 @@ from typing import Callable
 
 import numpy as np
 
-from .drive import drive_info
-from .latency import LatencyTable
-from .reader import Reader
+from nchunk_core.io.drive import drive_info
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.io.reader import Reader
 
 KIB = 1024
 MIB = 1024 * 1024

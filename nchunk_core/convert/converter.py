@@ -42,12 +42,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import INDEX, Checkpoint
-from .flash_model import CALIBRATION_PREFIX, DTYPES, group_names, input_name
-from .latency import LatencyTable
-from .reorder import ActivationCounter
-from .store import Store, StoreError, StoreWriter
-from .store.format import MANIFEST, PERMUTATIONS, RESIDENT
+from nchunk_core.convert.checkpoint import INDEX, Checkpoint
+from nchunk_core.runtime.flash_model import CALIBRATION_PREFIX, DTYPES, group_names, input_name
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.convert.reorder import ActivationCounter
+from nchunk_core.store import Store, StoreError, StoreWriter
+from nchunk_core.store.format import MANIFEST, PERMUTATIONS, RESIDENT
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -106,7 +106,7 @@ def calibration_frames(directory, limit: int, log: Log):
     hot–cold order is then only as good as those frames are like the camera's.
     """
     if directory is None:
-        from .tiny_models import make_frame
+        from nchunk_core.testing.tiny_models import make_frame
 
         message = ("no calibration frames given (--calib): calibrating on synthetic frames; pass a folder "
                    "of camera frames for a hot–cold order that fits real inputs")
@@ -166,7 +166,7 @@ class ImportanceRecorder:
 def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = "float32", threads: int = 6,
               progress: bool = True, log: Log | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Append `frames` through the store's flash runtime, dense, and record importance per input."""
-    from .session import Session, SessionConfig
+    from nchunk_core.runtime.session import Session, SessionConfig
 
     cfg = SessionConfig(device=device, dtype=dtype, sparsity=0.0, method="dense", threads=threads)
     recorder = ImportanceRecorder()

@@ -26,11 +26,11 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
-from nchunk_core.demo_model import shipped_store
+from nchunk_core.demo.model import shipped_store
 
-from .ask_client import AskClient
+from nchunk_ros.ask_client import AskClient
 
-CONFIG = Path(__file__).resolve().parent.parent / "config" / "vqa.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "config" / "vqa.yaml"
 QUESTIONS = ["What color is the circle?", "How many squares are there?", "Is there a red triangle?",
              "What is left of the blue square?"]
 
@@ -73,7 +73,7 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
     logs = Path(tempfile.mkdtemp(prefix="nchunk-soak-"))
     node = _process("nchunk_ros.vqa_node", ["--params-file", str(CONFIG), "-p", f"store_path:={store}"], env,
                     logs / "vqa_node.log")
-    camera = _process("nchunk_ros.synthetic_camera",
+    camera = _process("nchunk_ros.tools.synthetic_camera",
                       ["-p", f"rate_hz:={float(rate_hz)}", "-p", f"width:={width}", "-p", f"height:={height}"], env,
                       logs / "synthetic_camera.log")
     context = Context()

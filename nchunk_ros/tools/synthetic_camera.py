@@ -3,7 +3,7 @@
     synthetic_camera --ros-args -p rate_hz:=5.0 -p scene_period_s:=4.0
 
 The scenes come from the generator the built-in model was trained and tested on
-(nchunk_core/scenes.py): by default the held-out test split, scene 0, 1, 2, … of seed 0, so the demo
+(nchunk_core/demo/scenes.py): by default the held-out test split, scene 0, 1, 2, … of seed 0, so the demo
 shows scenes the model has never seen. Every `scene_period_s` seconds the next scene is published at
 `rate_hz` as rgb8 on `image_topic`, and its ground truth goes to `scene_topic` as a std_msgs/String
 holding JSON, for example
@@ -14,7 +14,7 @@ holding JSON, for example
      "questions": [{"kind": "colour", "question": "what color is the circle?", "answer": "red"}, ...]}
 
 published once per scene with transient-local durability, so a late subscriber still gets the
-current scene; every frame whose header stamp is at or after "stamp" shows this scene. `render_scene` and `random_scene` are re-exported from nchunk_core.scenes.
+current scene; every frame whose header stamp is at or after "stamp" shows this scene. `render_scene` and `random_scene` are re-exported from nchunk_core.demo.scenes.
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
-from nchunk_core.scenes import (COLUMNS, SPLIT_IDS, Scene, questions_for, random_scene, render_scene,
+from nchunk_core.demo.scenes import (COLUMNS, SPLIT_IDS, Scene, questions_for, random_scene, render_scene,
                                 split_scene)
 
-from .image_conversion import array_to_image
+from nchunk_ros.image_conversion import array_to_image
 
 __all__ = ["SyntheticCamera", "main", "random_scene", "render_scene"]
 

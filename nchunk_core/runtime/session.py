@@ -52,13 +52,13 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from .flash_model import DTYPES, build_flash_model
-from .frame_append import Chunk, adapter_class, greedy_decode
-from .latency import LatencyTable
-from .layers import SparsityConfig, Workspace
-from .reader import Reader
-from .select import METHODS, ChunkParams
-from .store import Store
+from nchunk_core.runtime.flash_model import DTYPES, build_flash_model
+from nchunk_core.runtime.adapters import Chunk, adapter_class, greedy_decode
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.layers import SparsityConfig, Workspace
+from nchunk_core.io.reader import Reader
+from nchunk_core.runtime.select import METHODS, ChunkParams
+from nchunk_core.store import Store
 
 KEEP_MAX_SIDE = 1024  # frames kept for a rebuild are downscaled to this longest side
 MIN_SIDE = 16  # smallest frame side accepted (processors cannot resize smaller images sensibly)
@@ -231,7 +231,7 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
 
 def load_processor(path, arch: str):
     """The image-only processor of `arch` saved in `path` (no video processor, no torchvision)."""
-    from . import tiny_models
+    from nchunk_core.testing import tiny_models
 
     classes = {
         "llava_onevision": tiny_models.ImageOnlyLlavaOnevisionProcessor,
@@ -301,7 +301,7 @@ class Session:
             raise FileNotFoundError(f"store {path} does not exist")
         store = Store.open(path)
         if table is None:
-            from .profile import load_or_profile
+            from nchunk_core.io.profile import load_or_profile
 
             table = load_or_profile(store.path, threads=cfg.threads, quick=cfg.profile_quick, log=log)
         reader = Reader(threads=cfg.threads)

@@ -1,0 +1,1 @@
+"""The built-in model: scenes of coloured shapes, the small SmolVLM, its training and its shipped store."""

@@ -1,0 +1,1 @@
+"""The flash runtime: row selection, streamed projections, the VLM with flash layers, the session."""

@@ -1,0 +1,1 @@
+"""Test fixtures: tiny models and reference implementations. Never imported by the runtime."""

@@ -1,0 +1,1 @@
+"""Programs around the node: the demo, the soak run, the synthetic camera."""
