@@ -105,6 +105,58 @@ def default_params(row_bytes: int, rows: int) -> ChunkParams:
     return LARGE_ROWS if row_bytes > LARGE_ROW_BYTES else SMALL_ROWS
 
 
+@dataclasses.dataclass(frozen=True)
+class SelectionSettings:
+    """How every streamed matrix picks its rows: the one value for these settings, from the ROS
+    parameters (or the Session's caller) down to `select`. Validated here, on construction
+    (ValueError naming the field), and passed through unchanged.
+    """
+
+    sparsity: float = 0.0  # fraction of each matrix's input rows NOT read, in [0, 1)
+    method: str = "chunking"  # one of METHODS
+    windows: ChunkParams | None = None  # chunking's candidate windows; None: default_params per matrix
+
+    def __post_init__(self):
+        value = self.sparsity
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or not 0.0 <= float(value) < 1.0):
+            raise ValueError(f"sparsity must be a number in [0, 1), got {value!r}")
+        object.__setattr__(self, "sparsity", float(value))
+        if self.method not in METHODS:
+            raise ValueError(f"unknown selection method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.windows is not None and not isinstance(self.windows, ChunkParams):
+            raise ValueError(f"windows must be a ChunkParams or None, got {type(self.windows).__name__}")
+
+    @classmethod
+    def from_kib(cls, sparsity: float, method: str, start_kib: float = 0.0, step_kib: float = 0.0,
+                 max_kib: float = 0.0, jump_cap_kib: float = 0.0) -> "SelectionSettings":
+        """From the node's flat parameters: window sizes in KiB where 0 means "the default".
+
+        All four 0: windows None (per-matrix defaults). Otherwise explicit windows for every matrix,
+        a 0 field taking ChunkParams' default (max_kib 0: the drive's saturation size).
+        """
+        fields = {"start_kib": start_kib, "step_kib": step_kib, "max_kib": max_kib,
+                  "jump_cap_kib": jump_cap_kib}
+        for name, value in fields.items():
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                    or value < 0):
+                raise ValueError(f"chunk_{name.removesuffix('_kib')}_kib must be a number >= 0, got {value!r}")
+        explicit = {k: float(v) for k, v in fields.items() if v > 0}
+        if not explicit:
+            return cls(sparsity, method, None)
+        start = explicit.get("start_kib", ChunkParams.start_kib)
+        if "max_kib" in explicit and explicit["max_kib"] < start:
+            raise ValueError(f"chunk_max_kib ({explicit['max_kib']:g}) is below the smallest window "
+                             f"({start:g} KiB): raise chunk_max_kib or set it to 0 (saturation size)")
+        return cls(sparsity, method, ChunkParams(**explicit))
+
+    def budget(self, rows: int) -> int:
+        """Rows to read for a matrix with `rows` input channels."""
+        if self.method == "dense":
+            return rows
+        return max(1, rows - int(round(self.sparsity * rows)))
+
+
 @dataclasses.dataclass
 class Selection:
     """Selected rows of one matrix as maximal runs, with what they cost and keep."""
