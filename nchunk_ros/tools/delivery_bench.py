@@ -1,8 +1,8 @@
 """Delivery bench: how many best-effort sensor_msgs/Image frames reach a subscriber in another process.
 
-    python -m nchunk_ros.tools_delivery_bench                      # default matrix
-    python -m nchunk_ros.tools_delivery_bench --sizes 640x480 --rates 5 --configs default,sub_profile
-    python -m nchunk_ros.tools_delivery_bench --json
+    python -m nchunk_ros.tools.delivery_bench                      # default matrix
+    python -m nchunk_ros.tools.delivery_bench --sizes 640x480 --rates 5 --configs default,sub_profile
+    python -m nchunk_ros.tools.delivery_bench --json
 
 For every (configuration, size, rate) it starts a subscriber process and then a publisher process
 (both plain rclpy, rgb8 frames, sensor-data QoS on the publisher: best effort, KEEP_LAST 5; the
@@ -195,7 +195,7 @@ def _last_json(text: str) -> dict:
 def run_one(config: dict, width: int, height: int, rate: float, count: int, sub_depth: int = 1,
             linger: float = 1.0) -> dict:
     domain = random.randint(120, 230)
-    me = [sys.executable, "-m", "nchunk_ros.tools_delivery_bench"]
+    me = [sys.executable, "-m", "nchunk_ros.tools.delivery_bench"]
     cwd = str(Path(__file__).resolve().parent.parent)
     sub = subprocess.Popen(me + ["--child", "sub", "--depth", str(sub_depth)], cwd=cwd, text=True,
                            env=_env(config["sub_env"], domain), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
