@@ -1,0 +1,19 @@
+"""What a Python command imports: `python -X importtime` in a child process, for tests of light commands."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def imported_modules(args: list[str], cwd=None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `python -X importtime *args`; return the finished process and every module it imported
+    (dotted names, parents included)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+    modules = set()
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "imported package":  # the header line
+                modules.add(name)
+    return done, modules
