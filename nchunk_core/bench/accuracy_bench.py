@@ -27,7 +27,7 @@ import numpy as np
 from nchunk_core.demo import scenes
 from nchunk_core.demo.model import shipped_store
 from nchunk_core.runtime.session import Session, SessionConfig
-from nchunk_core.demo.train import FRAME_H, FRAME_W, TEST_SCENES
+from nchunk_core.demo.train_settings import FRAME_H, FRAME_W, TEST_SCENES
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 METHODS = ("magnitude", "chunking")
