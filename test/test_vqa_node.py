@@ -593,7 +593,7 @@ def test_max_frames_changes_at_run_time(rig):
 
 def test_nchunk_ask_command(rig, env):
     feed(rig["tester"], rig["node"], frames=1, seed=70)
-    cli = [sys.executable, "-m", "nchunk_core.cli", "ask"]
+    cli = [sys.executable, "-m", "nchunk_ros.cli", "ask"]
     done = subprocess.run([*cli, "What is there?", "--max-new-tokens", "2"], capture_output=True, text=True,
                           timeout=START_TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 0, done.stderr

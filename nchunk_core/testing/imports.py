@@ -5,11 +5,12 @@ import subprocess
 import sys
 
 
-def imported_modules(args: list[str], cwd=None, timeout: float = 120) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """Run `python -X importtime *args`; return the finished process and every module it imported
-    (dotted names, parents included)."""
+def imported_modules(args: list[str], cwd=None, env=None,
+                     timeout: float = 120) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `python -X importtime *args` (in `cwd`, with `env`); return the finished process and every
+    module it imported (dotted names, parents included)."""
     done = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, env=env, timeout=timeout)
     modules = set()
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
