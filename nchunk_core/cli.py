@@ -92,9 +92,9 @@ def cmd_profile(args) -> int:
     if args.plot:
         print(f"plot          {args.plot}")
     if args.validate:
-        print(f"\n{'pattern':>7} {'row B':>7} {'runs':>6} {'MiB':>6} {'mean run':>9} {'measured ms':>12} {'estimated ms':>13}")
+        print(f"\n{'pattern':>7} {'row B':>7} {'reads':>6} {'MiB':>6} {'mean run':>9} {'measured ms':>12} {'estimated ms':>13}")
         for i, r in enumerate(out["validate_patterns"]):
-            print(f"{i:>7} {r['row_bytes']:>7} {r['runs']:>6} {r['bytes'] / 2**20:>6.1f} {r['mean_run_rows']:>9.1f} "
+            print(f"{i:>7} {r['row_bytes']:>7} {r['reads']:>6} {r['bytes'] / 2**20:>6.1f} {r['mean_run_rows']:>9.1f} "
                   f"{r['measured_s'] * 1e3:>12.2f} {r['estimated_s'] * 1e3:>13.2f}")
         print(f"\nPearson r (measured vs estimated): {out['validate_pearson_r']:.4f}   "
               f"median measured/estimated: {out['validate_median_measured_over_estimated']:.3f}")
@@ -120,7 +120,7 @@ def _add_bench(sub):
                          "LLaVA-OneVision-Qwen2-7B (fp16, bundled and unbundled) on the drive under test, then sweeps "
                          "sparsity 0-70% for magnitude and chunking, with and without hot-cold reordering, reading "
                          "every selection cold through the reader. Prints a table with measured and estimated I/O "
-                         "time, retained importance, requests, mean run length and the physical limit; writes PNG "
+                         "time, retained importance, reads, mean run length and the physical limit; writes PNG "
                          "plots; reports the speedup over magnitude at matched retained importance.")
     io.add_argument("--dir", default=None, help="directory on the drive under test for the stores "
                     "(default: <system temp dir>/nchunk-bench); about 1 GB per layer")

@@ -12,6 +12,8 @@ VAL_SCENES, TEST_SCENES = 300, 500
 
 @dataclasses.dataclass
 class Settings:
+    """One training run: seed, schedule, batch size and the weights of the training aids."""
+
     seed: int = 0
     steps: int = 6000
     images_per_step: int = 16
