@@ -83,6 +83,7 @@ try:  # these take about half a second to load: a Ctrl-C meanwhile ends the vqa_
     from std_msgs.msg import String
 
     from nchunk_core.runtime.select import METHODS, ChunkParams
+    from nchunk_core.store.naming import DTYPES  # names only: a bad dtype is refused before torch loads
     from nchunk_interfaces.srv import Ask
 
     from nchunk_ros.image_conversion import message_to_rgb
@@ -100,9 +101,6 @@ STATS_PERIOD_S = 1.0
 MALFORMED_LOG_PERIOD_S = 5.0
 QOS_RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
-# The compute dtypes of nchunk_core.runtime.flash_model.DTYPES, named here so that a bad configuration is
-# reported without importing torch first (test_vqa_node checks that the two agree).
-DTYPES = ("float32", "float16", "bfloat16")
 SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
 SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames")  # passed to Session.update
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")

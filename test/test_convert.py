@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from nchunk_core import cli
 from nchunk_core.convert.checkpoint import Checkpoint, CheckpointError
 from nchunk_core.convert.converter import convert
-from nchunk_core.runtime.flash_model import CALIBRATION_PREFIX
+from nchunk_core.store.naming import CALIBRATION_PREFIX
 from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.store import Store, StoreError
 from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame

@@ -252,9 +252,9 @@ DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 
 
 def test_dtype_names_match_the_runtime():
-    from nchunk_core.runtime.flash_model import DTYPES
+    from nchunk_core.store.naming import DTYPES
 
-    assert set(vqa_node.DTYPES) == set(DTYPES)
+    assert vqa_node.DTYPES is DTYPES
 
 
 def test_check_parameters_reasons():
@@ -593,7 +593,7 @@ def test_max_frames_changes_at_run_time(rig):
 
 def test_nchunk_ask_command(rig, env):
     feed(rig["tester"], rig["node"], frames=1, seed=70)
-    cli = [sys.executable, "-m", "nchunk_core.cli", "ask"]
+    cli = [sys.executable, "-m", "nchunk_ros.cli", "ask"]
     done = subprocess.run([*cli, "What is there?", "--max-new-tokens", "2"], capture_output=True, text=True,
                           timeout=START_TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 0, done.stderr

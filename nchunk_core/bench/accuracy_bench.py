@@ -1,11 +1,11 @@
 """`nchunk bench accuracy`: what sparsity costs in accuracy, and what it saves in I/O, on a trained VLM.
 
-The built-in model (demo_model.py, trained by train_demo.py) answers the held-out test questions of
+The built-in model (demo/model.py, trained by demo/train.py) answers the held-out test questions of
 scenes.py through the real store, reader and Session, one frame in context (max_frames 1, as it was
 trained). For every test scene the settings take turns on the same frame, interleaved so that drift
 of the shared drive hits them alike: dense (sparsity 0) and each sparsity of SPARSITIES for
 magnitude and chunking, both on the store's hot–cold order. Per setting: exact-match accuracy per
-question kind, and per frame (median) the I/O time, bytes, read requests and retained importance of
+question kind, and per frame (median) the I/O time, bytes, reads and retained importance of
 the frame append (direct I/O, so every read is cold).
 
 Matched accuracy (the paper's protocol): for each chunking point, magnitude's I/O time at the same
@@ -27,7 +27,7 @@ import numpy as np
 from nchunk_core.demo import scenes
 from nchunk_core.demo.model import shipped_store
 from nchunk_core.runtime.session import Session, SessionConfig
-from nchunk_core.demo.train import FRAME_H, FRAME_W, TEST_SCENES
+from nchunk_core.demo.train_settings import FRAME_H, FRAME_W, TEST_SCENES
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 METHODS = ("magnitude", "chunking")

@@ -43,11 +43,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from nchunk_core.convert.checkpoint import INDEX, Checkpoint
-from nchunk_core.runtime.flash_model import CALIBRATION_PREFIX, DTYPES, group_names, input_name
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.convert.reorder import ActivationCounter
 from nchunk_core.store import Store, StoreError, StoreWriter
 from nchunk_core.store.format import MANIFEST, PERMUTATIONS, RESIDENT
+from nchunk_core.store.naming import CALIBRATION_PREFIX, DTYPES, group_names, input_name, torch_dtype
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -243,7 +243,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
         work.mkdir(parents=True)
         first = work / ("unpermuted" if reorder else "store")
         try:
-            write_store(ck, first, bundle, None if dtype == "auto" else DTYPES[dtype], info, progress)
+            write_store(ck, first, bundle, None if dtype == "auto" else torch_dtype(dtype), info, progress)
             copy_model_files(source, first)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)

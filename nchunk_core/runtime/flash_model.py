@@ -7,14 +7,8 @@ resident tensors of the store (vision tower, projector, embeddings, norms, LM he
 non-persistent buffers (rotary frequencies, position ids), which are computed from the config by the
 model's own initialiser. The key sets of the store and of the model must match exactly.
 
-Naming shared with the converter (convert.py):
-
-- input name  ``layers.{i}.{kind}``, kind in attn_in, attn_out, mlp_in, mlp_out (one activation,
-  one selection, one permutation),
-- group name  ``layers.{i}.qkv | o | gate_up | down`` when bundled, ``layers.{i}.q_proj`` ... when not,
-- output name the projection's module path in the model (``model.language_model.layers.0.self_attn
-  .q_proj``); its bias, if any, is the resident tensor ``<output name>.bias``,
-- calibration statistics are resident tensors under ``calibration/`` (not model weights).
+Input, group and output names and the calibration prefix are shared with the converter
+(store/naming.py).
 
 The HF attention and MLP code calls q_proj(x), k_proj(x), v_proj(x) one after the other on the same
 tensor x. The views of one input share a `SharedProjections`: the first call runs the flash layer
@@ -34,30 +28,17 @@ from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.layers import FlashProjections, SparsityConfig, Workspace
 from nchunk_core.store import Store, StoreFormatError
+from nchunk_core.store.naming import CALIBRATION_PREFIX, input_name
 
-CALIBRATION_PREFIX = "calibration/"
-BUNDLED_GROUP_NAMES = {"attn_in": "qkv", "attn_out": "o", "mlp_in": "gate_up", "mlp_out": "down"}
 # Modules that turn pixels into visual tokens, timed as "vision" (module paths in the model).
 VISION_MODULES = {
     "llava_onevision": ("model.vision_tower", "model.multi_modal_projector"),
     "qwen2_5_vl": ("model.visual",),
     "smolvlm": ("model.vision_model", "model.connector"),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # observer(phase, input_name, x [..., in]) sees every flash layer input (original channel order)
 Observer = Callable[[str, str, torch.Tensor], None]
-
-
-def input_name(layer: int, kind: str) -> str:
-    return f"layers.{layer}.{kind}"
-
-
-def group_names(layer: int, kind: str, paths: list[str], bundled: bool) -> list[str]:
-    """Store group names for the projections `paths` of one input (one name if bundled)."""
-    if bundled:
-        return [f"layers.{layer}.{BUNDLED_GROUP_NAMES[kind]}"]
-    return [f"layers.{layer}.{p.rsplit('.', 1)[-1]}" for p in paths]
 
 
 def load_config(path):

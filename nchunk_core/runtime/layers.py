@@ -27,8 +27,7 @@ from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
 from nchunk_core.runtime.select import METHODS, ChunkParams, Selection, select
 from nchunk_core.store import GroupInfo, Store
-
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from nchunk_core.store.naming import torch_dtype
 
 
 @dataclasses.dataclass
@@ -185,7 +184,7 @@ class FlashProjections(nn.Module):
         views, base = [], 0
         for g in self.groups:
             raw = buf[base:base + rows * g.row_bytes]
-            views.append(raw.view(TORCH_DTYPES[g.dtype]).view(rows, g.row_bytes // g.itemsize))  # [R, out_g]
+            views.append(raw.view(torch_dtype(g.dtype)).view(rows, g.row_bytes // g.itemsize))  # [R, out_g]
             base += rows * g.row_bytes
         return views, io_s, total
 

@@ -52,12 +52,13 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from nchunk_core.runtime.flash_model import DTYPES, build_flash_model
+from nchunk_core.runtime.flash_model import build_flash_model
 from nchunk_core.runtime.adapters import Chunk, adapter_class, greedy_decode
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.layers import SparsityConfig, Workspace
 from nchunk_core.io.reader import Reader
 from nchunk_core.runtime.select import METHODS, ChunkParams
+from nchunk_core.store.naming import DTYPES, torch_dtype
 from nchunk_core.store import Store
 
 KEEP_MAX_SIDE = 1024  # frames kept for a rebuild are downscaled to this longest side
@@ -308,7 +309,7 @@ class Session:
         try:
             sparsity = SparsityConfig(cfg.sparsity, cfg.method, cfg.chunk_params)
             flash = build_flash_model(store, table, sparsity, Workspace(reader, cfg.device),
-                                      device=cfg.device, dtype=DTYPES[cfg.dtype])
+                                      device=cfg.device, dtype=torch_dtype(cfg.dtype))
             processor = load_processor(store.path, flash.arch)
             session = cls(store, cfg, reader, flash, processor, log)
         except BaseException:
