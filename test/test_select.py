@@ -258,3 +258,19 @@ def test_bad_arguments_are_rejected():
                    dict(start_kib=64, max_kib=32), dict(start_kib="8")):
         with pytest.raises(ValueError, match="ChunkParams"):
             ChunkParams(**kwargs)
+
+
+def test_selection_settings_are_one_validated_value():
+    from nchunk_core.runtime.select import SelectionSettings
+
+    assert SelectionSettings.from_kib(0.5, "chunking") == SelectionSettings(0.5, "chunking", None)
+    got = SelectionSettings.from_kib(0.5, "chunking", start_kib=8.0, max_kib=256.0)
+    assert got.windows == ChunkParams(start_kib=8.0, step_kib=ChunkParams.step_kib, max_kib=256.0,
+                                      jump_cap_kib=ChunkParams.jump_cap_kib)
+    with pytest.raises(ValueError, match=r"chunk_max_kib \(16\) is below the smallest window \(32 KiB\)"):
+        SelectionSettings.from_kib(0.5, "chunking", max_kib=16.0)
+    with pytest.raises(ValueError, match="chunk_step_kib must be a number >= 0"):
+        SelectionSettings.from_kib(0.5, "chunking", step_kib=-1.0)
+    with pytest.raises(ValueError, match="method must be one of dense, magnitude, chunking, dp"):
+        SelectionSettings.from_kib(0.5, "topk")
+    assert SelectionSettings(0.25).budget(8) == 6 and SelectionSettings(0.9, "dense").budget(8) == 8

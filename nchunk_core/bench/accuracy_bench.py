@@ -26,6 +26,7 @@ import numpy as np
 
 from nchunk_core.demo import scenes
 from nchunk_core.demo.model import shipped_store
+from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.runtime.session import Session, SessionConfig
 from nchunk_core.demo.train_settings import FRAME_H, FRAME_W, TEST_SCENES
 
@@ -45,7 +46,7 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
     plan = settings(methods, sparsities)
     rec = {key: {"right": {k: 0 for k in scenes.KINDS}, "total": {k: 0 for k in scenes.KINDS},
                  "io_s": [], "bytes": [], "reads": [], "retained": [], "select_s": []} for key in plan}
-    cfg = SessionConfig(max_frames=1, max_new_tokens=4, threads=threads)
+    cfg = SessionConfig(max_frames=1, max_new_tokens=4, reader_threads=threads)
     t0 = time.perf_counter()
     with Session.open(store, cfg, log=lambda m: None) as session:  # quiet: it logs every rebuild
         sizes = row_bytes(session.store)
@@ -53,7 +54,7 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
             frame = scenes.render_scene(scene)
             for key in plan:
                 method, sparsity = key
-                session.update(sparsity=sparsity, method="chunking" if method == "dense" else method)
+                session.update(SelectionSettings(sparsity, "chunking" if method == "dense" else method))
                 st = session.append_frame(frame)
                 r = rec[key]
                 if n > 0:  # the first append also starts the conversation (prefix): not a frame cost

@@ -166,9 +166,10 @@ class ImportanceRecorder:
 def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = "float32", threads: int = 6,
               progress: bool = True, log: Log | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Append `frames` through the store's flash runtime, dense, and record importance per input."""
+    from nchunk_core.runtime.select import SelectionSettings
     from nchunk_core.runtime.session import Session, SessionConfig
 
-    cfg = SessionConfig(device=device, dtype=dtype, sparsity=0.0, method="dense", threads=threads)
+    cfg = SessionConfig(device=device, dtype=dtype, selection=SelectionSettings(0.0, "dense"), reader_threads=threads)
     recorder = ImportanceRecorder()
     # dense selection reads every row and never consults the drive's latency table
     with Session.open(store_path, cfg, log=log, table=LatencyTable.synthetic()) as session:

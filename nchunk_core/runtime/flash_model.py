@@ -26,7 +26,8 @@ from torch import nn
 
 from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.io.latency import LatencyTable
-from nchunk_core.runtime.layers import FlashProjections, SparsityConfig, Workspace
+from nchunk_core.runtime.layers import FlashProjections, Workspace
+from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store, StoreFormatError
 from nchunk_core.store.naming import CALIBRATION_PREFIX, input_name
 
@@ -114,15 +115,16 @@ class ProjectionView(nn.Module):
 
 
 class FlashVLM:
-    """The built model plus its flash layers, per-call statistics and vision timing."""
+    """The built model plus its flash layers, the selection settings in force, per-call statistics and
+    vision timing."""
 
     def __init__(self, model: nn.Module, arch: str, layers: dict[str, FlashProjections],
-                 stats: list, sparsity: SparsityConfig):
+                 stats: list, selection: SelectionSettings):
         self.model = model
         self.arch = arch
         self.layers = layers  # input name -> FlashProjections
         self.stats = stats  # CallStats of every flash call since the last clear
-        self.sparsity = sparsity
+        self.selection = selection  # read by every flash layer at each call
         self.observer: Observer | None = None
         self.phase = ""  # what the session is appending (passed to the observer)
         self.vision_s = 0.0
@@ -162,7 +164,7 @@ def _swap_projections(flash_model: FlashVLM, store: Store, table: LatencyTable, 
             if not store.groups_for_input(name):
                 raise StoreFormatError(f"{store.path}: no matrix group for input {name!r} "
                                        f"(projections {', '.join(p.rsplit('.', 1)[-1] for p in paths)})")
-            flash = FlashProjections(store, name, table, flash_model.sparsity, workspace, dtype=dtype,
+            flash = FlashProjections(store, name, table, lambda: flash_model.selection, workspace, dtype=dtype,
                                      biases=biases, stats_sink=flash_model.stats).to(device)
             flash.biases = {n: b.to(device) for n, b in flash.biases.items()}
             if flash.outputs != paths:
@@ -218,7 +220,7 @@ def _load_resident(model: nn.Module, store: Store, names: set[str], tied: dict[s
         raise StoreFormatError(f"{store.path}: tensors without values after loading: {left[:5]}")
 
 
-def build_flash_model(store: Store, table: LatencyTable, sparsity: SparsityConfig,
+def build_flash_model(store: Store, table: LatencyTable, selection: SelectionSettings,
                       workspace: Workspace, device="cpu", dtype: torch.dtype = torch.float32,
                       stats: list | None = None) -> FlashVLM:
     """The store's VLM with streamed decoder projections (see the module docstring)."""
@@ -230,7 +232,7 @@ def build_flash_model(store: Store, table: LatencyTable, sparsity: SparsityConfi
                                f"says {config.model_type!r}")
     model = meta_model(config)
     tied = tied_keys(model)
-    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, sparsity)
+    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, selection)
     names = {n for n in store.resident_names() if not n.startswith(CALIBRATION_PREFIX)}
     paths = [p for layer in adapter_class(config.model_type).projection_groups(model)
              for group in layer.values() for p in group]

@@ -44,6 +44,13 @@ class WindowRows(NamedTuple):
     jump_cap: int
 
 
+def check_method(method) -> str:
+    """`method` if it is one of METHODS; ValueError otherwise (the one check of a method name)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
+
+
 def _kib_to_rows(kib: float, row_bytes: int) -> int:
     """Nearest whole number of rows (halves round up), at least one."""
     return max(1, int(math.floor(kib * 1024.0 / row_bytes + 0.5)))
@@ -120,8 +127,7 @@ class SelectionSettings:
                 or not 0.0 <= float(value) < 1.0):
             raise ValueError(f"sparsity must be a number in [0, 1), got {value!r}")
         object.__setattr__(self, "sparsity", float(value))
-        if self.method not in METHODS:
-            raise ValueError(f"unknown selection method {self.method!r}; choose one of {', '.join(METHODS)}")
+        check_method(self.method)
         if self.windows is not None and not isinstance(self.windows, ChunkParams):
             raise ValueError(f"windows must be a ChunkParams or None, got {type(self.windows).__name__}")
 
@@ -187,8 +193,7 @@ def selection_arguments(importance, budget_rows: int, method: str, table: Latenc
                         params: ChunkParams | None = None) -> tuple[np.ndarray, int, int, WindowRows]:
     """The arguments of `select`, checked: importance float32 [rows], budget, row bytes and the
     chunking windows in rows (all ones for the other methods). ValueError naming the argument."""
-    if method not in METHODS:
-        raise ValueError(f"unknown selection method {method!r}; choose one of {METHODS}")
+    check_method(method)
     v = np.ascontiguousarray(importance, dtype=np.float32)
     if v.ndim != 1:
         raise ValueError(f"importance must be 1-D, got shape {v.shape}")
