@@ -52,7 +52,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from nchunk_core.demo import scenes
-from nchunk_core.demo.model import build_untrained, shipped_store
+from nchunk_core.demo.model import RECOMMENDED, build_untrained, shipped_store
 from nchunk_core.runtime.adapters import SmolVLMAdapter
 
 FRAME_W, FRAME_H = 320, 240  # the synthetic camera's default frame
@@ -553,7 +553,8 @@ def train_and_convert(s: Settings, out: Path, store: Path | None = None, convert
     if convert_store:
         store = store or shipped_store()
         with tempfile.TemporaryDirectory(prefix="nchunk-calib-") as tmp:
-            convert(out, store, calib=calibration_frames(Path(tmp), s.seed), overwrite=True)
+            convert(out, store, calib=calibration_frames(Path(tmp), s.seed), overwrite=True,
+                    recommended=RECOMMENDED)
         shutil.copy2(out / "training.json", store / "training.json")
         log(f"store: {store}")
     return 0
