@@ -120,7 +120,8 @@ class AskClient(Node):
             return None
         handle = sent.result()
         self._spin_until(handle.cancel_goal_async(), CANCEL_WAIT_S)
-        result = result or handle.get_result_async()
+        if result is None:
+            result = handle.get_result_async()
         return result.result().result if self._spin_until(result, CANCEL_WAIT_S) else None
 
     def close(self) -> None:
