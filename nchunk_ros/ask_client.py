@@ -191,7 +191,9 @@ def format_details(r: Ask.Response, asked_at: float | None = None) -> list[str]:
     lines = []
     stamp = r.newest_frame_stamp.sec + r.newest_frame_stamp.nanosec * 1e-9
     age = ""
-    if stamp and asked_at is not None:
+    if r.frames_in_context and hasattr(r, "newest_frame_age_s"):  # measured on the node's clock
+        age = f", newest arrived {r.newest_frame_age_s:.2f} s before answering"
+    elif stamp and asked_at is not None:
         lag = asked_at - stamp
         age = f", newest {lag:.1f} s older than the question" if lag >= 0 else \
             f", newest {-lag:.1f} s newer than the question"

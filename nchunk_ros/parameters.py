@@ -35,8 +35,10 @@ class ParamSpec:
     def descriptor(self) -> ParameterDescriptor:
         d = ParameterDescriptor(description=self.description)
         if self.reload:
-            d.additional_constraints = ("a change reloads the model before the next frame or question; the "
-                                        "context restarts from the newest frame; a failed load sets it back")
+            d.additional_constraints = ("a change reloads the model before the next frame or question (setting "
+                                        "the current value reloads too: a store replaced on disk is opened "
+                                        "again); the context restarts from the newest frame; a failed load "
+                                        "sets it back")
         if isinstance(self.default, bool) or self.low is None:
             return d
         if isinstance(self.default, int):
@@ -72,7 +74,8 @@ PARAMETERS = (
     ParamSpec("jump_cap_kib", 0.0, "chunking: largest stride of a sliding window in KiB (0 = default)",
               0.0, 65536.0),
     ParamSpec("max_new_tokens", 32, "answer length limit in tokens: the default of a request and the "
-              "most a request may ask for", 1, 4096),
+              "most a request may ask for; at most what the model's positions hold beside a frame and a "
+              "question (a reload to a smaller model lowers it)", 1, 4096),
     ParamSpec("ask_timeout_s", 30.0, "deadline of a request that gives none, counted from its arrival and "
               "including the wait behind other requests", 0.1, 3600.0),
 )
@@ -80,7 +83,7 @@ SPECS = {spec.name: spec for spec in PARAMETERS}
 DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
 SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
-SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames")  # passed to Session.update
+SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "max_new_tokens")  # passed to Session.update
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
 
 
@@ -118,12 +121,14 @@ def _topics_problem(topics: list) -> str:
     return ""
 
 
-def check_parameters(changes: dict, current: dict, running: bool) -> SetParametersResult:
+def check_parameters(changes: dict, current: dict, running: bool,
+                     max_answer_tokens: int | None = None) -> SetParametersResult:
     """Whether parameter `changes` (name -> value) may be applied on top of `current`.
 
     Ranges and types are checked by rclpy from the descriptors; this checks everything else.
     `running`: the node has started, so a store_path must name a store directory (at start-up,
-    opening the store says what is wrong, and the node exits).
+    opening the store says what is wrong, and the node exits). `max_answer_tokens`: the running
+    model's limit for max_new_tokens (Session.max_answer_tokens), None before a model is open.
     """
     problem = ""
     for name, value in changes.items():
@@ -139,6 +144,9 @@ def check_parameters(changes: dict, current: dict, running: bool) -> SetParamete
             problem = f"qos_reliability must be best_effort or reliable, got {value!r}"
         elif name == "image_topics":
             problem = _topics_problem(list(value))
+        elif name == "max_new_tokens" and max_answer_tokens is not None and value > max_answer_tokens:
+            problem = (f"max_new_tokens {value} is above what the model holds: at most {max_answer_tokens} "
+                       f"answer tokens fit beside the prompt, a frame and a question")
         if problem:
             return SetParametersResult(successful=False, reason=problem)
     try:

@@ -8,11 +8,19 @@ answers on ~/answer, and parameters set back after a failed reload.
 A reload opens a new session with the new values (as at start-up) and closes the old one only once
 the new one works; the context then restarts from the newest frame of the old one. When the new
 session cannot be opened, the old one keeps answering, and the parameters that asked for the reload
-are set back to the running session's values (a change back asks for no reload of its own).
+are set back to the running session's values (a change back asks for no reload of its own). A
+max_new_tokens above what the new model can hold is lowered to its limit, and the log says so.
+
+A failed read of the store's weights (an I/O error, a file that ended early, a row whose CRC-32C
+does not match) fails that frame or question with a one-line reason naming the file, the matrix
+group, the row and the offset; it is counted (read_errors, checksum_errors) and logged as one line,
+its traceback only at DEBUG level. The node keeps serving.
 """
 from __future__ import annotations
 
+import errno
 import math
+import os
 import time
 import traceback
 from fractions import Fraction
@@ -59,6 +67,7 @@ class SessionTasks:
         self._session = session
         self._session_values = {k: values[k] for k in RELOAD_PARAMETERS}  # what it was opened with
         self._newest_topic = ""  # where the newest frame in context came from
+        self._newest_received = 0.0  # when it arrived at the node (time.monotonic())
 
     @property
     def session(self):
@@ -73,9 +82,10 @@ class SessionTasks:
         return self._session.frames_in_context
 
     def update_session(self, values: dict) -> None:
-        """Hand the selection settings and max_frames of parameter `values` to the session (applied at
-        its next call)."""
-        self._session.update(selection=selection_from(values), max_frames=values["max_frames"])
+        """Hand the selection settings, max_frames and max_new_tokens of parameter `values` to the
+        session (applied at its next call)."""
+        self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
+                             max_new_tokens=min(values["max_new_tokens"], self._session.max_answer_tokens))
 
     # -- frames -------------------------------------------------------------------------------------
     def append(self, frame: Frame) -> None:
@@ -84,19 +94,40 @@ class SessionTasks:
         except Exception as exc:  # ValueError: a frame the model cannot take; others: I/O or runtime failures
             self._append_failed(frame.topic, exc)
             return
-        self._appended(frame.topic, stats)
+        self._appended(frame, stats)
 
-    def _appended(self, topic: str, stats) -> None:
-        self._newest_topic = topic
+    def _appended(self, frame: Frame, stats) -> None:
+        self._newest_topic, self._newest_received = frame.topic, frame.received
         self._worker.count("frames_appended")
-        self._node.frame_appended(topic, stats)
+        self._node.frame_appended(frame.topic, stats)
+        self.clamp_max_new_tokens(reloaded=False)  # a larger frame than before leaves less room
 
     def _append_failed(self, topic: str, exc: Exception) -> None:
         self._worker.count("append_failures")
-        detail = "" if isinstance(exc, ValueError) else "\n" + traceback.format_exc()
-        self._node.get_logger().error(f"frame from {topic} not appended: {exc}{detail}",
-                                      throttle_duration_sec=FAILURE_LOG_PERIOD_S)
-        self._node.publish_status(diagnostics.FRAME, DiagnosticStatus.ERROR, f"append failed: {exc}", {})
+        reason = self._read_failure(exc, f"frame from {topic} not appended")
+        if reason is None:
+            reason = str(exc)
+            detail = "" if isinstance(exc, ValueError) else "\n" + traceback.format_exc()
+            self._node.get_logger().error(f"frame from {topic} not appended: {exc}{detail}",
+                                          throttle_duration_sec=FAILURE_LOG_PERIOD_S)
+        self._node.publish_status(diagnostics.FRAME, DiagnosticStatus.ERROR, f"append failed: {reason}", {})
+
+    def _read_failure(self, exc: BaseException, what: str) -> str | None:
+        """The one-line reason when `exc` (or what caused it) is a failed read of the store's weights,
+        counted and logged once, traceback at DEBUG; None for any other failure."""
+        failure = exc
+        while failure is not None and not isinstance(failure, (OSError, EOFError)):
+            failure = failure.__cause__ or failure.__context__
+        if failure is None:
+            return None
+        reason = read_failure_reason(failure, self._session.store)
+        count = self._worker.count("read_errors")
+        if getattr(failure, "errno", None) == errno.EBADMSG:
+            self._worker.count("checksum_errors")
+        log = self._node.get_logger()
+        log.error(f"{what}: {reason} (read error {count} since start)")
+        log.debug(f"{what}:\n" + "".join(traceback.format_exception(exc)))
+        return reason
 
     # -- questions ----------------------------------------------------------------------------------
     def answer(self, job: AskJob) -> None:
@@ -118,9 +149,12 @@ class SessionTasks:
         except ValueError as exc:
             self._finish(job, response, str(exc), "asks_failed")
             return
-        except Exception as exc:  # a runtime failure (I/O, model): answer with it and keep serving
-            self._node.get_logger().error(f"question failed:\n{traceback.format_exc()}")
-            self._finish(job, response, f"runtime failure: {type(exc).__name__}: {exc}", "asks_failed")
+        except Exception as exc:  # a read or runtime failure: answer with it and keep serving
+            reason = self._read_failure(exc, "question failed")
+            if reason is None:
+                self._node.get_logger().error(f"question failed:\n{traceback.format_exc()}")
+                reason = f"runtime failure: {type(exc).__name__}: {exc}"
+            self._finish(job, response, reason, "asks_failed")
             return
         response.success = True
         response.answer = printable(answer.text)
@@ -128,6 +162,7 @@ class SessionTasks:
         response.frames_in_context = answer.frames_in_context
         if answer.newest_stamp is not None:
             response.newest_frame_stamp = stamp_time(answer.newest_stamp)
+        response.newest_frame_age_s = self.newest_frame_age(job.started)
         response.context_tokens = answer.context_tokens
         response.tokens_generated = answer.tokens_generated
         response.prefill_s = extra_prefill + answer.prefill_s
@@ -148,13 +183,18 @@ class SessionTasks:
             self._append_failed(self._newest_topic, exc)
             raise RuntimeError("the newest frame could not be appended again after the reset") from exc
         if stats is not None:
-            self._appended(self._newest_topic, stats)
+            self._appended(Frame(None, stats.stamp, self._newest_topic, self._newest_received), stats)
+
+    def newest_frame_age(self, when: float) -> float:
+        """Seconds from the newest frame's arrival to `when` (time.monotonic()); 0 without a frame."""
+        return max(0.0, when - self._newest_received) if self._session.frames_in_context else 0.0
 
     def _finish(self, job: AskJob, response: Ask.Response, error: str, counter: str) -> None:
         response.error = error
         if error:
             response.success = False
             response.frames_in_context = self._session.frames_in_context
+            response.newest_frame_age_s = self.newest_frame_age(job.started or time.monotonic())
         response.total_s = time.monotonic() - job.arrival
         if not self._worker.deliver(job, response, counter):
             self._node.get_logger().warning(f"a question's deadline passed during its prefill: the caller got "
@@ -164,12 +204,15 @@ class SessionTasks:
             self._node.publish_answer(response.answer)
 
     # -- reloads ------------------------------------------------------------------------------------
-    def reload(self, values: dict) -> None:
-        """Open a session with `values`; swap it in if that works, else keep the old one and set back."""
+    def reload(self, values: dict, reopen: bool = False) -> None:
+        """Open a session with `values`; swap it in if that works, else keep the old one and set back.
+        `reopen`: also with the running session's values (the store may have been replaced)."""
         log, old = self._node.get_logger(), self._session
         changes = ", ".join(f"{k} {self._session_values[k]!r} -> {values[k]!r}" for k in RELOAD_PARAMETERS
                             if values[k] != self._session_values[k])
-        if not changes:  # set back before the worker got to it
+        if not changes and reopen:
+            changes = f"store_path {values['store_path']!r} opened again"
+        elif not changes:  # set back before the worker got to it
             return
         log.info(f"reloading the model ({changes}): questions wait, frames are skipped meanwhile")
         try:
@@ -187,15 +230,33 @@ class SessionTasks:
         newest = old.newest_frame
         self._session, self._session_values = session, {k: values[k] for k in RELOAD_PARAMETERS}
         if newest is not None:  # the context restarts from the newest frame
-            self._worker.restart_from(Frame(*newest, self._newest_topic))
+            self._worker.restart_from(Frame(*newest, self._newest_topic, self._newest_received))
         self._worker.count("reloads")
         self._worker.reload_finished()
         self.update_session(self._node.parameter_values())  # selection or max_frames changed while it opened
         old.close()
+        self.clamp_max_new_tokens(reloaded=True)
         message = (f"model reloaded ({changes}): earlier frames are gone, the context starts again from the "
                    f"newest frame")
         log.info(message)
         self._node.publish_status(diagnostics.RELOAD, DiagnosticStatus.OK, message, {"changes": changes})
+
+    def clamp_max_new_tokens(self, reloaded: bool) -> None:
+        """Lower the max_new_tokens parameter to what the session's model holds (Session.max_answer_tokens,
+        which a first or larger frame lowers), saying so in the log and, after a start or a reload
+        (`reloaded`), as a WARN reload status."""
+        wanted, limit = self._node.parameter_values()["max_new_tokens"], self._session.max_answer_tokens
+        if wanted <= limit:
+            return
+        result = self._node.set_parameters_atomically([Parameter("max_new_tokens", value=limit)])
+        message = (f"max_new_tokens lowered from {wanted} to {limit}: the model holds "
+                   f"{self._session.max_positions} positions, {limit} of them free for an answer")
+        if not result.successful:
+            message = f"max_new_tokens {wanted} is above this model's limit {limit} and stays: {result.reason}"
+        self._node.get_logger().warning(message)
+        if reloaded:
+            self._node.publish_status(diagnostics.RELOAD, DiagnosticStatus.WARN, message,
+                                      {"max_new_tokens": self._node.parameter_values()["max_new_tokens"]})
 
     def _set_back(self, failed: dict) -> None:
         """Set the parameters that asked for the `failed` reload back to the running session's values."""
@@ -211,3 +272,32 @@ class SessionTasks:
         else:
             self._node.get_logger().error(f"cannot set the parameters back to the running model's "
                                           f"({names}): {result.reason}")
+
+
+def read_failure_reason(exc: BaseException, store) -> str:
+    """One line naming the file, the matrix group, the row and the offset of a failed read of `store`.
+
+    `exc` is an OSError or EOFError of the reader: nchunk_core.io.errors' IoError (path, offset,
+    length, errno), a ChecksumError (also row and group) or, from older readers, a plain one.
+    """
+    path = getattr(exc, "path", None) or getattr(exc, "filename", None)
+    offset, length = getattr(exc, "offset", None), getattr(exc, "length", None)
+    if getattr(exc, "errno", None) == errno.EBADMSG:  # ChecksumError: its message names all of it
+        return f"damaged weights: {exc}"
+    where = f"{path}" if path else "the store"
+    if length is not None and offset is not None:
+        where += f", {length} bytes at offset {offset}"
+        group = _group_at(store, path, offset)
+        if group is not None:
+            where += f" (group {group.name!r}, row {(offset - group.offset) // group.row_bytes})"
+    code = getattr(exc, "errno", None)
+    cause = os.strerror(code) if code and offset is not None else (str(exc) or type(exc).__name__)
+    return f"cannot read weights: {where}: {cause}"
+
+
+def _group_at(store, path, offset: int):
+    """The store's group holding byte `offset` of the file `path`, or None."""
+    for group in getattr(store, "groups", {}).values():
+        if str(group.file) == str(path) and group.offset <= offset < group.offset + group.nbytes:
+            return group
+    return None

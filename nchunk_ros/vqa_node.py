@@ -9,10 +9,12 @@ Interfaces (node name `vqa_node`):
   sensor_msgs/CompressedImage (image_transport's naming), any other sensor_msgs/Image. Depth-1
   sensor-data QoS, reliability from `qos_reliability`.
   A frame's stamp is its header.stamp, or its arrival time when the publisher left the stamp zero.
-- serves `/ask` (nchunk_interfaces/srv/Ask; every field is documented in Ask.srv).
+- serves `/ask` (nchunk_interfaces/srv/Ask; every field is documented in Ask.srv). Its queue keeps
+  every request of a burst (KEEP_ALL), so each gets a response: answered, busy or timed out.
 - publishes each successful answer's text on `~/answer` (std_msgs/String) and statistics on
   `~/statistics` (diagnostic_msgs/DiagnosticArray; names and keys in diagnostics.py): after every
-  frame append, once a second (intake counters) and after a model reload.
+  frame append, once a second (intake counters; WARN naming the camera topics that have publishers
+  but sent no frame for camera_transport.SILENCE_S seconds, also logged once) and after a model reload.
 
 The node is a shell around three parts:
 
@@ -29,14 +31,16 @@ Parameters (config/vqa.yaml documents each) apply without a restart. The selecti
 (sparsity, method, chunk_*) and max_frames apply from the next frame or question (a max_frames
 below the frames in context makes the next frame rebuild the context); image_topics and
 qos_reliability re-subscribe at once; max_append_rate_hz, max_new_tokens and ask_timeout_s apply at
-once. store_path, device, dtype and reader_threads reload the model: a store_path that is not a
+once. store_path, device, dtype and reader_threads reload the model, also when set to the value
+they have (a store replaced on disk is opened again): a store_path that is not a
 directory with a manifest.json is refused at once; otherwise the worker, before its next frame or
 question, opens a new session with the new values (the drive profile from the cache, or a quick
 profile for a new drive or reader_threads) and only then closes the old one. The context starts
 again from the newest camera frame. When the new session cannot be opened, the old one keeps
 answering, the reason is logged and published, and the parameters are set back.
 
-Start-up opens the store, loads the drive profile of the store's drive from the cache or measures a
+`main` first points Fast DDS at the node's camera profile (camera_transport.py), so that large
+best-effort frames from other processes arrive. Start-up opens the store, loads the drive profile of the store's drive from the cache or measures a
 quick one (progress in the log), and builds the model. A missing or bad store, or a bad parameter
 value, ends the process with exit code 1 and a one-line reason on stderr. SIGINT and SIGTERM stop it
 cleanly with exit code 0, also during start-up (a Ctrl-C while the module's imports load included).
@@ -48,6 +52,7 @@ from pathlib import Path
 
 try:  # these take about half a second to load: a Ctrl-C meanwhile ends the vqa_node program quietly
     import math
+    import os
     import time
     import traceback
 
@@ -63,7 +68,7 @@ try:  # these take about half a second to load: a Ctrl-C meanwhile ends the vqa_
 
     from nchunk_interfaces.srv import Ask
 
-    from nchunk_ros import diagnostics
+    from nchunk_ros import camera_transport, diagnostics
     from nchunk_ros.image_conversion import message_to_rgb
     from nchunk_ros.parameters import (PARAMETERS, RELOAD_PARAMETERS, SELECTION_PARAMETERS, SESSION_PARAMETERS,
                                        SUBSCRIPTION_PARAMETERS, check_parameters, selection_from)
@@ -81,6 +86,10 @@ EXECUTOR_THREADS = MAX_WAITING_ASKS + 4  # waiting /ask callbacks + the running 
 STATS_PERIOD_S = 1.0
 MALFORMED_LOG_PERIOD_S = 5.0
 QOS_RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
+# /ask keeps every request of a burst until a callback takes it (the default depth of 10 drops the rest
+# before the node sees them), and every response until the caller has it.
+SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
 
 
 def topic_type(topic: str):
@@ -98,6 +107,7 @@ class VQANode(Node):
         self._tasks: SessionTasks | None = None
         self._frame_listeners = []
         self._camera_subscriptions = []
+        self._watch = camera_transport.SilenceWatch()
         self._worker = Worker(lambda text: self.get_logger().error(text))
 
         self.add_on_set_parameters_callback(self._validate)  # before declaring: start-up values too
@@ -112,9 +122,11 @@ class VQANode(Node):
         self._answer_pub = self.create_publisher(String, "~/answer", 10)
         self._stats_pub = self.create_publisher(DiagnosticArray, "~/statistics", 10)
         self._subscribe()
-        self._service = self.create_service(Ask, SERVICE, self._on_ask, callback_group=ReentrantCallbackGroup())
+        self._service = self.create_service(Ask, SERVICE, self._on_ask, qos_profile=SERVICE_QOS,
+                                            callback_group=ReentrantCallbackGroup())
         self._timer = self.create_timer(STATS_PERIOD_S, self._publish_intake,
                                         callback_group=MutuallyExclusiveCallbackGroup())
+        self._tasks.clamp_max_new_tokens(reloaded=True)
         self._worker.start(self._tasks)
         self.get_logger().info(f"ready: /ask served, listening on {', '.join(self._values['image_topics'])}")
 
@@ -138,7 +150,8 @@ class VQANode(Node):
     # -- parameters ---------------------------------------------------------------------------------
     def _validate(self, params):
         changes = {p.name: p.value for p in params}
-        return check_parameters(changes, dict(self._values), self._running)
+        limit = self.session.max_answer_tokens if self._running else None
+        return check_parameters(changes, dict(self._values), self._running, limit)
 
     def _apply(self, params) -> None:
         try:
@@ -150,9 +163,10 @@ class VQANode(Node):
 
     def _apply_values(self, params) -> None:
         changed = {p.name for p in params if self._values.get(p.name) != p.value}
+        reopen = ({p.name for p in params} - changed) & set(RELOAD_PARAMETERS)  # set to the value they have
         for p in params:
             self._values[p.name] = p.value
-        if not self._running or not changed:
+        if not self._running or not (changed or reopen):
             return
         v = self._values
         if changed & set(SESSION_PARAMETERS):
@@ -167,9 +181,9 @@ class VQANode(Node):
             self._worker.set_append_rate(v["max_append_rate_hz"])
         if changed & set(SUBSCRIPTION_PARAMETERS):
             self._subscribe()
-        if changed & set(RELOAD_PARAMETERS):  # a change back to the running session's values cancels a reload
-            wanted = {k: v[k] for k in RELOAD_PARAMETERS} != self._tasks.session_values
-            self._worker.request_reload(dict(v) if wanted else None)
+        if (changed | reopen) & set(RELOAD_PARAMETERS):  # a change back to the running session's values
+            wanted = {k: v[k] for k in RELOAD_PARAMETERS} != self._tasks.session_values  # cancels a reload
+            self._worker.request_reload(dict(v) if wanted or reopen else None, reopen=bool(reopen))
 
     # -- opening the store (start-up and reloads) ----------------------------------------------------
     def open_session(self, v: dict):
@@ -231,11 +245,14 @@ class VQANode(Node):
             self.create_subscription(topic_type(topic), topic, lambda msg, t=topic: self._on_image(msg, t),
                                      qos, callback_group=self._camera_group)
             for topic in self._values["image_topics"]]
+        self._watch.restart(self._values["image_topics"])
         self.get_logger().info("camera: " + ", ".join(
             f"{t} ({topic_type(t).__name__}, {self._values['qos_reliability']})" for t in self._values["image_topics"]))
 
     def _on_image(self, msg, topic: str) -> None:
+        arrival = time.monotonic()
         self._worker.count("frames_received")
+        self._watch.frame(topic, arrival)
         try:
             rgb = message_to_rgb(msg)
         except Exception as exc:  # ValueError for every malformed message; nothing may stop the intake
@@ -246,7 +263,7 @@ class VQANode(Node):
         stamp = msg.header.stamp
         if stamp.sec == 0 and stamp.nanosec == 0:  # publisher left it unset: use the arrival time
             stamp = self.get_clock().now().to_msg()
-        self._worker.offer_frame(Frame(rgb, stamp_seconds(stamp), topic))
+        self._worker.offer_frame(Frame(rgb, stamp_seconds(stamp), topic, arrival))
 
     # -- /ask ---------------------------------------------------------------------------------------
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
@@ -305,7 +322,12 @@ class VQANode(Node):
             pass
 
     def _publish_intake(self) -> None:
-        self.publish_status(diagnostics.INTAKE, DiagnosticStatus.OK, diagnostics.intake_message(self.counters()), {})
+        silent = self._watch.check(self, self._values["qos_reliability"])
+        level = DiagnosticStatus.WARN if silent else DiagnosticStatus.OK
+        message = diagnostics.intake_message(self.counters())
+        if silent:
+            message += f"; publishers but no frames on {', '.join(silent)}"
+        self.publish_status(diagnostics.INTAKE, level, message, {"silent_topics": ",".join(silent)})
 
     # -- shutdown -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -350,12 +372,15 @@ def main(args=None) -> int:
 
 def run(args=None) -> int:
     """main without its KeyboardInterrupt guard."""
+    profile = camera_transport.apply_camera_transport_profile(os.environ)  # read when rclpy.init creates DDS
     rclpy.init(args=args)
     node = executor = None
     code = 0
     try:
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         node = VQANode()
+        node.get_logger().info(f"camera transport: Fast DDS profile {profile} (UDP, 4 MiB buffers)" if profile else
+                               "camera transport: as configured by the environment (docs/camera_transport.md)")
         executor.add_node(node)
         spin(executor)
     except (StartupError, ParameterException) as exc:

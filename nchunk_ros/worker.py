@@ -8,11 +8,15 @@ Other threads hand it work:
   answered (more are refused as busy), and each caller blocks until its answer or its deadline;
 - parameter changes ask for a model reload (`request_reload`; None cancels one not yet started).
 
-The worker takes, in this order: a wanted reload; the oldest question, once a frame is in context
-(or when no frame waits); the newest frame, at most `append_rate_hz` frames a second (0: no limit),
-and at once when a question waits for a first frame. What a task does is the business of the
-`tasks` object given to `start` (session_tasks.SessionTasks in the node): `reload(values)`,
-`answer(job)`, `append(frame)` and `frames_in_context()`.
+The worker takes, in this order: a wanted reload; the newest frame when it is due (the interval
+1/`append_rate_hz` has passed since the previous append began; 0: no limit), unless the task just
+done was an append and a question waits; the oldest question, once a frame is in context (or when no
+frame waits); a frame waiting for a question's first frame goes at once. So a due frame is appended
+before the next question starts, and at most one append runs between two questions: a stream of
+questions cannot starve the camera, nor appends slower than the interval the questions. The newest
+frame behind an answer is at most max(interval, one append) plus the camera's frame period old.
+What a task does is the business of the `tasks` object given to `start` (session_tasks.SessionTasks
+in the node): `reload(values, reopen)`, `answer(job)`, `append(frame)` and `frames_in_context()`.
 
 Deadlines: a question still waiting at its deadline gets "timed out" at once ("reloading the model;
 timed out after N s" when a reload held it up); one whose answer is being decoded (`decoding`)
@@ -39,6 +43,7 @@ class Frame:
     image: object  # np.ndarray uint8 [H, W, 3] RGB, or a PIL RGB image
     stamp: object  # seconds, exact (fractions.Fraction of the header stamp)
     topic: str
+    received: float = dataclasses.field(default_factory=time.monotonic)  # arrival at the node
 
 
 @dataclasses.dataclass
@@ -71,6 +76,8 @@ class Counters:
     asks_refused: int = 0
     asks_busy: int = 0
     asks_timed_out: int = 0
+    read_errors: int = 0  # failed reads of the store's weights, checksum mismatches included
+    checksum_errors: int = 0  # rows whose bytes did not match their recorded CRC-32C
     asks_waiting: int = 0
     asks_in_progress: int = 0
 
@@ -99,10 +106,11 @@ class Worker:
         self._pending: Frame | None = None
         self._asks: collections.deque[AskJob] = collections.deque()
         self._answering: AskJob | None = None
-        self._reload: dict | None = None  # parameter values a reload is wanted with
+        self._reload: tuple[dict, bool] | None = None  # (parameter values, reopen) a reload is wanted with
         self._reloading = False
         self._stop = False
-        self._last_append = -math.inf
+        self._last_append = -math.inf  # when the newest append began
+        self._appended_last = False  # the last frame or question task was an append
         self._frame_seen = False  # a well-formed frame has arrived
         self._counts = collections.Counter()
         self._tasks = None
@@ -143,11 +151,12 @@ class Worker:
             self._append_rate_hz = hz
             self._lock.notify_all()
 
-    def request_reload(self, values: dict | None) -> None:
+    def request_reload(self, values: dict | None, reopen: bool = False) -> None:
         """Reload the model with parameter `values` before the next frame or question; None cancels
-        a reload that has not started."""
+        a reload that has not started. `reopen`: reload even with the running model's values (the
+        store may have been replaced on disk)."""
         with self._lock:
-            self._reload = values
+            self._reload = None if values is None else (values, reopen)
             self._lock.notify_all()
 
     @property
@@ -212,28 +221,26 @@ class Worker:
 
     # -- the thread ---------------------------------------------------------------------------------
     def _next_task(self) -> tuple[str | None, object]:
-        """Under the lock: ("reload", parameter values) first, then ("ask", AskJob), then ("frame",
-        Frame); (None, None) to stop."""
+        """Under the lock: ("reload", (parameter values, reopen)), ("frame", Frame) or ("ask", AskJob)
+        in the order of the module docstring; (None, None) to stop."""
         while not self._stop:
             if self._reload is not None:
-                values, self._reload, self._reloading = self._reload, None, True
-                return "reload", values
+                item, self._reload, self._reloading = self._reload, None, True
+                return "reload", item
             in_context = self._tasks.frames_in_context()
+            rate = self._append_rate_hz
+            wait = self._last_append + (1.0 / rate if rate > 0 else 0.0) - time.monotonic()
+            if self._pending is not None and ((wait <= 0 and not (self._asks and self._appended_last))
+                                              or (self._asks and in_context == 0)):
+                frame, self._pending = self._pending, None
+                self._last_append, self._appended_last = time.monotonic(), True
+                return "frame", frame
             if self._asks and (in_context > 0 or self._pending is None):
                 job = self._asks.popleft()
                 job.started = time.monotonic()
-                self._answering = job
+                self._answering, self._appended_last = job, False
                 return "ask", job
-            if self._pending is not None:
-                rate = self._append_rate_hz
-                wait = self._last_append + (1.0 / rate if rate > 0 else 0.0) - time.monotonic()
-                if wait <= 0 or (self._asks and in_context == 0):
-                    frame, self._pending = self._pending, None
-                    self._last_append = time.monotonic()
-                    return "frame", frame
-                self._lock.wait(wait)
-            else:
-                self._lock.wait()
+            self._lock.wait(wait if self._pending is not None else None)
         return None, None
 
     def _run(self) -> None:
@@ -244,7 +251,7 @@ class Worker:
                 return  # stopping
             try:
                 if task == "reload":
-                    self._tasks.reload(item)
+                    self._tasks.reload(*item)
                 elif task == "ask":
                     self._answer(item)
                 else:

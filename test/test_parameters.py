@@ -47,6 +47,15 @@ def test_check_parameters_reasons():
         assert "restart the node" not in d.description + d.additional_constraints, spec.name
 
 
+def test_max_new_tokens_is_checked_against_the_running_model():
+    def result(value, limit):
+        return check_parameters({"max_new_tokens": value}, DEFAULTS, True, max_answer_tokens=limit)
+
+    assert result(700, 700).successful and result(4096, None).successful  # None: no model open yet
+    refused = result(4096, 700)
+    assert not refused.successful and "max_new_tokens 4096" in refused.reason and "at most 700" in refused.reason
+
+
 def test_selection_from_parameters():
     assert selection_from(DEFAULTS) == SelectionSettings(DEFAULTS["sparsity"], "chunking", None)  # per-matrix
     got = selection_from({**DEFAULTS, "chunk_start_kib": 8.0, "chunk_max_kib": 256.0}).windows

@@ -35,13 +35,14 @@ class Tasks:
         self.in_context = 0
         self.gate = threading.Event()  # a task waits here until the test opens it
         self.gate.set()
+        self.steps = None  # a Semaphore: each task takes one permit before it runs (one step at a time)
 
     def frames_in_context(self) -> int:
         return self.in_context
 
     def _run(self, kind, name):
         self.running.append((kind, name))
-        assert self.gate.wait(WAIT_S)
+        assert self.steps.acquire(timeout=WAIT_S) if self.steps else self.gate.wait(WAIT_S)
         self.done.append((kind, name))
 
     def append(self, frame: Frame) -> None:
@@ -53,8 +54,8 @@ class Tasks:
         self._run("ask", job.request.question)
         self.worker.deliver(job, Ask.Response(success=True, answer=job.request.question), "asks_answered")
 
-    def reload(self, values: dict) -> None:
-        self._run("reload", values["name"])
+    def reload(self, values: dict, reopen: bool = False) -> None:
+        self._run("reload", values["name"] + (" (reopened)" if reopen else ""))
 
 
 @pytest.fixture
@@ -64,6 +65,8 @@ def worker():
     w.start(tasks)
     yield w, tasks
     tasks.gate.set()
+    if tasks.steps is not None:
+        tasks.steps.release(100)
     w.stop()
 
 
@@ -85,8 +88,8 @@ def ask_in_thread(worker, question, timeout=WAIT_S):
     return out, thread
 
 
-def test_reload_then_questions_in_arrival_order_then_the_newest_frame(worker):
-    w, tasks = worker
+def test_reload_first_then_questions_in_arrival_order_with_a_due_frame_before_each(worker):
+    w, tasks = worker  # no rate limit: a waiting frame is always due
     busy_with(w, tasks)
     w.offer_frame(Frame(None, 1, "older"))
     first, t1 = ask_in_thread(w, "Q1")
@@ -99,11 +102,67 @@ def test_reload_then_questions_in_arrival_order_then_the_newest_frame(worker):
     tasks.gate.set()
     t1.join(WAIT_S), t2.join(WAIT_S)
     wait_for(lambda: len(tasks.done) == 5, "every task")
-    assert tasks.done == [("frame", "first"), ("reload", "new model"), ("ask", "Q1"), ("ask", "Q2"),
-                          ("frame", "newest")]
+    # the task before Q1 was an append: Q1 goes first; then the due frame goes before Q2
+    assert tasks.done == [("frame", "first"), ("reload", "new model"), ("ask", "Q1"), ("frame", "newest"),
+                          ("ask", "Q2")]
     assert first[0].success and first[0].answer == "Q1" and second[0].answer == "Q2"
     counters = w.counters()
     assert (counters.asks_answered, counters.asks_waiting, counters.reloading) == (2, 0, 0)
+
+
+def step_through(worker, tasks, first_frame):
+    """Run tasks one step at a time from here: the worker takes `first_frame` and holds it."""
+    tasks.steps = threading.Semaphore(0)
+    worker.offer_frame(Frame(None, 0, first_frame))
+    wait_for(lambda: tasks.running == [("frame", first_frame)], "the first frame to start")
+
+
+def next_step(tasks):
+    """Let the task being run finish; wait until the worker has started the next one."""
+    started = len(tasks.running)
+    tasks.steps.release()
+    wait_for(lambda: len(tasks.running) > started, "the next task")
+
+
+def test_questions_back_to_back_cannot_starve_frames_nor_frames_questions(worker):
+    """While each task runs, a new camera frame and a new question arrive (no rate limit: a waiting
+    frame is always due). Frames and questions alternate: a due frame goes before the next question,
+    and an append never follows an append while a question waits."""
+    w, tasks = worker
+    step_through(w, tasks, "frame 0")
+    threads = []
+    for i in range(1, 5):
+        w.offer_frame(Frame(None, i, f"frame {i}"))
+        threads.append(ask_in_thread(w, f"Q{i}")[1])
+        asked = sum(kind == "ask" for kind, _ in tasks.running)
+        wait_for(lambda: w.counters().asks_waiting == i - asked, f"Q{i} in the queue")
+        next_step(tasks)
+    assert [kind for kind, _ in tasks.running] == ["frame", "ask", "frame", "ask", "frame"]
+    for _ in range(3):
+        tasks.steps.release()
+    for thread in threads:
+        thread.join(WAIT_S)
+    wait_for(lambda: len(tasks.done) == 7, "every task")
+    assert [name for kind, name in tasks.done if kind == "ask"] == ["Q1", "Q2", "Q3", "Q4"]
+
+
+def test_a_frame_due_under_the_rate_goes_before_the_next_question(worker):
+    w, tasks = worker
+    w.set_append_rate(5.0)  # a frame is due 0.2 s after the previous append began
+    step_through(w, tasks, "first")
+    w.offer_frame(Frame(None, 1, "waiting"))
+    answer, t1 = ask_in_thread(w, "Q1")
+    wait_for(lambda: w.counters().asks_waiting == 1, "Q1 in the queue")
+    next_step(tasks)  # the task before Q1 was an append: Q1 goes first, due or not
+    time.sleep(0.3)  # the frame is due by now
+    second, t2 = ask_in_thread(w, "Q2")
+    wait_for(lambda: w.counters().asks_waiting == 1, "Q2 in the queue")
+    next_step(tasks)
+    tasks.steps.release()
+    tasks.steps.release()
+    t1.join(WAIT_S), t2.join(WAIT_S)
+    assert tasks.done == [("frame", "first"), ("ask", "Q1"), ("frame", "waiting"), ("ask", "Q2")]
+    assert answer[0].success and second[0].success
 
 
 def test_a_question_without_a_frame_in_context_takes_the_waiting_frame_at_once(worker):

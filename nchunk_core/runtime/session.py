@@ -70,6 +70,9 @@ from nchunk_core.runtime.results import Answer, FrameStats, call_totals
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store
 
+QUESTION_TEMPLATE_TOKENS = 16  # positions kept for the question prompt's template beyond max_question_tokens
+
+
 def truncate_cache(cache: DynamicCache, length: int) -> None:
     """Drop every cached token after the first `length`, in every layer."""
     for layer in cache.layers:
@@ -98,6 +101,7 @@ class Session:
         self.stop_ids = stop_token_ids(store.path, self.tokenizer)
         text = flash.model.config.get_text_config()
         self.max_positions = int(getattr(text, "max_position_embeddings", 1 << 30))
+        self._frame_tokens = 0  # the most tokens a frame took so far (max_answer_tokens)
         self._lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: dict = {}
@@ -183,8 +187,18 @@ class Session:
             raise RuntimeError("session is closed")
 
     # -- settings -----------------------------------------------------------------------------------
-    def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None) -> None:
-        """Change the selection settings or max_frames; applied at the start of the next call.
+    @property
+    def max_answer_tokens(self) -> int:
+        """The longest answer the model's positions hold beside the prompt prefix, the longest frame so
+        far and the longest question (max_question_tokens and its template): max_new_tokens' limit."""
+        room = (self.max_positions - self._prefix.num_tokens - self._frame_tokens
+                - self._cfg.max_question_tokens - QUESTION_TEMPLATE_TOKENS)
+        return max(1, min(MAX_NEW_TOKENS_LIMIT, room))
+
+    def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None,
+               max_new_tokens: int | None = None) -> None:
+        """Change the selection settings, max_frames or max_new_tokens; applied at the start of the
+        next call.
 
         None leaves a setting unchanged. A refused value raises ValueError and changes nothing. A
         max_frames below the frames in context makes the next append rebuild the context.
@@ -192,6 +206,8 @@ class Session:
         change = {}
         if max_frames is not None:
             change["max_frames"] = positive_int("max_frames", max_frames)
+        if max_new_tokens is not None:
+            change["max_new_tokens"] = positive_int("max_new_tokens", max_new_tokens, self.max_answer_tokens)
         if selection is not None:
             change["selection"] = check_selection(selection)
         with self._pending_lock:
@@ -238,7 +254,7 @@ class Session:
 
     def _reserve(self) -> int:
         """Positions kept free for a question and its answer."""
-        return self._cfg.max_question_tokens + self._cfg.max_new_tokens + 16
+        return self._cfg.max_question_tokens + self._cfg.max_new_tokens + QUESTION_TEMPLATE_TOKENS
 
     def append_frame(self, image, stamp=None) -> FrameStats:
         """Add a camera frame to the context (see the module docstring for the policy).
@@ -258,6 +274,7 @@ class Session:
         self._flash.stats.clear()
         self._flash.vision_s = 0.0
         chunk = self._encode(image)
+        self._frame_tokens = max(self._frame_tokens, chunk.num_tokens)
         prep_s = time.perf_counter() - t0
         before = self._cache.get_seq_length()
         rebuilt = self._frames >= self._cfg.max_frames or (
