@@ -99,7 +99,7 @@ class SilenceWatch:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._heard = {t: now for t in topics}  # last frame, subscription, or a publisher's arrival
-            self._publishers = {t: False for t in topics}
+            self._publishers = {t: None for t in topics}  # present at the last update; None: not asked yet
             self._silent: set[str] = set()
 
     def frame(self, topic: str, now: float) -> None:
@@ -116,7 +116,7 @@ class SilenceWatch:
         with self._lock:
             for topic, heard in self._heard.items():
                 present = publishers.get(topic, 0) > 0
-                if present and not self._publishers[topic]:
+                if present and self._publishers[topic] is False:
                     self._heard[topic] = max(heard, now)  # the clock starts when a publisher appears
                 self._publishers[topic] = present
                 if not present:

@@ -121,6 +121,9 @@ class VQANode(Node):
         self._camera_group = MutuallyExclusiveCallbackGroup()
         self._answer_pub = self.create_publisher(String, "~/answer", 10)
         self._stats_pub = self.create_publisher(DiagnosticArray, "~/statistics", 10)
+        profile = camera_transport.profile_in_use()
+        self.get_logger().info(f"camera transport: Fast DDS profile {profile} (UDP, 4 MiB buffers)" if profile else
+                               "camera transport: as configured by the environment (docs/camera_transport.md)")
         self._subscribe()
         self._service = self.create_service(Ask, SERVICE, self._on_ask, qos_profile=SERVICE_QOS,
                                             callback_group=ReentrantCallbackGroup())
@@ -372,15 +375,13 @@ def main(args=None) -> int:
 
 def run(args=None) -> int:
     """main without its KeyboardInterrupt guard."""
-    profile = camera_transport.apply_camera_transport_profile(os.environ)  # read when rclpy.init creates DDS
+    camera_transport.apply_camera_transport_profile(os.environ)  # read when rclpy.init creates DDS
     rclpy.init(args=args)
     node = executor = None
     code = 0
     try:
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         node = VQANode()
-        node.get_logger().info(f"camera transport: Fast DDS profile {profile} (UDP, 4 MiB buffers)" if profile else
-                               "camera transport: as configured by the environment (docs/camera_transport.md)")
         executor.add_node(node)
         spin(executor)
     except (StartupError, ParameterException) as exc:

@@ -10,15 +10,20 @@ outcome, or an age against the configured append interval with a margin.
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed")
 
-from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
+import rclpy.executors  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.qos import QoSProfile, qos_profile_rosout_default, qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -31,6 +36,7 @@ from nchunk_ros.image_conversion import array_to_image  # noqa: E402
 from nchunk_ros.worker import MAX_WAITING_ASKS  # noqa: E402
 from ros_rig import RAW_TOPIC, COMPRESSED_TOPIC, feed, publish_until, wait_for  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20.0  # only reached when something is wrong
 
 
@@ -242,3 +248,69 @@ def test_a_silent_camera_topic_is_reported_once(rig):
     finally:
         tester.set_params(image_topics=[RAW_TOPIC, COMPRESSED_TOPIC])
         tester.destroy_publisher(publisher)
+
+
+# ---- VGA frames from a camera in another process -----------------------------------------------
+
+def test_vga_camera_in_another_process_is_appended_at_the_configured_rate(node_store, ros_env):
+    """The node as its own process (its main applies the camera transport profile) and a plain
+    best-effort publisher here: 640×480 rgb8 frames (900 KiB, above Fast DDS's 512 KiB shared-memory
+    segment) at 15 Hz arrive, and the node appends them at max_append_rate_hz."""
+    from rclpy.context import Context
+    from rclpy.signals import SignalHandlerOptions
+
+    from nchunk_ros.tools.synthetic_camera import random_scene, render_scene
+
+    rate_hz, camera_hz, count, topic = 2.0, 15.0, 90, "/vga_cam/image_raw"
+    domain = (int(ros_env["ROS_DOMAIN_ID"]) + 7) % 200 + 20
+    proc = subprocess.Popen([sys.executable, "-m", "nchunk_ros.vqa_node", "--ros-args", "-p",
+                             f"store_path:={node_store}", "-p", f"image_topics:=[{topic}]", "-p",
+                             f"max_append_rate_hz:={rate_hz}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, ROS_DOMAIN_ID=str(domain),
+                                                               PYTHONUNBUFFERED="1"))
+    lines = []
+    ctx = Context()
+    rclpy.init(args=[], context=ctx, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
+    camera = rclpy.create_node("vga_camera", context=ctx)
+    executor = rclpy.executors.SingleThreadedExecutor(context=ctx)
+    executor.add_node(camera)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    try:
+        while not any("ready: /ask served" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "the node did not come up:\n" + "".join(lines)
+            lines.append(line)
+        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        assert any("camera transport: Fast DDS profile" in line for line in lines), "".join(lines)
+        counters = []
+        camera.create_subscription(
+            DiagnosticArray, "/vqa_node/statistics",
+            lambda m: counters.extend(diagnostics.counters_from(s) for s in m.status), 100)
+        publisher = camera.create_publisher(Image, topic, qos_profile_sensor_data)
+        spinner.start()
+        wait_for(lambda: publisher.get_subscription_count() > 0, what="the node's subscription")
+        wait_for(lambda: counters, what="the node's statistics")
+        frame = array_to_image(render_scene(random_scene(np.random.default_rng(0), 640, 480)), "rgb8")
+        start = time.monotonic()
+        for i in range(count):
+            time.sleep(max(0.0, start + i / camera_hz - time.monotonic()))
+            frame.header.stamp = camera.get_clock().now().to_msg()
+            publisher.publish(frame)
+        elapsed = time.monotonic() - start
+        time.sleep(2 * 1.0)  # the last frames land and two more statistics come
+        received = counters[-1]
+        assert received.frames_received >= 0.8 * count, (received, "".join(lines[-20:]))
+        assert received.frames_malformed == 0
+        appended = received.frames_appended
+        assert 0.5 * rate_hz * elapsed <= appended <= rate_hz * (elapsed + 3.0) + 1, (appended, elapsed)
+    finally:
+        executor.shutdown()
+        camera.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, "".join(lines)
