@@ -3,6 +3,7 @@
     python -m nchunk_ros.tools.delivery_bench                      # default matrix
     python -m nchunk_ros.tools.delivery_bench --sizes 640x480 --rates 5 --configs default,sub_profile
     python -m nchunk_ros.tools.delivery_bench --json
+    python -m nchunk_ros.tools.delivery_bench --configs node,node_plain --rates 5,15 --append-rate 2
 
 For every (configuration, size, rate) it starts a subscriber process and then a publisher process
 (both plain rclpy, rgb8 frames, sensor-data QoS on the publisher: best effort, KEEP_LAST 5; the
@@ -23,6 +24,11 @@ Configurations (--configs); "plain" = no profile and ROS_AUTOMATIC_DISCOVERY_RAN
   both_profile                 that profile on both processes
   sub_profile_as_is_localhost  config/fastdds_camera.xml on the subscriber with the range left at
                  LOCALHOST: rmw_fastrtps adds its default SHM + UDP and the profile does not help
+  node           the subscriber is the real VQA node (VQANode on --store, default the built-in model,
+                 max_frames 1, max_append_rate_hz --append-rate), its camera transport profile applied
+                 as its main does; also reports the frames it appended. One node serves every row.
+  node_plain     the same node with plain loopback transports (SHM + UDP, OS buffers), as when the
+                 user's own FASTDDS_DEFAULT_PROFILES_FILE is set and the node leaves it alone
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-PROFILE = Path(__file__).resolve().parent.parent / "config" / "fastdds_camera.xml"
+ROOT = Path(__file__).resolve().parents[2]  # the repository (nchunk_ros/tools/ is two levels down)
+PROFILE = ROOT / "config" / "fastdds_camera.xml"
 PROFILE_LOCALHOST = PROFILE.with_name("fastdds_camera_localhost.xml")
 CHILD_LIMIT_S = 45.0
 
@@ -107,6 +114,11 @@ def configurations(tmp: Path) -> dict[str, dict]:
     # the pitfall: the general profile as is, with LOCALHOST (rmw_fastrtps adds its default SHM + UDP)
     configs["sub_profile_as_is_localhost"] = {"pub_env": local, "wait_match": True,
                                               "sub_env": local | {"FASTDDS_DEFAULT_PROFILES_FILE": str(PROFILE)}}
+    # The real node: its main() applies the profile to an environment like `local`; node_plain has a
+    # profile of the user's (plain loopback), which the node leaves alone.
+    configs["node"] = {"pub_env": local, "sub_env": local, "wait_match": True, "node": True}
+    configs["node_plain"] = {"pub_env": local, "wait_match": True, "node": True,
+                             "sub_env": prof(_loopback_profile(tmp / "node_plain.xml", None, None))}
     return configs
 
 
@@ -120,7 +132,7 @@ def _child_pub(a) -> int:
 
     rclpy.init(args=[])
     node = rclpy.create_node("bench_camera")
-    pub = node.create_publisher(Image, "/bench/image", qos_profile_sensor_data)
+    pub = node.create_publisher(Image, a.topic, qos_profile_sensor_data)
     msg = Image(height=a.height, width=a.width, encoding="rgb8", step=a.width * 3)
     msg.data = array.array("B", bytes(range(256)) * (a.width * a.height * 3 // 256) +
                            bytes(a.width * a.height * 3 % 256))
@@ -174,6 +186,92 @@ def _child_sub(a) -> int:
     return 0
 
 
+def _child_node(a) -> int:
+    """The VQA node as its main() runs it (profile first, then rclpy.init); on stdin, "c" prints its
+    counters as one JSON line and "stop" ends it."""
+    import dataclasses
+    import threading
+
+    from nchunk_ros import camera_transport
+
+    profile = camera_transport.apply_camera_transport_profile(os.environ)
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from nchunk_ros import vqa_node
+
+    rclpy.init(args=[])
+    values = {"store_path": a.store, "image_topics": ["/bench/image"], "max_frames": 1,
+              "max_append_rate_hz": a.append_rate, "sparsity": 0.1}
+    node = vqa_node.VQANode(parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+    executor = MultiThreadedExecutor(num_threads=vqa_node.EXECUTOR_THREADS)
+    executor.add_node(node)
+    spinner = threading.Thread(target=vqa_node.spin, args=(executor,), daemon=True)
+    spinner.start()
+    print("READY " + json.dumps({"profile": profile}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "c":
+            break
+        print(json.dumps(dataclasses.asdict(node.counters())), flush=True)
+    node.stop()
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown()
+    spinner.join(5.0)
+    return 0
+
+
+class NodeSubscriber:
+    """A VQA node child process serving every row of a node configuration."""
+
+    def __init__(self, config: dict, domain: int, store: str, append_rate: float):
+        me = [sys.executable, "-m", "nchunk_ros.tools.delivery_bench"]
+        self.proc = subprocess.Popen(me + ["--child", "node", "--store", store, "--append-rate", str(append_rate)],
+                                     cwd=str(ROOT), text=True,
+                                     env=_env(config["sub_env"], domain), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        line = ""
+        while not line.startswith("READY"):
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the node did not start")
+        self.profile = json.loads(line.split(" ", 1)[1])["profile"]
+
+    def counters(self) -> dict:
+        self.proc.stdin.write("c\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        try:
+            self.proc.communicate("stop\n", timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_node_row(node: NodeSubscriber, config: dict, domain: int, width: int, height: int, rate: float,
+                 count: int, linger: float = 1.0) -> dict:
+    """One row against a running node: published, received and appended frames."""
+    before = node.counters()
+    me = [sys.executable, "-m", "nchunk_ros.tools.delivery_bench"]
+    pub = subprocess.run(me + ["--child", "pub", "--size", f"{width}x{height}", "--rate", str(rate), "--count",
+                               str(count), "--linger", str(linger), "--topic", "/bench/image", "--wait-match"],
+                         cwd=str(ROOT), env=_env(config["pub_env"], domain),
+                         text=True, capture_output=True, timeout=CHILD_LIMIT_S)
+    time.sleep(1.0)  # a frame waiting for the rate limit is appended
+    after = node.counters()
+    p = _last_json(pub.stdout)
+    delta = {k: after[k] - before[k] for k in ("frames_received", "frames_appended", "frames_skipped")}
+    publish_s = p.get("publish_s", 0.0)
+    return {"size": f"{width}x{height}", "bytes": width * height * 3, "rate_hz": rate,
+            "published": p.get("published", 0), "received": delta["frames_received"],
+            "appended": delta["frames_appended"], "publish_s": publish_s,
+            "appended_per_s": round(delta["frames_appended"] / publish_s, 2) if publish_s else None,
+            "matched_at_first_publish": p.get("matched_at_first_publish"), "first_received": None}
+
+
 # -- the parent ------------------------------------------------------------------------------------
 def _env(overrides: dict, domain: int) -> dict:
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain))
@@ -196,7 +294,7 @@ def run_one(config: dict, width: int, height: int, rate: float, count: int, sub_
             linger: float = 1.0) -> dict:
     domain = random.randint(120, 230)
     me = [sys.executable, "-m", "nchunk_ros.tools.delivery_bench"]
-    cwd = str(Path(__file__).resolve().parent.parent)
+    cwd = str(ROOT)
     sub = subprocess.Popen(me + ["--child", "sub", "--depth", str(sub_depth)], cwd=cwd, text=True,
                            env=_env(config["sub_env"], domain), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL)
@@ -228,8 +326,12 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="default,wait_match,sub_profile,both_profile")
     ap.add_argument("--seconds", type=float, default=4.0, help="publishing time per run (frames = rate × seconds)")
     ap.add_argument("--sub-depth", type=int, default=1)
+    ap.add_argument("--store", default=str(ROOT / "nchunk_core" / "demo" / "data" / "shapes-vlm"),
+                    help="node configurations: the store the node answers from (default: the built-in model)")
+    ap.add_argument("--append-rate", type=float, default=2.0, help="node configurations: max_append_rate_hz")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--child", choices=["pub", "sub"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["pub", "sub", "node"], help=argparse.SUPPRESS)
+    ap.add_argument("--topic", default="/bench/image", help=argparse.SUPPRESS)
     ap.add_argument("--size", default="640x480", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, default=5.0, help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, default=20, help=argparse.SUPPRESS)
@@ -239,7 +341,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.child:
         a.width, a.height = map(int, a.size.split("x"))
-        return _child_pub(a) if a.child == "pub" else _child_sub(a)
+        return {"pub": _child_pub, "sub": _child_sub, "node": _child_node}[a.child](a)
 
     tmp = Path(tempfile.mkdtemp(prefix="nchunk-delivery-"))
     configs = configurations(tmp)
@@ -247,21 +349,38 @@ def main(argv=None) -> int:
     for name in a.configs.split(","):
         if name not in configs:
             ap.error(f"unknown configuration {name!r}; known: {', '.join(configs)}")
-        for size in a.sizes.split(","):
-            w, h = map(int, size.split("x"))
-            for rate in map(float, a.rates.split(",")):
-                row = {"config": name} | run_one(configs[name], w, h, rate, max(1, round(rate * a.seconds)),
-                                                 a.sub_depth, a.linger)
-                rows.append(row)
-                if not a.json:
-                    print(f"{name:20s} {row['size']:>9s} {rate:5.1f} Hz  published {row['published']:4d}  "
-                          f"received {row['received']:4d}  (matched at first publish: "
-                          f"{row['matched_at_first_publish']}, first received #{row['first_received']})",
-                          flush=True)
+        config, node = configs[name], None
+        domain = random.randint(120, 230)
+        if config.get("node"):
+            node = NodeSubscriber(config, domain, a.store, a.append_rate)
+        try:
+            for size in a.sizes.split(","):
+                w, h = map(int, size.split("x"))
+                for rate in map(float, a.rates.split(",")):
+                    count = max(1, round(rate * a.seconds))
+                    row = {"config": name} | (run_one(config, w, h, rate, count, a.sub_depth, a.linger) if node is None
+                                              else run_node_row(node, config, domain, w, h, rate, count, a.linger))
+                    rows.append(row)
+                    if not a.json:
+                        _print_row(name, row)
+        finally:
+            if node is not None:
+                node.close()
     if a.json:
         print(json.dumps({"sub_depth": a.sub_depth, "rmem_max": _sysctl("net.core.rmem_max"),
                           "rmem_default": _sysctl("net.core.rmem_default"), "rows": rows}, indent=1))
     return 0
+
+
+def _print_row(name: str, row: dict) -> None:
+    line = (f"{name:20s} {row['size']:>9s} {row['rate_hz']:5.1f} Hz  published {row['published']:4d}  "
+            f"received {row['received']:4d}")
+    if "appended" in row:
+        line += f"  appended {row['appended']:4d} ({row['appended_per_s']} per s)"
+    else:
+        line += (f"  (matched at first publish: {row['matched_at_first_publish']}, first received "
+                 f"#{row['first_received']})")
+    print(line, flush=True)
 
 
 def _sysctl(name: str) -> int | None:
