@@ -20,7 +20,8 @@ from transformers import DynamicCache
 from nchunk_core import cli
 from nchunk_core.convert.converter import convert
 from nchunk_core.runtime.flash_model import ProjectionView
-from nchunk_core.runtime.adapters import adapter_for, greedy_decode
+from nchunk_core.runtime.adapters import adapter_for
+from nchunk_core.runtime.decoding import greedy_decode
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.session import Answer, FrameStats, Session, SessionConfig
 from nchunk_core.store import Store, StoreError

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from nchunk_core.runtime.adapters import PROJECTIONS, adapter_for, greedy_decode
+from nchunk_core.runtime.adapters import PROJECTIONS, adapter_for
+from nchunk_core.runtime.decoding import greedy_decode
 from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
 
 ROOT = Path(__file__).resolve().parents[1]

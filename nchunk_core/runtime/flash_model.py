@@ -42,6 +42,7 @@ VISION_MODULES = {
     "llava_onevision": ("model.vision_tower", "model.multi_modal_projector"),
     "qwen2_5_vl": ("model.visual",),
     "smolvlm": ("model.vision_model", "model.connector"),
+    "idefics3": ("model.vision_model", "model.connector"),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -53,7 +53,8 @@ from PIL import Image
 from transformers import DynamicCache
 
 from nchunk_core.runtime.flash_model import DTYPES, build_flash_model
-from nchunk_core.runtime.adapters import Chunk, adapter_class, greedy_decode
+from nchunk_core.runtime.adapters import Chunk, adapter_class, frame_tokens_value
+from nchunk_core.runtime.decoding import DecodingSettings, decoding_value, greedy_decode
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.layers import SparsityConfig, Workspace
 from nchunk_core.io.reader import Reader
@@ -114,7 +115,8 @@ class SessionConfig:
     max_new_tokens: int = 32  # default answer length limit
     profile_quick: bool = True  # quick drive profile if none is cached
     max_question_tokens: int = 256  # longer questions are refused
-    frame_mode: str = "image"  # LLaVA-OneVision only: "image" (anyres) or "video" (pooled, 197 tokens)
+    frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP (adapters.py)
+    decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
 
     def __post_init__(self):
         if not isinstance(self.device, str):
@@ -138,8 +140,8 @@ class SessionConfig:
         self.max_question_tokens = _positive_int("max_question_tokens", self.max_question_tokens)
         if not isinstance(self.profile_quick, bool):
             raise ValueError(f"profile_quick must be True or False, got {self.profile_quick!r}")
-        if self.frame_mode not in ("image", "video"):
-            raise ValueError(f"frame_mode must be 'image' or 'video', got {self.frame_mode!r}")
+        self.frame_tokens = frame_tokens_value(self.frame_tokens)
+        decoding_value(self.decoding)
 
 
 @dataclasses.dataclass
@@ -231,9 +233,12 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
 
 def load_processor(path, arch: str):
     """The image-only processor of `arch` saved in `path` (no video processor, no torchvision)."""
+    from transformers import Idefics3Processor
+
     from nchunk_core.testing import tiny_models
 
     classes = {
+        "idefics3": Idefics3Processor,  # has no video processor: the real class
         "llava_onevision": tiny_models.ImageOnlyLlavaOnevisionProcessor,
         "qwen2_5_vl": tiny_models.ImageOnlyQwen2_5_VLProcessor,
         "smolvlm": tiny_models.ImageOnlySmolVLMProcessor,
@@ -269,12 +274,12 @@ class Session:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self._log = log
-        options = {"frame_mode": cfg.frame_mode} if flash.arch == "llava_onevision" else {}
-        self.adapter = adapter_class(flash.arch)(flash.model, processor, **options)
+        self.adapter = adapter_class(flash.arch)(flash.model, processor, frame_tokens=cfg.frame_tokens)
         # The conversation's first chunk, the same text every time; a text chunk at 0 takes
         # positions 0 … n-1 in every adapter, so it ends at position num_tokens.
         self._prefix = self.adapter.encode_text(self.adapter.prompt_prefix)
-        self.stop_ids = stop_token_ids(store.path, self.tokenizer)
+        self.decoding = DecodingSettings.load(store.path, stop_token_ids(store.path, self.tokenizer), cfg.decoding)
+        self.stop_ids = self.decoding.stop_ids
         text = flash.model.config.get_text_config()
         self.max_positions = int(getattr(text, "max_position_embeddings", 1 << 30))
         self._lock = threading.Lock()
@@ -317,6 +322,8 @@ class Session:
         groups = len(store.groups)
         log(f"opened {store.path}: {flash.arch}, {groups} streamed groups, "
             f"{sum(g.nbytes for g in store.groups.values()) / 2**20:.1f} MiB on the drive")
+        log(session.adapter.describe())
+        log(f"decoding: {session.decoding.describe()}")
         return session
 
     # -- state --------------------------------------------------------------------------------------
@@ -344,6 +351,7 @@ class Session:
         self._frames = 0
         self._newest_stamp = None
         self._prefixed = False
+        self._context_ids: list[torch.Tensor] = []  # [1, T] ids of each chunk in the cache, in order
 
     def _check_open(self) -> None:
         if self._closed:
@@ -445,6 +453,7 @@ class Session:
                     raise
                 self._prefixed = True
                 self._frames += 1
+                self._context_ids += [c.input_ids for c, _ in chunks]
             self._kept.append((_kept_copy(image), stamp))
             self._newest_stamp = None if stamp is None else float(stamp)
             total_s = time.perf_counter() - t0
@@ -482,6 +491,7 @@ class Session:
             chunks = [(self._prefix, "prefix"), *replay, (chunk, "frame")]
         position = self._fill(cache, position, chunks)  # the old context stays intact if this fails
         self._cache, self._next_position = cache, position
+        self._context_ids = [self._prefix.input_ids] + [c.input_ids for c, _ in chunks if c is not self._prefix]
         self._prefixed = True
         self._frames = len(replay) + 1
         self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
@@ -519,7 +529,7 @@ class Session:
             if n_question > self._cfg.max_question_tokens:
                 raise ValueError(f"question is {n_question} tokens long; the limit is "
                                  f"{self._cfg.max_question_tokens} (max_question_tokens)")
-            chunk = self.adapter.encode_text(self.adapter.question_prompt(text))
+            chunk = self.adapter.encode_question(text)
             need = self._next_position + chunk.num_tokens + n_new
             if need > self.max_positions:
                 raise ValueError(f"question and answer would reach position {need}, above the "
@@ -531,7 +541,9 @@ class Session:
                 logits, pos = self._append(chunk, self._cache, position, "question")
                 t1 = time.perf_counter()
                 self._flash.phase = "answer"
-                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop)
+                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop,
+                                          repetition_penalty=self.decoding.repetition_penalty,
+                                          context_ids=torch.cat([*self._context_ids, chunk.input_ids], dim=1))
             finally:
                 truncate_cache(self._cache, length)
                 self._next_position = position
