@@ -33,7 +33,7 @@ TABLE = LatencyTable.synthetic()
 # (checkpoint arch, conversion options, session options)
 CASES = {
     "llava_onevision": ("llava_onevision", {}, {}),
-    "llava_onevision-video": ("llava_onevision", {}, {"frame_mode": "video"}),
+    "llava_onevision-video": ("llava_onevision", {}, {"frame_tokens": "video"}),
     "qwen2_5_vl": ("qwen2_5_vl", {}, {}),
     "qwen2_5_vl-unbundled": ("qwen2_5_vl", {"bundle": False}, {}),
     "smolvlm": ("smolvlm", {}, {}),
@@ -77,7 +77,7 @@ def dense_reference(built, case, frame_seeds, stop_ids, n_new=NEW_TOKENS):
     try:
         chunks = [adapter.encode_text(adapter.prompt_prefix)]
         chunks += [adapter.encode_frame(make_frame(seed=s)) for s in frame_seeds]
-        chunks.append(adapter.encode_text(adapter.question_prompt(QUESTION)))
+        chunks.append(adapter.encode_question(QUESTION))
         cache, pos = DynamicCache(), 0
         for c in chunks:
             logits, pos = adapter.append(c, cache, pos)
@@ -297,7 +297,7 @@ def test_bad_frames_are_refused_and_the_session_goes_on(built):
     ("device", "tpu"), ("device", 3), ("dtype", "int8"), ("sparsity", 1.0), ("sparsity", -0.1),
     ("sparsity", float("nan")), ("sparsity", True), ("method", "random"), ("chunk_params", {"start_kib": -1}),
     ("chunk_params", {"bogus": 1}), ("threads", 0), ("max_frames", 0), ("max_new_tokens", 1.5),
-    ("profile_quick", "yes"), ("frame_mode", "tiles"),
+    ("profile_quick", "yes"), ("frame_tokens", "tile"), ("frame_tokens", 0), ("decoding", "beam"),
 ])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):

@@ -99,7 +99,8 @@ class VLMAdapter:
         self.model = model
         self.processor = processor
         self.image_token_id = int(model.config.image_token_id)
-        self.frame_mode, self.token_budget = self._frame_mode(frame_tokens_value(frame_tokens))
+        has_template = processor is not None and template_of(processor) is not None
+        self.frame_mode, self.token_budget = self.frame_mode_for(frame_tokens_value(frame_tokens), has_template)
         self.prompt = self._prompt_pieces()
         self.prompt_prefix, self.frame_prompt = self.prompt.prefix, self.prompt.frame
 
@@ -120,18 +121,19 @@ class VLMAdapter:
 
     # ------------------------------------------------------------ settings
 
-    def _frame_mode(self, value) -> tuple[str, int | None]:
-        """(frame mode, token budget or None) for a frame_tokens value checked by frame_tokens_value."""
-        choices = f"auto, {', '.join(self.frame_modes)}" + (" or a number of tokens" if self.pixel_budget else "")
+    @classmethod
+    def frame_mode_for(cls, value, has_template: bool = True) -> tuple[str, int | None]:
+        """(frame mode, token budget or None) for a frame_tokens value checked by frame_tokens_value;
+        ValueError if this architecture has no such mode."""
+        choices = f"auto, {', '.join(cls.frame_modes)}" + (" or a number of tokens" if cls.pixel_budget else "")
         if isinstance(value, int):
-            if not self.pixel_budget:
-                raise ValueError(f"frame_tokens={value}: {self.arch} has no pixel budget; choose {choices}")
-            return self.cheapest_mode, value
+            if not cls.pixel_budget:
+                raise ValueError(f"frame_tokens={value}: {cls.arch} has no pixel budget; choose {choices}")
+            return cls.cheapest_mode, value
         if value == "auto":
-            has_template = self.processor is not None and template_of(self.processor) is not None
-            return (self.cheapest_mode if has_template else self.builtin_mode), None
-        if value not in self.frame_modes:
-            raise ValueError(f"frame_tokens={value!r} is not a frame mode of {self.arch}; choose {choices}")
+            return (cls.cheapest_mode if has_template else cls.builtin_mode), None
+        if value not in cls.frame_modes:
+            raise ValueError(f"frame_tokens={value!r} is not a frame mode of {cls.arch}; choose {choices}")
         return value, None
 
     def builtin_prompt(self) -> PromptPieces:
