@@ -248,14 +248,13 @@ class LlavaOnevisionAdapter(VLMAdapter):
       frame's base view, 2×2 bilinear pooling of the patch grid (⌈27/2⌉² = 196 tokens), and one
       newline after the last frame, which opens the question chunk (the template puts the video
       before the question text);
-    - "image": one of several images, as the processor does for several images in a turn: the base
-      view and one newline (729 + 1 = 730 tokens);
+    - "image": one of several images, as the processor does for several images in a turn: the frame
+      padded to a square and resized, and one newline (729 + 1 = 730 tokens);
     - "tiles": each frame a lone high-resolution image (anyres: base view, tiles, row newlines;
       2929 tokens for 640×480), as the processor does for a single image.
 
-    Pixels of the video and image modes are the base view from the image processor (the whole frame
-    resized to the vision input, as the video processor does), so no video processor (torchvision)
-    is needed.
+    Pixels of the video mode are the base view from the image processor (the whole frame resized to
+    the vision input, as the video processor does), so no video processor (torchvision) is needed.
     """
 
     arch = "llava_onevision"
@@ -266,7 +265,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
     question_template = "{question}<|im_end|>\n<|im_start|>assistant\n"
     frame_modes = {
         "video": "a frame of one video: the base view pooled 2x2 (196 tokens at 384 px), one newline after all",
-        "image": "one of several images: the base view and a newline (730 tokens at 384 px)",
+        "image": "one of several images: padded to a square, and a newline (730 tokens at 384 px)",
         "tiles": "a lone image at full resolution: base view and anyres tiles (2929 tokens for 640x480)",
     }
     cheapest_mode = "video"
@@ -294,20 +293,23 @@ class LlavaOnevisionAdapter(VLMAdapter):
         if self.frame_mode == "tiles":
             return super().encode_frame(image)
         image = self._frame_image(image)
-        side = self.model.config.vision_config.image_size
-        out = self.processor.image_processor(images=[image], image_grid_pinpoints=[[side, side]], return_tensors="pt")
-        base = out["pixel_values"][:, :1]  # [1, 1, 3, side, side]: the whole frame resized (the base view)
-        per_side = int(math.sqrt(self.processor.num_image_tokens))  # patches per side
-        if self.frame_mode == "video":
-            n_visual = math.ceil(per_side / 2) ** 2
-            ids = self._expanded_ids(self.frame_prompt, self.processor.video_token, n_visual, self.video_token_id)
-            return Chunk(input_ids=ids, vision={"pixel_values_videos": base}, num_visual_tokens=n_visual)
+        processor, side = self.processor, self.model.config.vision_config.image_size
+        if self.frame_mode == "video":  # the base view: the whole frame resized to the vision input
+            out = processor.image_processor(images=[image], image_grid_pinpoints=[[side, side]], return_tensors="pt")
+            n_visual = math.ceil(int(math.sqrt(processor.num_image_tokens)) / 2) ** 2  # pooled patch grid
+            ids = self._expanded_ids(self.frame_prompt, processor.video_token, n_visual, self.video_token_id)
+            vision = {"pixel_values_videos": out["pixel_values"][:, :1]}  # [1, 1 frame, 3, side, side]
+            return Chunk(input_ids=ids, vision=vision, num_visual_tokens=n_visual)
+        # One of several images is padded to a square, then resized: the image processor does so for
+        # an image of a sample with two; the first of the pair is this frame's view.
+        out = processor.image_processor(images=[[image, image]], return_tensors="pt")
+        base = out["pixel_values"][:1]  # [1, 1, 3, side, side]
         n_visual = self.processor.num_image_tokens + 1  # + the newline
         if self.processor.vision_feature_select_strategy == "default":
             n_visual -= 1  # the class token is dropped
         ids = self._expanded_ids(self.frame_prompt, self.processor.image_token, n_visual, self.image_token_id)
         # batch_num_images above 1 tells the model that the image is one of several (base view only)
-        vision = {"pixel_values": base, "image_sizes": out["image_sizes"], "batch_num_images": torch.tensor([2])}
+        vision = {"pixel_values": base, "image_sizes": out["image_sizes"][:1], "batch_num_images": torch.tensor([2])}
         return Chunk(input_ids=ids, vision=vision, num_visual_tokens=n_visual)
 
     def model_inputs(self, chunk: Chunk) -> dict:
