@@ -50,7 +50,7 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "nchunk = nchunk_core.cli:main",
+            "nchunk = nchunk_ros.cli:main",
             "vqa_node = nchunk_ros.vqa_node:main",
             "synthetic_camera = nchunk_ros.tools.synthetic_camera:main",
         ],

@@ -1,4 +1,10 @@
-"""`nchunk`: command-line entry point. Each subcommand is a thin shell over a nchunk_core module."""
+"""The core subcommands of `nchunk` (profile, bench, convert, train-demo, verify): thin shells over
+nchunk_core modules.
+
+The `nchunk` program is nchunk_ros/cli.py, which adds the ROS subcommands (ask, demo, soak) to this
+parser; `python -m nchunk_core.cli` runs the core subcommands alone. Building the parser imports
+no heavy module (no torch, no transformers, no ROS): each command imports what it needs when it runs.
+"""
 from __future__ import annotations
 
 import argparse
@@ -86,9 +92,9 @@ def cmd_profile(args) -> int:
     if args.plot:
         print(f"plot          {args.plot}")
     if args.validate:
-        print(f"\n{'pattern':>7} {'row B':>7} {'runs':>6} {'MiB':>6} {'mean run':>9} {'measured ms':>12} {'estimated ms':>13}")
+        print(f"\n{'pattern':>7} {'row B':>7} {'reads':>6} {'MiB':>6} {'mean run':>9} {'measured ms':>12} {'estimated ms':>13}")
         for i, r in enumerate(out["validate_patterns"]):
-            print(f"{i:>7} {r['row_bytes']:>7} {r['runs']:>6} {r['bytes'] / 2**20:>6.1f} {r['mean_run_rows']:>9.1f} "
+            print(f"{i:>7} {r['row_bytes']:>7} {r['reads']:>6} {r['bytes'] / 2**20:>6.1f} {r['mean_run_rows']:>9.1f} "
                   f"{r['measured_s'] * 1e3:>12.2f} {r['estimated_s'] * 1e3:>13.2f}")
         print(f"\nPearson r (measured vs estimated): {out['validate_pearson_r']:.4f}   "
               f"median measured/estimated: {out['validate_median_measured_over_estimated']:.3f}")
@@ -114,7 +120,7 @@ def _add_bench(sub):
                          "LLaVA-OneVision-Qwen2-7B (fp16, bundled and unbundled) on the drive under test, then sweeps "
                          "sparsity 0-70% for magnitude and chunking, with and without hot-cold reordering, reading "
                          "every selection cold through the reader. Prints a table with measured and estimated I/O "
-                         "time, retained importance, requests, mean run length and the physical limit; writes PNG "
+                         "time, retained importance, reads, mean run length and the physical limit; writes PNG "
                          "plots; reports the speedup over magnitude at matched retained importance.")
     io.add_argument("--dir", default=None, help="directory on the drive under test for the stores "
                     "(default: <system temp dir>/nchunk-bench); about 1 GB per layer")
@@ -209,7 +215,7 @@ def cmd_bench_session(args) -> int:
 
 def cmd_bench_accuracy(args) -> int:
     from nchunk_core.bench import accuracy_bench
-    from nchunk_core.demo.train import TEST_SCENES
+    from nchunk_core.demo.train_settings import TEST_SCENES
 
     res = accuracy_bench.run(args.store, scene_count=args.scenes or TEST_SCENES,
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -220,7 +226,7 @@ def cmd_bench_accuracy(args) -> int:
 
 
 def _add_train_demo(sub):
-    from nchunk_core.demo.train import Settings
+    from nchunk_core.demo.train_settings import Settings  # no torch: the defaults only
 
     d = Settings()
     p = sub.add_parser("train-demo", help="train the built-in demo model from scratch and convert it to a store",
@@ -240,13 +246,16 @@ def _add_train_demo(sub):
 
 
 def cmd_train_demo(args) -> int:
-    from nchunk_core.demo.train import Settings, train_and_convert
+    from nchunk_core.demo.train import train_and_convert
+    from nchunk_core.demo.train_settings import Settings
 
     return train_and_convert(Settings.scaled(seed=args.seed, steps=args.steps), Path(args.out),
                              Path(args.store) if args.store else None, convert_store=not args.no_convert)
 
 
 def _add_convert(sub):
+    from nchunk_core.store.naming import DTYPES  # names only (NumPy, no torch)
+
     p = sub.add_parser("convert", help="convert a Hugging Face VLM checkpoint into a store",
                        description="Read a local Hugging Face checkpoint (safetensors, sharded or not) one tensor at a "
                        "time, check every key and shape against its architecture (LLaVA-OneVision, Qwen2.5-VL, "
@@ -264,10 +273,10 @@ def _add_convert(sub):
     p.add_argument("--no-bundle", action="store_true", help="one group per projection instead of q|k|v and gate|up "
                    "bundled (a bundled channel is one larger read)")
     p.add_argument("--no-reorder", action="store_true", help="skip calibration and keep the checkpoint's row order")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="dtype of the stored weights (default: as in the checkpoint)")
     p.add_argument("--calib-device", default="cpu", help="device for calibration: cpu or cuda (default cpu)")
-    p.add_argument("--calib-dtype", default="float32", choices=("float16", "bfloat16", "float32"),
+    p.add_argument("--calib-dtype", default="float32", choices=DTYPES,
                    help="compute dtype for calibration (default float32)")
     p.add_argument("--threads", type=int, default=6, help="reader threads for calibration (default 6)")
     p.add_argument("--frame-tokens", default="auto", help="what a calibration frame costs, as the session's "
@@ -315,127 +324,20 @@ def cmd_verify(args) -> int:
     return 0 if getattr(report, "ok", True) else 1
 
 
-def _ros_available(command: str) -> bool:
-    """Whether the ROS 2 layer imports (done here, lazily: nchunk_core never imports ROS at import time)."""
-    try:
-        import nchunk_ros.ask_client  # noqa: F401  (rclpy, the messages and nchunk_interfaces)
-    except ImportError as exc:
-        print(f"nchunk {command}: the ROS 2 layer is not available ({exc}). Run scripts/setup.sh (ROS 2 from "
-              "PyPI wheels and the nchunk_interfaces package) or source a ROS 2 workspace that has them.",
-              file=sys.stderr)
-        return False
-    return True
-
-
-def _add_ask(sub):
-    p = sub.add_parser("ask", help="ask the running VQA node a question over /ask",
-                       description="Send one question to the VQA node's /ask service (nchunk_interfaces/srv/Ask) "
-                       "and print the answer, what it was based on (frames in context, the newest frame's age, "
-                       "tokens) and where the time and drive reads went. Exit code 0 when the node answered, 1 "
-                       "when it refused or failed (the reason on stderr) or no service was found. Uses the "
-                       "environment's ROS_DOMAIN_ID.")
-    p.add_argument("question", help="the question, in quotes")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="answer length limit (default 0: the node's "
-                   "max_new_tokens)")
-    p.add_argument("--reset", action="store_true", help="answer from the newest frame only, and start a new "
-                   "episode from it (reset_context)")
-    p.add_argument("--timeout", type=float, default=0.0, help="deadline in seconds, waiting included (default 0: "
-                   "the node's ask_timeout_s)")
-    p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the service to appear (default 10)")
-    p.add_argument("--service", default="/ask", help="service name (default /ask)")
-    p.add_argument("--json", action="store_true", help="print every response field as one JSON object")
-    p.set_defaults(func=cmd_ask)
-
-
-def cmd_ask(args) -> int:
-    if not _ros_available("ask"):
-        return 1
-    from nchunk_ros.ask_client import run
-
-    return run(args.question, max_new_tokens=args.max_new_tokens, reset_context=args.reset,
-               timeout_s=args.timeout, wait_s=args.wait, service=args.service, as_json=args.json)
-
-
-def _add_demo(sub):
-    p = sub.add_parser("demo", help="the VQA node, a synthetic camera and questions over ROS 2, on this machine",
-                       description="Start the VQA node on a store (--store, or the built-in model trained on scenes of "
-                       "coloured shapes), a synthetic camera publishing held-out scenes of that kind with their "
-                       "ground truth, and ask each scene's questions over the real /ask service, answers beside the "
-                       "truth; change the sparsity live through the parameter "
-                       "service and show the drive reads per frame under each setting. Needs no ROS install (the "
-                       "PyPI wheels of scripts/setup.sh), no download and no network. With --io: the flash I/O "
-                       "path alone instead (drive profile, cost-model validation, reader vs fio).")
-    p.add_argument("--store", default=None, help="store to answer from (default: the built-in model)")
-    p.add_argument("--io", action="store_true", help="show the flash I/O path only: profile the drive holding --dir, "
-                   "validate the cost model, compare the reader with fio (no ROS)")
-    p.add_argument("--dir", default=None, help="--io: directory on the drive to use (default: system temp dir)")
-    p.add_argument("--out", default="out", help="--io: folder for plots (default: out)")
-    p.set_defaults(func=cmd_demo)
-
-
-def cmd_demo(args) -> int:
-    if args.io:
-        return _demo_io(args)
-    if not _ros_available("demo"):
-        return 1
-    from nchunk_ros.tools.demo import run
-
-    return run(args.store)
-
-
-def _demo_io(args) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print("== 1/2  drive profile and cost-model validation\n", flush=True)
-    cmd_profile(argparse.Namespace(dir=args.dir, threads=6, quick=True, force=False, validate=True, patterns=20,
-                                   plot=str(out / "profile.png"), json=False))
-    print("\n== 2/2  reader vs fio\n", flush=True)
-    cmd_bench_reader(argparse.Namespace(dir=args.dir, threads=6, file_mib=256, repeats=3, json=False))
-    return 0
-
-
-def _add_soak(sub):
-    p = sub.add_parser("soak", help="long run: the node, a fast camera and a question every few seconds",
-                       description="Start the VQA node (config/vqa.yaml, the built-in model unless --store) and the "
-                       "synthetic camera as separate processes, ask a question every --ask-every seconds for "
-                       "--minutes, sample the node's resident memory and its intake counters, then stop both with "
-                       "SIGTERM (their logs go to a temporary folder that the summary names). Exit code 0 when "
-                       "every question was answered and both processes exited 0.")
-    p.add_argument("--minutes", type=float, default=10.0, help="length of the run (default 10)")
-    p.add_argument("--rate", type=float, default=30.0, help="camera frames per second (default 30)")
-    p.add_argument("--width", type=int, default=640, help="frame width (default 640)")
-    p.add_argument("--height", type=int, default=480, help="frame height (default 480)")
-    p.add_argument("--ask-every", type=float, default=5.0, help="seconds between questions (default 5)")
-    p.add_argument("--store", default=None, help="store to answer from (default: the built-in model)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_soak)
-
-
-def cmd_soak(args) -> int:
-    if not _ros_available("soak"):
-        return 1
-    from nchunk_ros.tools.soak import run
-
-    return run(args.minutes, args.rate, args.width, args.height, args.ask_every, args.store, args.json)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(more_commands=()) -> argparse.ArgumentParser:
+    """The `nchunk` parser with the core subcommands, then each of `more_commands` (a function that
+    adds subcommands to the subparsers action)."""
     parser = argparse.ArgumentParser(prog="nchunk", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_profile(sub)
-    _add_bench(sub)
-    _add_convert(sub)
-    _add_train_demo(sub)
-    _add_verify(sub)
-    _add_ask(sub)
-    _add_demo(sub)
-    _add_soak(sub)
+    for add in (_add_profile, _add_bench, _add_convert, _add_train_demo, _add_verify, *more_commands):
+        add(sub)
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, more_commands=()) -> int:
+    """Run one `nchunk` command; its exit code. `more_commands` as in build_parser."""
+    args = build_parser(more_commands).parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -39,7 +39,7 @@ def test_bench_accuracy_runs_on_the_built_in_model(tmp_path, monkeypatch):
     monkeypatch.setenv("NCHUNK_CACHE_DIR", str(tmp_path / "cache"))
     LatencyTable.synthetic().save(cache_path(shipped_store(), 2))
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "nchunk_core.cli", "bench", "accuracy", "--scenes", "4",
+    done = subprocess.run([sys.executable, "-m", "nchunk_ros.cli", "bench", "accuracy", "--scenes", "4",
                            "--threads", "2", "--out", str(out), "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -9,43 +9,33 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nchunk_core import cli
 from nchunk_core.convert.checkpoint import Checkpoint, CheckpointError
 from nchunk_core.convert.converter import convert
-from nchunk_core.runtime.flash_model import CALIBRATION_PREFIX
+from nchunk_core.store.naming import CALIBRATION_PREFIX
 from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.store import Store, StoreError
-from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
+from nchunk_core.testing.tiny_models import ARCHS, load_tiny_vlm
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny_checkpoints):
     """arch -> saved tiny checkpoint directory."""
-    root = tmp_path_factory.mktemp("models")
-    return {arch: build_tiny_vlm(arch, root / arch, seed=0) for arch in ARCHS}
+    return {arch: tiny_checkpoints[arch] for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
-def frames_dir(tmp_path_factory):
+def frames_dir(calibration_frames):
     """Four calibration frames (PNG and JPEG) plus a file that is not a frame."""
-    d = tmp_path_factory.mktemp("frames")
-    for i in range(4):
-        Image.fromarray(make_frame(seed=10 + i)).save(d / f"frame_{i:03d}.{'png' if i % 2 else 'jpg'}")
-    (d / "notes.txt").write_text("not a frame")
-    return d
+    return calibration_frames
 
 
 @pytest.fixture(scope="module")
-def stores(models, frames_dir, tmp_path_factory):
+def stores(tiny_stores):
     """arch -> converted store (bundled, calibrated), and qwen2_5_vl unbundled (it has q/k/v biases)."""
-    root = tmp_path_factory.mktemp("stores")
-    out = {arch: convert(models[arch], root / arch, frames_dir, progress=False) for arch in ARCHS}
-    out["qwen2_5_vl-unbundled"] = convert(models["qwen2_5_vl"], root / "unbundled", frames_dir, bundle=False,
-                                          progress=False)
-    return out
+    return {case: tiny_stores[case] for case in (*ARCHS, "qwen2_5_vl-unbundled")}
 
 
 def _weights(model_dir):

@@ -28,7 +28,7 @@ def test_nchunk_demo_answers_questions_about_the_current_scene(tmp_path, monkeyp
     monkeypatch.setenv("ROS_DOMAIN_ID", str(random.randint(20, 200)))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     LatencyTable.synthetic().save(cache_path(shipped_store(), 6))  # skip the one-time drive profile
-    done = subprocess.run([sys.executable, "-m", "nchunk_core.cli", "demo"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "nchunk_ros.cli", "demo"], capture_output=True, text=True,
                           timeout=180, cwd=ROOT)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr

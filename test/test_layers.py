@@ -1,10 +1,13 @@
 """Flash sparse layers: exact at sparsity 0 (any layout), sparse when asked, live settings."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from nchunk_core.io.latency import LatencyTable
-from nchunk_core.runtime.layers import FlashProjections, SparsityConfig, Workspace
+from nchunk_core.runtime.layers import FlashProjections, Workspace
+from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.io.reader import Reader
 from nchunk_core.store import Store, StoreWriter
 
@@ -38,8 +41,8 @@ def reader():
 def test_exact_at_sparsity_zero(tmp_path, reader, dtype, bundled, reordered, method):
     perm = np.random.default_rng(1).permutation(IN) if reordered else None
     store, weights, biases = make_store(tmp_path / "s", dtype, bundled, perm)
-    cfg = SparsityConfig(sparsity=0.0, method=method)
-    layer = FlashProjections(store, "l0.attn_in", LatencyTable.synthetic(), cfg, Workspace(reader, "cpu"),
+    settings = SelectionSettings(sparsity=0.0, method=method)
+    layer = FlashProjections(store, "l0.attn_in", LatencyTable.synthetic(), lambda: settings, Workspace(reader, "cpu"),
                              dtype=torch.float32, biases=biases)
     x = torch.randn(2, 7, IN)
     outs = layer(x)
@@ -55,19 +58,20 @@ def test_exact_at_sparsity_zero(tmp_path, reader, dtype, bundled, reordered, met
 
 def test_sparsity_changes_take_effect_on_next_call(tmp_path, reader):
     store, weights, biases = make_store(tmp_path / "s", torch.float32, True, None)
-    cfg = SparsityConfig(sparsity=0.0, method="chunking")
-    layer = FlashProjections(store, "l0.attn_in", LatencyTable.synthetic(), cfg, Workspace(reader, "cpu"))
+    owner = SimpleNamespace(selection=SelectionSettings(sparsity=0.0, method="chunking"))  # as the flash model
+    layer = FlashProjections(store, "l0.attn_in", LatencyTable.synthetic(), lambda: owner.selection,
+                             Workspace(reader, "cpu"))
     x = torch.randn(5, IN)
     dense = layer(x)
     full_bytes = layer.last_stats.bytes
-    cfg.sparsity = 0.5
+    owner.selection = SelectionSettings(sparsity=0.5, method="chunking")
     sparse = layer(x)
     assert layer.last_stats.rows == IN // 2
     assert layer.last_stats.bytes == full_bytes // 2
     assert 0.5 < layer.last_stats.retained < 1.0
     assert not torch.allclose(dense[0], sparse[0])
     # the sparse result is exactly the product over the selected input channels
-    cfg.method = "magnitude"
+    owner.selection = SelectionSettings(sparsity=0.5, method="magnitude")
     sparse = layer(x)
     keep = torch.topk(x.abs().mean(0), IN // 2).indices
     ref = x[:, keep] @ weights["q_proj"][:, keep].T
@@ -76,24 +80,28 @@ def test_sparsity_changes_take_effect_on_next_call(tmp_path, reader):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="sparsity"):
-        SparsityConfig(sparsity=1.0)
-    assert SparsityConfig(sparsity=0.3).budget(100) == 70
-    assert SparsityConfig(sparsity=0.9, method="dense").budget(100) == 100
+        SelectionSettings(sparsity=1.0)
+    assert SelectionSettings(sparsity=0.3).budget(100) == 70
+    assert SelectionSettings(sparsity=0.9, method="dense").budget(100) == 100
 
 
 def test_unknown_input(tmp_path, reader):
     store, _, _ = make_store(tmp_path / "s", torch.float32, True, None)
     with pytest.raises(ValueError, match="no matrix group"):
-        FlashProjections(store, "nope", LatencyTable.synthetic(), SparsityConfig(), Workspace(reader, "cpu"))
+        FlashProjections(store, "nope", LatencyTable.synthetic(), SelectionSettings, Workspace(reader, "cpu"))
 
 
 def test_refused_setting_keeps_previous_value():
-    cfg = SparsityConfig(sparsity=0.2, method="chunking")
-    with pytest.raises(ValueError, match="unknown selection method"):
-        cfg.method = "random"
+    import dataclasses
+
+    settings = SelectionSettings(sparsity=0.2, method="chunking")
+    with pytest.raises(ValueError, match="method must be one of"):
+        dataclasses.replace(settings, method="random")
     with pytest.raises(ValueError):
-        cfg.sparsity = -0.1
-    assert (cfg.sparsity, cfg.method) == (0.2, "chunking")
+        dataclasses.replace(settings, sparsity=-0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.sparsity = 0.5
+    assert (settings.sparsity, settings.method) == (0.2, "chunking")
 
 
 def test_combined_table_costs_every_group():

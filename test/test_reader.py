@@ -118,7 +118,7 @@ def test_many_small_extents(reader, data_file):
     extents = random_extents(rng, 5000, 600)
     out = np.zeros(int((extents[:, 1] + extents[:, 2]).max()), np.uint8)
     stats = reader.read(f, extents.tolist(), out)  # a plain list works too
-    assert stats.requests == 5000
+    assert stats.reads == 5000
     assert out.tobytes() == expected(data, extents, out.nbytes)
 
 
@@ -128,11 +128,11 @@ def test_stats(reader, data_file):
     block = f.alignment.offset
     stats = reader.read(f, [(0, 1 << 20, 0), (2 << 20, 100, 1 << 20)], reader.empty((1 << 20) + 100))
     assert isinstance(stats, ReadStats)
-    assert (stats.bytes, stats.requests, stats.tasks) == ((1 << 20) + 100, 2, (1 << 20) // TASK + 1)
+    assert (stats.bytes, stats.reads, stats.tasks) == ((1 << 20) + 100, 2, (1 << 20) // TASK + 1)
     assert stats.bytes_read == (1 << 20) + block  # the 100-byte read costs one aligned block
     assert stats.wall_s > 0
     stats = reader.read(f, [(5, 0, 0)], np.zeros(1, np.uint8))
-    assert (stats.bytes, stats.bytes_read, stats.requests, stats.tasks) == (0, 0, 1, 0)
+    assert (stats.bytes, stats.bytes_read, stats.reads, stats.tasks) == (0, 0, 1, 0)
 
 
 def test_torch_tensors(reader, data_file):

@@ -1,5 +1,5 @@
-"""Tests of row selection (nchunk_core.runtime.select): native kernels against the NumPy reference, the
-invariants every selection keeps, the latency estimator, exactness of the dynamic program, edge
+"""Tests of row selection (nchunk_core.runtime.select): native kernels against the NumPy reference
+(nchunk_core.testing.select_reference), the invariants every selection keeps, the latency estimator, exactness of the dynamic program, edge
 cases and errors."""
 import itertools
 import math
@@ -12,6 +12,7 @@ from nchunk_core import _native
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.select import (METHODS, ChunkParams, Selection, WindowRows, default_params,
                                 optimal_runs, select)
+from nchunk_core.testing.select_reference import select_reference
 
 TABLE = LatencyTable.synthetic(setup_s=80e-6, peak_bytes_per_s=1e9, max_kib=64)
 
@@ -64,7 +65,7 @@ def test_native_matches_numpy_reference(method):
         for _ in range(40 if method != "dp" else 25):
             v, budget, row_bytes, params = random_case(rng)
             native = select(v, budget, method, table, row_bytes, params)
-            ref = select(v, budget, method, table, row_bytes, params, impl="numpy")
+            ref = select_reference(v, budget, method, table, row_bytes, params)
             np.testing.assert_array_equal(native.runs, ref.runs)
             assert native.est_latency_s == pytest.approx(ref.est_latency_s, rel=1e-12)
             assert native.retained == pytest.approx(ref.retained, rel=1e-12, abs=1e-15)
@@ -180,24 +181,24 @@ def test_threads_get_the_same_selections():
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("impl", ("native", "numpy"))
+@pytest.mark.parametrize("impl", (select, select_reference), ids=("native", "reference"))
 def test_edge_cases(method, impl):
     v = np.array([0.5, 2.0, 2.0, 0.0, 1.0, 3.0], dtype=np.float32)
-    sel = select(v, 0, method, TABLE, 7168, impl=impl)
+    sel = impl(v, 0, method, TABLE, 7168)
     assert (sel.runs.shape == (0, 2) and sel.est_latency_s == 0.0) or method == "dense"
-    sel = select(v, 6, method, TABLE, 7168, impl=impl)
+    sel = impl(v, 6, method, TABLE, 7168)
     np.testing.assert_array_equal(sel.runs, [[0, 6]])
     # all-zero importance: still exactly R rows, nothing to lose
     zeros = np.zeros(20, dtype=np.float32)
-    sel = select(zeros, 7, method, TABLE, 7168, impl=impl)
+    sel = impl(zeros, 7, method, TABLE, 7168)
     check_runs(sel, zeros, 7, method)
     assert sel.retained == 1.0
     # no rows at all
-    sel = select(np.zeros(0, dtype=np.float32), 0, method, TABLE, 7168, impl=impl)
+    sel = impl(np.zeros(0, dtype=np.float32), 0, method, TABLE, 7168)
     assert sel.runs.shape == (0, 2) and sel.rows == 0
     # deterministic
-    a = select(v, 3, method, TABLE, 7168, impl=impl)
-    b = select(v, 3, method, TABLE, 7168, impl=impl)
+    a = impl(v, 3, method, TABLE, 7168)
+    b = impl(v, 3, method, TABLE, 7168)
     np.testing.assert_array_equal(a.runs, b.runs)
 
 
@@ -231,10 +232,10 @@ def test_window_conversion_to_rows():
     np.array([1.0, -0.5], dtype=np.float32),
     np.array([np.inf, 1.0], dtype=np.float32),
 ])
-@pytest.mark.parametrize("impl", ("native", "numpy"))
+@pytest.mark.parametrize("impl", (select, select_reference), ids=("native", "reference"))
 def test_bad_importance_is_rejected(bad, impl):
     with pytest.raises(ValueError, match="importance"):
-        select(bad, 1, "chunking", TABLE, 7168, impl=impl)
+        impl(bad, 1, "chunking", TABLE, 7168)
 
 
 def test_bad_arguments_are_rejected():
@@ -245,7 +246,6 @@ def test_bad_arguments_are_rejected():
         (dict(budget_rows=-1), "budget_rows"),
         (dict(budget_rows=2.5), "budget_rows"),
         (dict(method="topk"), "method"),
-        (dict(impl="cuda"), "impl"),
         (dict(row_bytes=0), "row_bytes"),
         (dict(row_bytes=7168.0), "row_bytes"),
     ]
@@ -258,3 +258,19 @@ def test_bad_arguments_are_rejected():
                    dict(start_kib=64, max_kib=32), dict(start_kib="8")):
         with pytest.raises(ValueError, match="ChunkParams"):
             ChunkParams(**kwargs)
+
+
+def test_selection_settings_are_one_validated_value():
+    from nchunk_core.runtime.select import SelectionSettings
+
+    assert SelectionSettings.from_kib(0.5, "chunking") == SelectionSettings(0.5, "chunking", None)
+    got = SelectionSettings.from_kib(0.5, "chunking", start_kib=8.0, max_kib=256.0)
+    assert got.windows == ChunkParams(start_kib=8.0, step_kib=ChunkParams.step_kib, max_kib=256.0,
+                                      jump_cap_kib=ChunkParams.jump_cap_kib)
+    with pytest.raises(ValueError, match=r"chunk_max_kib \(16\) is below the smallest window \(32 KiB\)"):
+        SelectionSettings.from_kib(0.5, "chunking", max_kib=16.0)
+    with pytest.raises(ValueError, match="chunk_step_kib must be a number >= 0"):
+        SelectionSettings.from_kib(0.5, "chunking", step_kib=-1.0)
+    with pytest.raises(ValueError, match="method must be one of dense, magnitude, chunking, dp"):
+        SelectionSettings.from_kib(0.5, "topk")
+    assert SelectionSettings(0.25).budget(8) == 6 and SelectionSettings(0.9, "dense").budget(8) == 8

@@ -23,41 +23,38 @@ from nchunk_core.runtime.flash_model import ProjectionView
 from nchunk_core.runtime.adapters import adapter_for
 from nchunk_core.runtime.decoding import greedy_decode
 from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.select import ChunkParams, SelectionSettings
 from nchunk_core.runtime.session import Answer, FrameStats, Session, SessionConfig
 from nchunk_core.store import Store, StoreError
-from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
+from nchunk_core.testing.tiny_models import ARCHS, load_tiny_vlm, make_frame
 
 QUESTION = "What is in the box?"
 NEW_TOKENS = 5
 TABLE = LatencyTable.synthetic()
-# (checkpoint arch, conversion options, session options)
+# case -> (checkpoint arch, store (conftest.tiny_stores), session options)
 CASES = {
-    "llava_onevision": ("llava_onevision", {}, {}),
-    "llava_onevision-video": ("llava_onevision", {}, {"frame_tokens": "video"}),
-    "qwen2_5_vl": ("qwen2_5_vl", {}, {}),
-    "qwen2_5_vl-unbundled": ("qwen2_5_vl", {"bundle": False}, {}),
-    "smolvlm": ("smolvlm", {}, {}),
+    "llava_onevision": ("llava_onevision", "llava_onevision", {}),
+    "llava_onevision-video": ("llava_onevision", "llava_onevision", {"frame_tokens": "video"}),
+    "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl", {}),
+    "qwen2_5_vl-unbundled": ("qwen2_5_vl", "qwen2_5_vl-unbundled", {}),
+    "smolvlm": ("smolvlm", "smolvlm", {}),
 }
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tiny_checkpoints, tiny_stores):
     """arch -> (checkpoint dir, model in RAM, processor); case -> store converted with calibration."""
-    root = tmp_path_factory.mktemp("session")
-    frames = root / "frames"
-    frames.mkdir()
-    for i in range(3):
-        Image.fromarray(make_frame(seed=20 + i)).save(frames / f"{i}.png")
-    models = {arch: build_tiny_vlm(arch, root / arch, seed=0) for arch in ARCHS}
+    models = {arch: tiny_checkpoints[arch] for arch in ARCHS}
     loaded = {arch: load_tiny_vlm(path) for arch, path in models.items()}
-    stores = {case: convert(models[arch], root / f"store-{case}", frames, progress=False, **opts)
-              for case, (arch, opts, _) in CASES.items()}
+    stores = {case: tiny_stores[store] for case, (_, store, _) in CASES.items()}
     return models, loaded, stores
 
 
-def open_session(built, case, **cfg):
-    arch, _, session_opts = CASES[case]
-    return Session.open(built[2][case], SessionConfig(**{**session_opts, **cfg}), table=TABLE)
+def open_session(built, case, sparsity=0.0, method="chunking", **cfg):
+    """A session on the case's store, with SelectionSettings(sparsity, method) and `cfg`."""
+    session_opts = CASES[case][2]
+    selection = SelectionSettings(sparsity, method)
+    return Session.open(built[2][case], SessionConfig(**{**session_opts, "selection": selection, **cfg}), table=TABLE)
 
 
 def record_logits(model):
@@ -100,7 +97,8 @@ def test_sparsity_zero_matches_dense_model(built, case):
     print(f"{case}: max |Δlogit| {diff:.2e} over {len(seen)} forwards")
     assert diff <= 1e-4
     assert answer.token_ids == ref_tokens
-    assert isinstance(answer, Answer) and answer.tokens_generated == len(ref_tokens) <= NEW_TOKENS
+    assert isinstance(answer, Answer) and len(ref_tokens) <= NEW_TOKENS
+    assert answer.tokens_generated == len([t for t in ref_tokens if t not in session.stop_ids])
     assert answer.frames_in_context == 2 and answer.newest_stamp == 2.0
     assert answer.bytes_read > 0 and answer.prefill_s > 0 and answer.retained == pytest.approx(1.0)
     for s in stats:
@@ -145,16 +143,17 @@ def test_sparse_projections_read_fewer_rows_and_compute_exactly_on_them(built, c
     seen = record_logits(session.model)
     sparse = [session.append_frame(make_frame(seed=s)) for s in (1, 2)]
     answer = session.ask(QUESTION, max_new_tokens=2)
-    assert len(checked) == 7 * 2 * (4 + answer.tokens_generated - 1)
+    assert len(checked) == 7 * 2 * (4 + len(answer.token_ids) - 1)
     total = sum(g.nbytes for g in session.store.groups.values())
     assert sparse[1].bytes_read == pytest.approx(total / 2, rel=0.03)
     assert sparse[1].rows_read == pytest.approx(sparse[1].rows_total / 2, rel=0.03)
     assert 0.5 < sparse[1].retained < 1.0 and sparse[1].reads > len(session.store.inputs())
     assert all(torch.isfinite(s).all() for s in seen)
 
-    session.update(method="chunking", sparsity=0.25)  # applied at the next call
-    assert session.config.sparsity == 0.25
+    session.update(SelectionSettings(0.25, "chunking"))  # applied at the next call
+    assert session.config.selection.sparsity == 0.25
     stats = session.append_frame(make_frame(seed=3))
+    assert stats.selection == SelectionSettings(0.25, "chunking") and sparse[1].selection.method == "magnitude"
     assert stats.bytes_read == pytest.approx(0.75 * total, rel=0.03) and 0.75 < stats.retained < 1.0
     session.close()
 
@@ -238,6 +237,60 @@ def test_deadline_and_should_stop_give_a_partial_answer(built):
     session.close()
 
 
+def test_the_session_keeps_its_books(built):
+    """Tokens in the cache, the newest stamp, what each frame used, and the answer's counts."""
+    session = open_session(built, "smolvlm", max_new_tokens=NEW_TOKENS)
+    first = session.append_frame(make_frame(seed=1), stamp=10.5)
+    session.update(SelectionSettings(0.5, "magnitude"), max_frames=4)
+    second = session.append_frame(make_frame(seed=2), stamp=11.5)
+    assert first.context_tokens == first.tokens > first.visual_tokens  # the prompt prefix came with it
+    assert second.context_tokens == first.context_tokens + second.tokens
+    assert session.context_tokens == second.context_tokens == session._cache.get_seq_length()
+    assert (first.stamp, second.stamp, session.newest_stamp) == (10.5, 11.5, 11.5)
+    assert (first.selection, first.max_frames) == (SelectionSettings(0.0, "chunking"), 8)  # before the update
+    assert (second.selection, second.max_frames) == (SelectionSettings(0.5, "magnitude"), 4)
+
+    full = session.ask(QUESTION)
+    question = session.adapter.encode_text(session.adapter.question_prompt(QUESTION)).num_tokens
+    assert full.question_tokens == question and full.context_tokens == session.context_tokens + question
+    assert session.context_tokens == session._cache.get_seq_length()  # the question left the cache
+    assert full.tokens_generated == len(full.token_ids) == NEW_TOKENS and full.truncated and not full.interrupted
+    assert full.newest_stamp == 11.5 and full.frames_in_context == 2
+
+    # a stop token ends an answer: it is in token_ids, not in tokens_generated, and not truncated
+    k = next(i for i, t in enumerate(full.token_ids) if i > 0 and t not in full.token_ids[:i])
+    stop_ids, session.stop_ids = session.stop_ids, (full.token_ids[k],)
+    try:
+        ended = session.ask(QUESTION)
+    finally:
+        session.stop_ids = stop_ids
+    assert ended.token_ids == full.token_ids[:k + 1] and ended.tokens_generated == k
+    assert not ended.truncated and not ended.interrupted
+    assert ended.text == session.tokenizer.decode(full.token_ids[:k], skip_special_tokens=True).strip()
+    stopped = session.ask(QUESTION, should_stop=lambda: True)
+    assert stopped.interrupted and stopped.truncated and stopped.tokens_generated == 0
+    session.close()
+
+
+def test_reset_keeping_the_newest_frame_restarts_the_context_from_it(built):
+    session = open_session(built, "smolvlm")
+    seen = record_logits(session.model)
+    for seed in (1, 2, 3):
+        session.append_frame(make_frame(seed=seed), stamp=float(seed))
+    restart = session.reset(keep_newest=True)
+    assert isinstance(restart, FrameStats) and restart.frames_in_context == 1 and restart.stamp == 3.0
+    assert session.frames_in_context == 1 and session.newest_stamp == 3.0
+    assert session.context_tokens == restart.context_tokens == restart.tokens == session._cache.get_seq_length()
+    ref, tokens = dense_reference(built, "smolvlm", (3,), session.stop_ids, n_new=2)
+    assert (seen[-1] - ref[1]).abs().max() <= 1e-4  # ref: prefix, frame 3, question, tokens
+    assert session.ask(QUESTION, max_new_tokens=2).token_ids == tokens
+    assert session.reset(keep_newest=True) is None and session.frames_in_context == 1  # alone already
+    assert session.append_frame(make_frame(seed=4)).frames_in_context == 2  # later frames follow it
+    assert session.reset() is None and session.frames_in_context == session.context_tokens == 0
+    assert session.reset(keep_newest=True) is None and session.newest_stamp is None
+    session.close()
+
+
 @pytest.mark.parametrize("question,match", [
     ("", "empty"), ("   \n", "empty"), ("why " * 100, "tokens long"), (42, "string"),
 ])
@@ -248,7 +301,7 @@ def test_bad_questions(built, question, match):
         session.ask(question)
     with pytest.raises(ValueError, match="max_new_tokens"):
         session.ask(QUESTION, max_new_tokens=0)
-    assert session.ask(QUESTION, max_new_tokens=1).tokens_generated == 1  # still works
+    assert len(session.ask(QUESTION, max_new_tokens=1).token_ids) == 1  # still works
     session.close()
 
 
@@ -286,7 +339,7 @@ def test_bad_frames_are_refused_and_the_session_goes_on(built):
     for frame in (gray, rgba, make_frame(1080, 1920, seed=4)):
         assert session.append_frame(frame).visual_tokens > 0
     assert session.frames_in_context == 4
-    assert session.ask(QUESTION, max_new_tokens=2).tokens_generated >= 1
+    assert len(session.ask(QUESTION, max_new_tokens=2).token_ids) >= 1
     session.close()
     with pytest.raises(RuntimeError, match="closed"):
         session.append_frame(make_frame())
@@ -294,28 +347,38 @@ def test_bad_frames_are_refused_and_the_session_goes_on(built):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("device", "tpu"), ("device", 3), ("dtype", "int8"), ("sparsity", 1.0), ("sparsity", -0.1),
-    ("sparsity", float("nan")), ("sparsity", True), ("method", "random"), ("chunk_params", {"start_kib": -1}),
-    ("chunk_params", {"bogus": 1}), ("threads", 0), ("max_frames", 0), ("max_new_tokens", 1.5),
-    ("profile_quick", "yes"), ("frame_tokens", "tile"), ("frame_tokens", 0), ("decoding", "beam"),
+    ("device", "tpu"), ("device", 3), ("dtype", "int8"), ("selection", {"sparsity": 0.5}), ("selection", None),
+    ("reader_threads", 0), ("max_frames", 0), ("max_new_tokens", 1.5), ("profile_quick", "yes"),
+    ("frame_tokens", "tile"), ("frame_tokens", 0), ("decoding", "beam"),
 ])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         SessionConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field,value", [
+    ("sparsity", 1.0), ("sparsity", -0.1), ("sparsity", float("nan")), ("sparsity", True), ("method", "random"),
+    ("windows", {"start_kib": 8}),
+])
+def test_selection_settings_are_validated_where_they_are_built(field, value):
+    with pytest.raises(ValueError, match=field):
+        SelectionSettings(**{field: value})
+    with pytest.raises(ValueError, match="start_kib"):
+        SelectionSettings(windows=ChunkParams(start_kib=-1))
+
+
 def test_update_is_validated_and_refusals_change_nothing(built):
     session = open_session(built, "smolvlm", sparsity=0.1, method="magnitude")
-    for bad in ({"sparsity": 1.5}, {"method": "random"}, {"chunk_params": {"start_kib": 0}},
-                {"sparsity": 0.3, "method": "nope"}):
+    for bad in ({"selection": {"sparsity": 0.3}}, {"selection": "default"}, {"max_frames": 0},
+                {"selection": SelectionSettings(0.3), "max_frames": -1}):
         with pytest.raises(ValueError):
             session.update(**bad)
-    assert (session.config.sparsity, session.config.method) == (0.1, "magnitude")
-    session.update(chunk_params={"start_kib": 8, "step_kib": 8})
-    assert session.config.chunk_params.start_kib == 8
-    session.update(chunk_params="default", method="dense")
+    assert session.config.selection == SelectionSettings(0.1, "magnitude") and session.config.max_frames == 8
+    session.update(SelectionSettings(0.1, "magnitude", ChunkParams(start_kib=8, step_kib=8)))
+    assert session.config.selection.windows.start_kib == 8
+    session.update(SelectionSettings(0.1, "dense"))  # windows None: the per-matrix defaults
     s = session.append_frame(make_frame())
-    assert session.config.chunk_params is None and s.rows_read == s.rows_total
+    assert session.config.selection.windows is None and s.rows_read == s.rows_total
     session.close()
 
 
@@ -347,7 +410,7 @@ def test_half_precision(built, dtype):
     seen = record_logits(session.model)
     session.append_frame(make_frame(seed=1))
     answer = session.ask(QUESTION, max_new_tokens=2)
-    assert torch.isfinite(seen[-1]).all() and answer.tokens_generated >= 1
+    assert torch.isfinite(seen[-1]).all() and len(answer.token_ids) >= 1
     session.close()
 
 
@@ -359,7 +422,8 @@ def test_latency_table_comes_from_the_drive_profile_cache(built, monkeypatch, tm
     path = profile.cache_path(store, 2)
     LatencyTable.synthetic(setup_s=1e-4).save(path)
     messages = []
-    session = Session.open(store, SessionConfig(threads=2, sparsity=0.5), log=messages.append)
+    session = Session.open(store, SessionConfig(reader_threads=2, selection=SelectionSettings(0.5)),
+                           log=messages.append)
     assert any("from cache" in m for m in messages)
     assert session.append_frame(make_frame()).est_io_s > 0
     session.close()

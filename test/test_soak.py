@@ -15,7 +15,7 @@ def test_a_short_soak_answers_every_question_and_both_processes_exit_0(tmp_path,
     monkeypatch.setenv("NCHUNK_CACHE_DIR", str(tmp_path / "cache"))
     # a cached profile for config/vqa.yaml's reader_threads 6: the node skips the one-time drive profile
     LatencyTable.synthetic().save(cache_path(shipped_store(), 6))
-    done = subprocess.run([sys.executable, "-m", "nchunk_core.cli", "soak", "--minutes", "0.25", "--ask-every", "3",
+    done = subprocess.run([sys.executable, "-m", "nchunk_ros.cli", "soak", "--minutes", "0.25", "--ask-every", "3",
                            "--rate", "15", "--width", "320", "--height", "240", "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -303,3 +303,17 @@ def test_writer_rejects_inconsistent_groups(tmp_path):
         with pytest.raises(ValueError, match="not a permutation"):
             w.add_group("d", "in3", [("o", matrix(8, 4, "float32"))], permutation=[0, 0, 1, 2])
     assert list(Store.open(tmp_path / "s").groups) == ["a"]
+
+
+def test_dtype_names_have_one_table_and_no_torch_import():
+    from nchunk_core.store import naming
+    from nchunk_core.testing.imports import imported_modules
+
+    assert set(naming.STORAGE_DTYPES) == set(naming.DTYPES) == set(naming.SAFETENSORS_DTYPES.values())
+    for name in naming.DTYPES:
+        assert naming.torch_dtype(name).itemsize == naming.STORAGE_DTYPES[name].itemsize
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        naming.torch_dtype("int8")
+    done, modules = imported_modules(["-c", "import nchunk_core.store.naming"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nchunk_core.store.naming" in modules and "torch" not in modules

@@ -24,9 +24,9 @@ NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """arch → directory of its saved tiny model (built once per test module)."""
-    return {arch: build_tiny_vlm(arch, tmp_path_factory.mktemp(arch), seed=0) for arch in ARCHS}
+def saved(tiny_checkpoints):
+    """arch → directory of its saved tiny model (conftest.py: built once per test run)."""
+    return {arch: tiny_checkpoints[arch] for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import torch
 
-from nchunk_core.demo import scenes, train as train_demo
+from nchunk_core.demo import batches, scenes, train as train_demo, training_aids
+from nchunk_core.demo.train_settings import Settings
 from nchunk_core.demo.model import VISUAL_TOKENS, build_tokenizer, build_untrained, prompt
 from nchunk_core.runtime.adapters import SmolVLMAdapter
 from nchunk_core.runtime.session import Session, SessionConfig
@@ -25,14 +26,14 @@ def test_training_forward_matches_a_whole_sequence_forward():
     torch.manual_seed(0)
     model, processor = build_untrained(seed=3)
     model.eval()
-    enc = train_demo.Encoder(model, processor)
+    enc = batches.Encoder(model, processor)
     rng = np.random.default_rng(0)
     items = []
     for i in range(2):
         scene = scenes.split_scene("train", i, 0)
         items.append((enc.pixels(scene), scenes.questions_for(scene, rng)))
     with torch.no_grad():
-        pixels, owners, ids, labels, *_ = train_demo.collate(enc, items)
+        pixels, owners, ids, labels, *_ = batches.collate(enc, items)
         hidden, visual, _ = train_demo.forward_hidden(model, enc, pixels, owners, ids)
         logits, targets = train_demo.labelled_logits(model, hidden, labels)
         expected, want = [], []
@@ -55,13 +56,13 @@ def test_training_forward_matches_a_whole_sequence_forward():
 def test_early_answer_labels_sit_on_the_last_shape_word():
     """The early-answer aid: the answer's first word, at the question's last shape word only."""
     model, processor = build_untrained(seed=0)
-    enc = train_demo.Encoder(model, processor)
+    enc = batches.Encoder(model, processor)
     questions = [scenes.Question("colour", "what color is the circle?", "red"),
                  scenes.Question("position", "what is left of the blue square?", "green triangle"),
                  scenes.Question("count", "how many triangles are there?", "2"),
                  scenes.Question("presence", "is there a purple circle?", "no"),
                  scenes.describe_question(scenes.split_scene("train", 0))]
-    _, _, ids, labels, early, subject = train_demo.collate(enc, [(torch.zeros(3, 96, 96), questions)])
+    _, _, ids, labels, early, subject = batches.collate(enc, [(torch.zeros(3, 96, 96), questions)])
     tok = processor.tokenizer
     for row, q in enumerate(questions[:4]):
         (where,) = (early[row] != -100).nonzero()[:, 0].tolist()
@@ -78,7 +79,7 @@ def test_early_answer_labels_sit_on_the_last_shape_word():
 def test_attention_hint_loss_is_small_only_when_the_heads_look_at_the_right_tokens():
     scene = scenes.Scene(0, 320, 240, "white", [scenes.Shape("circle", "red", (40, 30), 40),
                                                 scenes.Shape("square", "blue", (280, 200), 40)])
-    targets = train_demo.probe_targets(scene)[None]  # [1, 16, 4, 2]: circle in token 0, square in 15
+    targets = training_aids.probe_targets(scene)[None]  # [1, 16, 4, 2]: circle in token 0, square in 15
     early = torch.full((1, 5), -100)
     early[0, 2] = 7  # the shape word sits at position 2
     colour = {c: k + 1 for k, c in enumerate(scenes.COLORS)}
@@ -89,7 +90,7 @@ def test_attention_hint_loss_is_small_only_when_the_heads_look_at_the_right_toke
     right[0, 2, 2, 15] = 1.0  # hint 2 on the blue shape
     wrong = right.flip(-1)  # the same mass on the other shape's token
     uniform = torch.full((1, 3, 5, 16), 1 / 16)
-    loss = lambda seen, subject=subject: float(train_demo.attention_hint_loss(seen, early, subject, targets))
+    loss = lambda seen, subject=subject: float(training_aids.attention_hint_loss(seen, early, subject, targets))
     assert loss(right) < 1e-4
     assert abs(loss(uniform) - 3 * np.log(16)) < 1e-3
     assert loss(wrong) > 10
@@ -103,7 +104,7 @@ def test_probe_targets_name_area_column_and_neighbours():
     shapes = [scenes.Shape("circle", "red", (40, 30), 40),  # column 0, top token row
               scenes.Shape("triangle", "blue", (280, 200), 60)]  # column 3, bottom rows
     scene = scenes.Scene(0, 320, 240, "white", shapes)
-    t = train_demo.probe_targets(scene)  # [16, 4, 2]
+    t = training_aids.probe_targets(scene)  # [16, 4, 2]
     red_circle = [list(scenes.COLORS).index("red") + 1, scenes.SHAPES.index("circle") + 1]
     blue_triangle = [list(scenes.COLORS).index("blue") + 1, scenes.SHAPES.index("triangle") + 1]
     assert t[0, 0].tolist() == red_circle and t[4, 0].tolist() == [0, 0]  # area: only the top token
@@ -116,7 +117,7 @@ def test_probe_targets_name_area_column_and_neighbours():
 
 def test_short_training_run_learns_and_its_store_answers(tmp_path):
     """A few steps lower the loss; the checkpoint converts and its store answers through the Session."""
-    s = train_demo.Settings.scaled(seed=0, steps=20)
+    s = Settings.scaled(seed=0, steps=20)
     s.images_per_step = 4
     logs = []
     train_demo.train(s, tmp_path / "ckpt", log=logs.append, eval_scenes=(8, 8))

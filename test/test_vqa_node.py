@@ -1,18 +1,18 @@
 """The VQA node (nchunk_ros/vqa_node.py) over real rclpy and DDS, on a real tiny store.
 
-Tiers: the parameter checks are plain functions (no DDS); everything else runs a real node in its
-own rclpy Context and MultiThreadedExecutor, talking over Fast DDS on this host (a random domain id
-per module, discovery restricted to localhost) to a tester node in a second Context (a second DDS
-participant, as another process would be). The start-up and signal tests run the node as a
-process. The store is a tiny random SmolVLM converted with `nchunk convert`; the drive profile is
-a synthetic table placed in a private cache so that no test profiles the drive.
+Everything here runs a real node in its own rclpy Context and MultiThreadedExecutor, talking over
+Fast DDS on this host (a random domain id per module, discovery restricted to localhost) to a tester
+node in a second Context (a second DDS participant, as another process would be): conftest.py's
+`rig` and `start_rig`, ros_rig.py. The start-up and signal tests run the node as a process. The
+store is a tiny random SmolVLM converted with `nchunk convert`; the drive profile is a synthetic
+table placed in a private cache so that no test profiles the drive. The parameter checks and the
+worker's order are tested without DDS (test_parameters.py, test_worker.py).
 """
-import array
 import ast
+import array
 import importlib.util
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -27,305 +27,41 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed")
 
-from builtin_interfaces.msg import Time  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
-from PIL import Image as PILImage  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
-from rclpy.node import Node  # noqa: E402
-from rclpy.parameter import Parameter, parameter_dict_from_yaml_file, parameter_value_to_python  # noqa: E402
-from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
-from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from rclpy.parameter import Parameter, parameter_dict_from_yaml_file  # noqa: E402
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
 
 from nchunk_core.io.latency import LatencyTable  # noqa: E402
-from nchunk_interfaces.srv import Ask  # noqa: E402
 from nchunk_ros import vqa_node  # noqa: E402
-from nchunk_ros.image_conversion import array_to_compressed, array_to_image  # noqa: E402
-from nchunk_ros.tools.synthetic_camera import random_scene, render_scene  # noqa: E402
-from nchunk_ros.vqa_node import (  # noqa: E402
-    MAX_WAITING_ASKS,
-    PARAMETERS,
-    VQANode,
-    check_parameters,
-    chunk_params_from,
-    topic_type,
-)
+from nchunk_ros.image_conversion import array_to_image  # noqa: E402
+from nchunk_ros.session_tasks import printable  # noqa: E402
+from nchunk_ros.vqa_node import VQANode  # noqa: E402
+from nchunk_ros.worker import MAX_WAITING_ASKS  # noqa: E402
+from ros_rig import COMPRESSED_TOPIC, RAW_TOPIC, feed, publish_until, response, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "vqa.yaml"
 LAUNCH = ROOT / "launch" / "vqa.launch.py"
-RAW_TOPIC = "/test_cam/image_raw"
-COMPRESSED_TOPIC = "/test_cam/image_raw/compressed"
 TIMEOUT_S = 20.0  # only reached when something is wrong
 START_TIMEOUT_S = 60.0  # a node process: imports, model build
 
 
-def wait_for(condition, timeout=TIMEOUT_S, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-# ---- fixtures ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def domain_id():
-    return random.randint(20, 200)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, domain_id):
-    """ROS and nchunk environment for this module (restored afterwards); subprocesses inherit it."""
-    saved = dict(os.environ)
-    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["NCHUNK_CACHE_DIR"] = str(tmp_path_factory.mktemp("nchunk-cache"))
-    yield os.environ
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def store(env, tmp_path_factory):
-    """A tiny SmolVLM store (calibrated on synthetic camera scenes) and a cached synthetic drive profile."""
-    from nchunk_core.convert.converter import convert
-    from nchunk_core.io.profile import cache_path
-    from nchunk_core.testing.tiny_models import build_tiny_vlm
-
-    root = tmp_path_factory.mktemp("vqa-store")
-    frames = root / "frames"
-    frames.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        PILImage.fromarray(render_scene(random_scene(rng, 96, 64, i))).save(frames / f"{i}.png")
-    path = convert(build_tiny_vlm("smolvlm", root / "model", seed=0), root / "store", frames, progress=False)
-    LatencyTable.synthetic().save(cache_path(path, 6))  # reader_threads default
-    return path
-
-
-class World(Node):
-    """The outside world: publishes camera frames, calls /ask, sets parameters, records statistics."""
-
-    def __init__(self, context, service="/ask", node="vqa_node"):
-        super().__init__("vqa_tester", context=context)
-        self.raw = self.create_publisher(Image, RAW_TOPIC, qos_profile_sensor_data)
-        self.compressed = self.create_publisher(CompressedImage, COMPRESSED_TOPIC, qos_profile_sensor_data)
-        self.ask_client = self.create_client(Ask, service)
-        self.params = AsyncParameterClient(self, node)
-        self.statuses = []
-        self.reloads = []  # (level, message) of the "vqa_node: reload" statuses
-        self.answers = []
-        self.create_subscription(DiagnosticArray, f"/{node}/statistics", self._on_stats, 100)
-        self.create_subscription(String, f"/{node}/answer", lambda m: self.answers.append(m.data), 10)
-        self.stamp_sec = 1000
-
-    def _on_stats(self, msg):
-        for s in msg.status:
-            self.statuses.append((s.name, s.level, {kv.key: kv.value for kv in s.values}))
-            if s.name == "vqa_node: reload":
-                self.reloads.append((s.level, s.message))
-
-    def frame_statuses(self):
-        return [values for name, level, values in list(self.statuses) if name == "vqa_node: frame" and level == b"\x00"]
-
-    def latest(self, key):
-        values = [v[key] for _, _, v in list(self.statuses) if key in v]
-        return int(values[-1]) if values else 0
-
-    def publish_frame(self, seed=0, compressed=False):
-        rgb = render_scene(random_scene(np.random.default_rng(seed), 96, 64))
-        self.stamp_sec += 1
-        stamp = Time(sec=self.stamp_sec)
-        if compressed:
-            self.compressed.publish(array_to_compressed(rgb, "jpeg", stamp=stamp))
-        else:
-            self.raw.publish(array_to_image(rgb, "rgb8", stamp=stamp))
-        return stamp
-
-    def call(self, question="What is there?", **fields):
-        return response(self.call_async(question, **fields))
-
-    def call_async(self, question="What is there?", **fields):
-        return self.ask_client.call_async(Ask.Request(question=question, **fields))
-
-    def set_params(self, **values):
-        future = self.params.set_parameters([v if isinstance(v, Parameter) else Parameter(k, value=v)
-                                             for k, v in values.items()])
-        wait_for(future.done, what="the parameter service")
-        return future.result().results
-
-    def set_params_atomically(self, **values):
-        future = self.params.set_parameters_atomically([Parameter(k, value=v) for k, v in values.items()])
-        wait_for(future.done, what="the parameter service")
-        return future.result().result
-
-    def get_param(self, name):
-        future = self.params.get_parameters([name])
-        wait_for(future.done, what="the parameter service")
-        return parameter_value_to_python(future.result().values[0])
-
-
-def response(future, timeout=TIMEOUT_S):
-    wait_for(future.done, timeout, "an /ask response")
-    return future.result()
-
-
-def start_rig(store, domain_id, name="vqa_node", service="/ask", **overrides):
-    """The node in its own context and executor, and a tester in a second context; returns a dict."""
-    node_ctx, tester_ctx = Context(), Context()
-    for ctx in (node_ctx, tester_ctx):
-        rclpy.init(args=[], context=ctx, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
-    values = {"store_path": str(store), "image_topics": [RAW_TOPIC, COMPRESSED_TOPIC], "max_append_rate_hz": 50.0,
-              "max_new_tokens": 4, "sparsity": 0.5, **overrides}
-    remap = ["--ros-args", "-r", f"__node:={name}", "-r", f"/ask:={service}"]
-    node = VQANode(context=node_ctx, cli_args=remap,
-                   parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
-    node_exec = MultiThreadedExecutor(num_threads=vqa_node.EXECUTOR_THREADS, context=node_ctx)
-    node_exec.add_node(node)
-    tester = World(tester_ctx, service=service, node=name)
-    tester_exec = MultiThreadedExecutor(num_threads=2, context=tester_ctx)
-    tester_exec.add_node(tester)
-    threads = [threading.Thread(target=vqa_node.spin, args=(e,), daemon=True) for e in (node_exec, tester_exec)]
-    for t in threads:
-        t.start()
-    assert tester.ask_client.wait_for_service(timeout_sec=TIMEOUT_S), "no /ask service"
-    assert tester.params.wait_for_services(timeout_sec=TIMEOUT_S), "no parameter services"
-    wait_for(lambda: tester.raw.get_subscription_count() and tester.compressed.get_subscription_count(),
-             what="the node's camera subscriptions")
-    rig = {"node": node, "tester": tester}
-
-    def stop():
-        for e in (tester_exec, node_exec):
-            e.shutdown()
-        tester.destroy_node()
-        node.destroy_node()
-        for ctx in (tester_ctx, node_ctx):
-            rclpy.try_shutdown(context=ctx)
-        for t in threads:
-            t.join(timeout=10)
-
-    rig["stop"] = stop
-    return rig
-
-
-@pytest.fixture(scope="module")
-def rig(store, domain_id):
-    rig = start_rig(store, domain_id)
-    yield rig
-    rig["stop"]()
-
-
-REPUBLISH_S = 2.0  # best-effort delivery may drop a message: publish it again, as a camera would
-
-
-def publish_until(publish, condition, what):
-    """Call publish() until condition() holds, again every REPUBLISH_S, for at most TIMEOUT_S."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        publish()
-        try:
-            return wait_for(condition, timeout=min(REPUBLISH_S, max(0.0, deadline - time.monotonic())), what=what)
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-
-
-def feed(tester, node, frames=1, compressed=False, seed=0):
-    """Publish frames one by one, each after the previous was appended (depth 1: no overwriting)."""
-    for i in range(frames):
-        before = node.counters().get("frames_appended", 0)
-        publish_until(lambda: tester.publish_frame(seed + i, compressed),
-                      lambda: node.counters().get("frames_appended", 0) > before, "a frame to be appended")
-
-
-# ---- parameters without DDS ----------------------------------------------------------------------
-
-DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
-
-
-def test_dtype_names_match_the_runtime():
-    from nchunk_core.runtime.flash_model import DTYPES
-
-    assert set(vqa_node.DTYPES) == set(DTYPES)
-
-
-def test_check_parameters_reasons():
-    def reason(running=True, **changes):
-        result = check_parameters(changes, DEFAULTS, running)
-        return "" if result.successful else result.reason
-
-    assert reason(sparsity=0.3, method="magnitude", image_topics=["/a", "/b/compressed"]) == ""
-    assert reason(reader_threads=2, device="cpu", dtype="bfloat16", max_frames=3) == ""  # all apply at run time
-    assert "store /elsewhere does not exist" in reason(store_path="/elsewhere")
-    assert "not an nchunk store: no manifest.json" in reason(store_path=str(ROOT))
-    assert "store_path is empty" in reason(store_path="")
-    assert reason(running=False, store_path="/elsewhere") == ""  # at start-up, opening the store reports it
-    assert "method must be one of" in reason(method="topk")
-    assert "qos_reliability must be" in reason(qos_reliability="sometimes")
-    assert "device must be" in reason(running=False, device="tpu")
-    assert "dtype must be" in reason(running=False, dtype="int8")
-    assert "image_topics is empty" in reason(image_topics=[])
-    assert "not a valid topic name" in reason(image_topics=["/cam/1bad name"])
-    assert "twice" in reason(image_topics=["/a", "/a"])
-    assert "chunk_max_kib (16) is below the smallest window (32 KiB)" in reason(chunk_max_kib=16.0)
-    assert "below the smallest window (64 KiB)" in reason(chunk_start_kib=64.0, chunk_max_kib=48.0)
-    assert reason(chunk_start_kib=16.0, chunk_max_kib=16.0) == ""
-    assert set(vqa_node.RELOAD_PARAMETERS) == {"store_path", "device", "dtype", "reader_threads"}
-    for spec in PARAMETERS:
-        d = spec.descriptor()
-        assert "restart the node" not in d.description + d.additional_constraints, spec.name
-
-
-def test_chunk_params_from_parameters():
-    from nchunk_core.runtime.select import ChunkParams
-
-    assert chunk_params_from(DEFAULTS) is None  # per-matrix defaults
-    got = chunk_params_from({**DEFAULTS, "chunk_start_kib": 8.0, "chunk_max_kib": 256.0})
-    assert got == ChunkParams(start_kib=8.0, step_kib=ChunkParams.step_kib, max_kib=256.0,
-                              jump_cap_kib=ChunkParams.jump_cap_kib)
-    assert chunk_params_from({**DEFAULTS, "jump_cap_kib": 4.0}).max_kib is None  # saturation size
-
-
-def test_topic_types_follow_image_transport_names():
-    assert topic_type("/cam/image_raw") is Image
-    assert topic_type("/cam/image_raw/compressed") is CompressedImage
-    assert topic_type("compressed") is Image
-
-
-def test_config_file_documents_every_parameter():
-    text = CONFIG.read_text()
-    values = parameter_dict_from_yaml_file(str(CONFIG), target_nodes=["vqa_node"])
-    assert set(values) == set(DEFAULTS)
-    lines = text.splitlines()
-    for name in DEFAULTS:
-        i = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
-        assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), f"{name} has no comment in {CONFIG.name}"
-        value = Parameter.from_parameter_msg(values[name]).value
-        assert value == DEFAULTS[name], f"{CONFIG.name} and the node disagree on {name}"
-
-
 # ---- the node over DDS ---------------------------------------------------------------------------
 
-def test_ask_before_any_frame_is_refused(store, domain_id):
-    rig = start_rig(store, domain_id, name="vqa_fresh", service="/ask_fresh")
+def test_ask_before_any_frame_is_refused(start_rig):
+    rig = start_rig(name="vqa_fresh", service="/ask_fresh")
     try:
-        r = rig["tester"].call()
+        r = rig.tester.call()
         assert not r.success and r.error.startswith("no camera frame yet")
         assert r.frames_in_context == 0 and r.newest_frame_stamp.sec == 0
     finally:
-        rig["stop"]()
+        rig.stop()
 
 
 def test_frames_grow_the_context(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     start = node.session.frames_in_context
     feed(tester, node, frames=2)
     feed(tester, node, frames=1, compressed=True, seed=5)
@@ -341,7 +77,7 @@ def test_frames_grow_the_context(rig):
 
 
 def test_ask_answers_with_every_field(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     stamp = tester.publish_frame(seed=11)
     wait_for(lambda: any(s["stamp"] == f"{stamp.sec:.6f}" for s in tester.frame_statuses()), what="the frame")
     r = tester.call("What shapes do you see?")
@@ -364,7 +100,7 @@ def test_ask_answers_with_every_field(rig):
 
 
 def test_reset_context_keeps_only_the_newest_frame(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     feed(tester, node, frames=2, seed=20)
     assert node.session.frames_in_context >= 2
     r = tester.call("What is there now?", reset_context=True)
@@ -376,7 +112,7 @@ def test_reset_context_keeps_only_the_newest_frame(rig):
 
 
 def test_bad_questions_are_refused(rig):
-    tester = rig["tester"]
+    tester = rig.tester
     for question, error in (("", "empty question"), ("   \n", "empty question"),
                             ("why? " * 1000, "characters long")):
         r = tester.call(question)
@@ -388,7 +124,7 @@ def test_bad_questions_are_refused(rig):
 
 
 def test_parameter_change_applies_to_the_next_frame(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     results = tester.set_params(sparsity=0.25, method="magnitude")
     assert all(r.successful for r in results), results
     seen = len(tester.frame_statuses())
@@ -417,7 +153,7 @@ def test_parameter_change_applies_to_the_next_frame(rig):
 
 
 def test_topics_and_reliability_change_at_run_time(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     try:
         assert tester.set_params(image_topics=[RAW_TOPIC])[0].successful
         wait_for(lambda: tester.compressed.get_subscription_count() == 0, what="the compressed topic to be dropped")
@@ -433,20 +169,20 @@ def test_topics_and_reliability_change_at_run_time(rig):
 
 
 def test_malformed_images_are_counted_and_the_node_keeps_answering(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     good = array_to_image(np.zeros((64, 96, 3), np.uint8), "rgb8")
     short = Image(height=64, width=96, encoding="rgb8", step=96 * 3, data=array.array("B", bytes(100)))
     bad_step = Image(height=64, width=96, encoding="rgb8", step=10, data=array.array("B", bytes(640)))
     unknown = Image(height=good.height, width=good.width, encoding="yuv422", step=good.step, data=good.data)
     huge = Image(height=100_000, width=100_000, encoding="mono8", step=100_000, data=array.array("B", bytes(64)))
     corrupt = CompressedImage(format="jpeg", data=array.array("B", b"\xff\xd8\xff\xe0" + bytes(60)))
-    appended = node.counters().get("frames_appended", 0)
+    appended = node.counters().frames_appended
     for msg in (short, bad_step, unknown, huge, corrupt):
-        before = node.counters().get("frames_malformed", 0)
+        before = node.counters().frames_malformed
         publisher = tester.compressed if isinstance(msg, CompressedImage) else tester.raw
-        publish_until(lambda: publisher.publish(msg), lambda: node.counters().get("frames_malformed", 0) > before,
+        publish_until(lambda: publisher.publish(msg), lambda: node.counters().frames_malformed > before,
                       "the malformed count")
-    assert node.counters().get("frames_appended", 0) == appended
+    assert node.counters().frames_appended == appended
     wait_for(lambda: tester.latest("frames_malformed") >= 5, timeout=5, what="the count on ~/statistics")
     feed(tester, node, frames=1, seed=50)
     r = tester.call()
@@ -454,7 +190,7 @@ def test_malformed_images_are_counted_and_the_node_keeps_answering(rig):
 
 
 def test_concurrent_questions_are_queued_and_bounded(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     feed(tester, node, frames=1, seed=60)
     # as many as may wait: all are served in turn even if the worker is still busy with a frame
     futures = [tester.call_async(f"Question {i}?", max_new_tokens=8) for i in range(MAX_WAITING_ASKS)]
@@ -465,7 +201,7 @@ def test_concurrent_questions_are_queued_and_bounded(rig):
     assert tester.set_params(max_new_tokens=48)[0].successful  # requests are clamped to this
     try:
         slow = tester.call_async("A long answer?", max_new_tokens=48)
-        wait_for(lambda: node.counters()["asks_in_progress"], what="the long answer to start")
+        wait_for(lambda: node.counters().asks_in_progress, what="the long answer to start")
         futures = [tester.call_async(f"Again {i}?", max_new_tokens=2) for i in range(MAX_WAITING_ASKS + 3)]
         responses = [response(f) for f in futures]
         assert response(slow).success
@@ -477,7 +213,7 @@ def test_concurrent_questions_are_queued_and_bounded(rig):
 
 
 def test_deadline_passes_while_waiting(rig):
-    tester = rig["tester"]
+    tester = rig.tester
     slow = tester.call_async("A long answer?", max_new_tokens=4, timeout_s=30.0)
     started = time.monotonic()
     late = tester.call("Quick?", timeout_s=0.01)
@@ -487,45 +223,58 @@ def test_deadline_passes_while_waiting(rig):
 
 
 def test_deadline_during_the_answer_returns_what_was_generated(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     feed(tester, node, frames=1, seed=100)
     question = "What colour is the square?"
     full = tester.call(question, reset_context=True)  # the context is now that one frame, for every call below
     assert full.success and full.tokens_generated >= 2, full
 
-    def slow(seconds, phase):  # an observer that makes one phase of Session.ask slow, nothing else
-        return lambda p, name, x: time.sleep(seconds) if p == phase else None
+    # The answer's first token comes from the prefill; the forward pass that would give the second one
+    # is held (by an observer of the streamed layers) until the request's deadline has surely passed:
+    # its arrival came before that pass began. Decoding stops before the second token.
+    held = []
 
-    # each answer token after the first takes 8 streamed groups x 0.3 s: the 1 s deadline stops it after one
-    node.session.set_observer(slow(0.3, "answer"))
+    def hold_the_answer(phase, name, x):
+        if phase == "answer" and not held:
+            held.append(time.monotonic())
+            time.sleep(2.0 + 0.1)  # past arrival + timeout_s
+
+    node.session.set_observer(hold_the_answer)
     try:
-        r = tester.call(question, timeout_s=1.0)
+        r = tester.call(question, timeout_s=2.0)
     finally:
         node.session.set_observer(None)
-    assert not r.success and r.error == "timed out after 1 s"
+    assert held and not r.success and r.error == "timed out after 2 s"
     assert r.tokens_generated == 1 and r.truncated and r.frames_in_context == 1 and r.decode_s > 0.5, r
     one_token = node.session.ask(question, max_new_tokens=1)  # the node is idle: the same context, directly
-    assert r.answer == vqa_node.printable(one_token.text)
+    assert r.answer == printable(one_token.text)
 
-    # the question's prefill (8 groups x 0.3 s) is still running at the deadline: an empty answer, at once
-    node.session.set_observer(slow(0.3, "question"))
+    # The question's prefill is held until the caller has its response: the deadline passed during the
+    # prefill, so the response came at once, with an empty answer, and the worker's result is dropped.
+    release = threading.Event()
+    node.session.set_observer(lambda phase, name, x: release.wait(TIMEOUT_S) if phase == "question" else None)
+    timed_out = node.counters().asks_timed_out
     try:
         r = tester.call(question, timeout_s=1.0)
+        prefill_held = not release.is_set()
     finally:
+        release.set()
         node.session.set_observer(None)
+    assert prefill_held  # the response came before the prefill ended
     assert not r.success and r.error == "timed out after 1 s" and r.answer == "" and r.tokens_generated == 0
-    assert r.total_s < 2.0  # before the prefill ended
+    assert node.counters().asks_timed_out == timed_out + 1
     again = tester.call(question)
     assert again.success and again.answer == full.answer  # the stopped questions left the context as it was
+    assert node.counters().asks_timed_out == timed_out + 1  # the dropped result was not counted again
 
 
-def test_reload_parameters_reopen_the_model(rig, store):
+def test_reload_parameters_reopen_the_model(rig, node_store):
     from nchunk_core.io.profile import cache_path
 
-    node, tester = rig["node"], rig["tester"]
-    LatencyTable.synthetic().save(cache_path(store, 2))  # cached for reader_threads 2: the reload measures nothing
+    node, tester = rig.node, rig.tester
+    LatencyTable.synthetic().save(cache_path(node_store, 2))  # cached for reader_threads 2: the reload measures nothing
     feed(tester, node, frames=2, seed=80)
-    old, reloads = node.session, node.counters().get("reloads", 0)
+    old, reloads = node.session, node.counters().reloads
     seen = len(tester.frame_statuses())
     try:
         assert tester.set_params_atomically(reader_threads=2, dtype="bfloat16").successful  # one reload
@@ -533,7 +282,7 @@ def test_reload_parameters_reopen_the_model(rig, store):
         first = wait_for(lambda: [s for s in tester.frame_statuses()[seen:] if s["reader_threads"] == "2"],
                          what="a frame appended by the reloaded model")[0]
         assert (first["dtype"], first["frames_in_context"], int(first["reloads"])) == ("bfloat16", "1", reloads + 1)
-        assert node.session is not old and (node.session.config.threads, node.session.config.dtype) == (2, "bfloat16")
+        assert node.session is not old and (node.session.config.reader_threads, node.session.config.dtype) == (2, "bfloat16")
         with pytest.raises(RuntimeError, match="closed"):
             old.ask("Still there?")
         level, message = wait_for(lambda: tester.reloads, what="the reload status")[-1]
@@ -543,24 +292,24 @@ def test_reload_parameters_reopen_the_model(rig, store):
         assert r.success and r.frames_in_context == 2, r.error
     finally:
         tester.set_params_atomically(reader_threads=6, dtype="float32")
-    wait_for(lambda: (node.session.config.threads, node.session.config.dtype) == (6, "float32"),
+    wait_for(lambda: (node.session.config.reader_threads, node.session.config.dtype) == (6, "float32"),
              what="the model reloaded with the original values")
 
 
-def test_bad_store_path_or_device_at_run_time_keeps_the_running_model(rig, store, tmp_path):
+def test_bad_store_path_or_device_at_run_time_keeps_the_running_model(rig, node_store, tmp_path):
     import torch
 
-    node, tester = rig["node"], rig["tester"]
-    old, failures = node.session, node.counters().get("reload_failures", 0)
+    node, tester = rig.node, rig.tester
+    old, failures = node.session, node.counters().reload_failures
     for path, reason in ((tmp_path / "missing", "does not exist"), (tmp_path, "not an nchunk store")):
         (result,) = tester.set_params(store_path=str(path))
         assert not result.successful and reason in result.reason, result.reason
-    broken = shutil.copytree(store, tmp_path / "broken")
+    broken = shutil.copytree(node_store, tmp_path / "broken")
     (broken / "manifest.json").write_text("{")
     (result,) = tester.set_params(store_path=str(broken))
     assert result.successful  # it looks like a store: opening it on the worker finds out, and sets it back
-    wait_for(lambda: tester.get_param("store_path") == str(store), what="store_path set back")
-    assert node.session is old and node.counters()["reload_failures"] == failures + 1
+    wait_for(lambda: tester.get_param("store_path") == str(node_store), what="store_path set back")
+    assert node.session is old and node.counters().reload_failures == failures + 1
     level, message = wait_for(lambda: tester.reloads and tester.reloads[-1][0] == DiagnosticStatus.ERROR
                               and tester.reloads, what="the reload failure on ~/statistics")[-1]
     assert f"cannot open store {broken}" in message and "manifest.json" in message and "\n" not in message
@@ -575,7 +324,7 @@ def test_bad_store_path_or_device_at_run_time_keeps_the_running_model(rig, store
 
 
 def test_max_frames_changes_at_run_time(rig):
-    node, tester = rig["node"], rig["tester"]
+    node, tester = rig.node, rig.tester
     feed(tester, node, frames=3, seed=90)
     assert node.session.frames_in_context >= 3
     try:
@@ -591,9 +340,9 @@ def test_max_frames_changes_at_run_time(rig):
         tester.set_params(max_frames=8)
 
 
-def test_nchunk_ask_command(rig, env):
-    feed(rig["tester"], rig["node"], frames=1, seed=70)
-    cli = [sys.executable, "-m", "nchunk_core.cli", "ask"]
+def test_nchunk_ask_command(rig, ros_env):
+    feed(rig.tester, rig.node, frames=1, seed=70)
+    cli = [sys.executable, "-m", "nchunk_ros.cli", "ask"]
     done = subprocess.run([*cli, "What is there?", "--max-new-tokens", "2"], capture_output=True, text=True,
                           timeout=START_TIMEOUT_S, cwd=ROOT)
     assert done.returncode == 0, done.stderr
@@ -605,16 +354,17 @@ def test_nchunk_ask_command(rig, env):
     assert done.returncode == 1 and "no /nobody service within 0.5 s" in done.stderr
 
 
-def test_invalid_configuration_is_a_startup_error(store, domain_id):
+def test_invalid_configuration_is_a_startup_error(node_store, ros_env):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: device cuda is valid here")
     ctx = Context()
-    rclpy.init(args=[], context=ctx, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+    rclpy.init(args=[], context=ctx, domain_id=int(ros_env["ROS_DOMAIN_ID"]),
+               signal_handler_options=SignalHandlerOptions.NO)
     try:
         with pytest.raises(vqa_node.StartupError, match="invalid configuration: device 'cuda'"):
-            VQANode(context=ctx, parameter_overrides=[Parameter("store_path", value=str(store)),
+            VQANode(context=ctx, parameter_overrides=[Parameter("store_path", value=str(node_store)),
                                                       Parameter("device", value="cuda")])
     finally:
         rclpy.try_shutdown(context=ctx)
@@ -629,7 +379,7 @@ def node_process(*ros_args, domain_offset=1):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
 
 
-def test_bad_store_path_exits_1_with_its_reason(env, tmp_path):
+def test_bad_store_path_exits_1_with_its_reason(ros_env, tmp_path):
     proc = node_process("-p", f"store_path:={tmp_path / 'missing'}")
     out, _ = proc.communicate(timeout=START_TIMEOUT_S)
     assert proc.returncode == 1
@@ -640,8 +390,8 @@ def test_bad_store_path_exits_1_with_its_reason(env, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_params_file_start_and_clean_exit_on_signal(store, env, sig):
-    proc = node_process("--params-file", str(CONFIG), "-p", f"store_path:={store}")
+def test_params_file_start_and_clean_exit_on_signal(node_store, ros_env, sig):
+    proc = node_process("--params-file", str(CONFIG), "-p", f"store_path:={node_store}")
     lines = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -694,10 +444,10 @@ sys.meta_path.insert(0, InterruptOnImport())
 
 
 @pytest.mark.parametrize("moment", list(INTERRUPT_AT))
-def test_sigint_during_start_up_exits_0_quietly(store, env, moment):
+def test_sigint_during_start_up_exits_0_quietly(node_store, ros_env, moment):
     child = INTERRUPT_AT[moment] + f"""
 import runpy, sys
-sys.argv = ["vqa_node", "--ros-args", "-p", "store_path:={store}"]
+sys.argv = ["vqa_node", "--ros-args", "-p", "store_path:={node_store}"]
 runpy.run_module("nchunk_ros.vqa_node", run_name="__main__")
 """
     run_env = dict(os.environ, ROS_DOMAIN_ID=str((int(os.environ["ROS_DOMAIN_ID"]) + 3) % 200 + 20))

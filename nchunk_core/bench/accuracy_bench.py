@@ -1,11 +1,11 @@
 """`nchunk bench accuracy`: what sparsity costs in accuracy, and what it saves in I/O, on a trained VLM.
 
-The built-in model (demo_model.py, trained by train_demo.py) answers the held-out test questions of
+The built-in model (demo/model.py, trained by demo/train.py) answers the held-out test questions of
 scenes.py through the real store, reader and Session, one frame in context (max_frames 1, as it was
 trained). For every test scene the settings take turns on the same frame, interleaved so that drift
 of the shared drive hits them alike: dense (sparsity 0) and each sparsity of SPARSITIES for
 magnitude and chunking, both on the store's hot–cold order. Per setting: exact-match accuracy per
-question kind, and per frame (median) the I/O time, bytes, read requests and retained importance of
+question kind, and per frame (median) the I/O time, bytes, reads and retained importance of
 the frame append (direct I/O, so every read is cold).
 
 Matched accuracy (the paper's protocol): for each chunking point, magnitude's I/O time at the same
@@ -26,8 +26,9 @@ import numpy as np
 
 from nchunk_core.demo import scenes
 from nchunk_core.demo.model import shipped_store
+from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.runtime.session import Session, SessionConfig
-from nchunk_core.demo.train import FRAME_H, FRAME_W, TEST_SCENES
+from nchunk_core.demo.train_settings import FRAME_H, FRAME_W, TEST_SCENES
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 METHODS = ("magnitude", "chunking")
@@ -45,7 +46,7 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
     plan = settings(methods, sparsities)
     rec = {key: {"right": {k: 0 for k in scenes.KINDS}, "total": {k: 0 for k in scenes.KINDS},
                  "io_s": [], "bytes": [], "reads": [], "retained": [], "select_s": []} for key in plan}
-    cfg = SessionConfig(max_frames=1, max_new_tokens=4, threads=threads)
+    cfg = SessionConfig(max_frames=1, max_new_tokens=4, reader_threads=threads)
     t0 = time.perf_counter()
     with Session.open(store, cfg, log=lambda m: None) as session:  # quiet: it logs every rebuild
         sizes = row_bytes(session.store)
@@ -53,7 +54,7 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
             frame = scenes.render_scene(scene)
             for key in plan:
                 method, sparsity = key
-                session.update(sparsity=sparsity, method="chunking" if method == "dense" else method)
+                session.update(SelectionSettings(sparsity, "chunking" if method == "dense" else method))
                 st = session.append_frame(frame)
                 r = rec[key]
                 if n > 0:  # the first append also starts the conversation (prefix): not a frame cost

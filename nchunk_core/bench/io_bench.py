@@ -6,7 +6,7 @@ on the drive under test, bundled (q|k|v and gate|up share rows) and unbundled, a
 
 For every method, storage layout and sparsity, each test frame's importance vectors are turned into a
 selection per matrix, the selected rows are read cold (direct I/O) through the reader, and we record
-measured and estimated I/O time, retained importance, requests and run lengths. Reordering is applied
+measured and estimated I/O time, retained importance, reads and run lengths. Reordering is applied
 the way the runtime sees it: the importance vector is put in hot–cold order (permutation from
 calibration frames) before selection, and the selected stored positions are read; the I/O pattern is
 exactly that of a store written in hot–cold order.
@@ -135,7 +135,7 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
         for v, s in tqdm(jobs, desc="bench io", disable=not progress):
             per_frame = []
             for f in range(frames):
-                acc = dict(io_s=0.0, est_s=0.0, bytes=0, requests=0, rows=0, runs=0, select_s=0.0,
+                acc = dict(io_s=0.0, est_s=0.0, bytes=0, reads=0, rows=0, select_s=0.0,
                            kept=0.0, total=0.0, runlens=[], select_largest_s=0.0)
                 for key in names:
                     m = mats[v.bundled][key]
@@ -148,9 +148,8 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
                     acc["io_s"] += io
                     acc["est_s"] += sel.est_latency_s
                     acc["bytes"] += int(sel.rows) * m.row_bytes
-                    acc["requests"] += len(sel.runs) * len(m.groups)
+                    acc["reads"] += len(sel.runs) * len(m.groups)
                     acc["rows"] += int(sel.rows)
-                    acc["runs"] += len(sel.runs)
                     acc["select_s"] += sel.select_s
                     if key[1] == "mlp_out":
                         acc["select_largest_s"] = max(acc["select_largest_s"], sel.select_s)
@@ -165,7 +164,7 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
                 "io_ms": med("io_s") * 1e3, "est_ms": med("est_s") * 1e3,
                 "io_ms_frames": [a["io_s"] * 1e3 for a in per_frame], "est_ms_frames": [a["est_s"] * 1e3 for a in per_frame],
                 "retained": float(np.median([a["kept"] / a["total"] for a in per_frame])),
-                "requests": med("requests"), "mean_run_rows": float(runlens.mean()) if runlens.size else 0.0,
+                "reads": med("reads"), "mean_run_rows": float(runlens.mean()) if runlens.size else 0.0,
                 "mib": med("bytes") / 2**20, "physical_limit_ms": med("bytes") / table.peak_bytes_per_s * 1e3,
                 "select_ms": med("select_s") * 1e3, "select_largest_ms": med("select_largest_s") * 1e3,
                 "runlen_hist": np.histogram(runlens, bins=RUN_BINS, weights=runlens)[0].tolist()
@@ -240,7 +239,7 @@ def format_table(res: dict) -> str:
         f"importance CV over channels: median {res['importance_cv']['median']:.2f} "
         f"(range {res['importance_cv']['min']:.2f}-{res['importance_cv']['max']:.2f})",
         "",
-        f"{'method':<34}{'sparsity':>8}{'io ms':>9}{'est ms':>9}{'limit ms':>9}{'retained':>9}{'requests':>9}"
+        f"{'method':<34}{'sparsity':>8}{'io ms':>9}{'est ms':>9}{'limit ms':>9}{'retained':>9}{'reads':>9}"
         f"{'mean run':>9}{'MiB':>8}{'sel ms':>8}{'speedup':>8}",
     ]
     for p in res["points"]:
@@ -249,7 +248,7 @@ def format_table(res: dict) -> str:
         sp = res["speedups"].get(p["label"], {}).get(str(p["sparsity"]))
         lines.append(
             f"{p['label']:<34}{p['sparsity']:>8.1f}{p['io_ms']:>9.1f}{p['est_ms']:>9.1f}{p['physical_limit_ms']:>9.1f}"
-            f"{p['retained']:>9.3f}{p['requests']:>9.0f}{p['mean_run_rows']:>9.1f}{p['mib']:>8.1f}{p['select_ms']:>8.1f}"
+            f"{p['retained']:>9.3f}{p['reads']:>9.0f}{p['mean_run_rows']:>9.1f}{p['mib']:>8.1f}{p['select_ms']:>8.1f}"
             f"{(f'{sp:.2f}x' if sp else '-'):>8}")
     fmt = lambda v: f"{v:.2f}x" if v is not None else "n/a"  # noqa: E731
     lines += ["", f"{'mean speedup over magnitude, sparsity 30-70 %':<48}{'paper protocol':>16}{'vs best of magnitude/dense':>28}"]

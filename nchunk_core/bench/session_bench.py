@@ -166,9 +166,10 @@ def _drop_page_cache(paths) -> None:
 
 
 def _run_flash(spec: dict) -> list[dict]:
+    from nchunk_core.runtime.select import SelectionSettings
     from nchunk_core.runtime.session import Session, SessionConfig
 
-    cfg = SessionConfig(sparsity=spec["sparsity"], method=spec["method"], threads=spec["threads"],
+    cfg = SessionConfig(selection=SelectionSettings(spec["sparsity"], spec["method"]), reader_threads=spec["threads"],
                         max_frames=spec["frames"] + 1)
     out = []
     with Session.open(spec["store"], cfg) as session:

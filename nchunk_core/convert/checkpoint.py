@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -22,10 +23,10 @@ import torch
 
 from nchunk_core.runtime.flash_model import load_config, meta_model, tied_keys
 from nchunk_core.runtime.adapters import ADAPTERS, adapter_class
+from nchunk_core.store.naming import SAFETENSORS_DTYPES, STORAGE_DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 # Older key layouts, per architecture: (pattern, replacement), the first that matches is used.
 LEGACY_KEYS = {
@@ -129,9 +130,9 @@ class Checkpoint:
                     raise CheckpointError(f"{file.name}: tensor {source!r} has shape {list(ref.shape)}, but "
                                           f"the {self.arch} config expects {list(self.shapes[key])} "
                                           f"for {key!r}")
-                if ref.dtype not in FLOAT_DTYPES:
+                if ref.dtype not in SAFETENSORS_DTYPES:
                     raise CheckpointError(f"{file.name}: tensor {source!r} is {ref.dtype}; expected one of "
-                                          f"{', '.join(FLOAT_DTYPES)} (quantised checkpoints are not supported)")
+                                          f"{', '.join(SAFETENSORS_DTYPES)} (quantised checkpoints are not supported)")
                 self.refs[key] = ref
         if unexpected:
             raise CheckpointError(f"{self.path}: {len(unexpected)} tensor(s) that the {self.arch} model "
@@ -163,11 +164,11 @@ class Checkpoint:
     def dtype(self) -> str:
         """The dtype of the decoder projections ("float32", "float16" or "bfloat16")."""
         first = self.plan[0]["attn_in"][0]
-        return str(FLOAT_DTYPES[self.refs[first + ".weight"].dtype]).removeprefix("torch.")
+        return SAFETENSORS_DTYPES[self.refs[first + ".weight"].dtype]
 
     @property
     def nbytes(self) -> int:
-        return sum(torch.Size(r.shape).numel() * FLOAT_DTYPES[r.dtype].itemsize for r in self.refs.values())
+        return sum(math.prod(r.shape) * STORAGE_DTYPES[SAFETENSORS_DTYPES[r.dtype]].itemsize for r in self.refs.values())
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor by model key, loaded from its shard."""

@@ -46,12 +46,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from nchunk_core.convert.checkpoint import INDEX, Checkpoint
-from nchunk_core.runtime.adapters import adapter_class, frame_tokens_value
-from nchunk_core.runtime.flash_model import CALIBRATION_PREFIX, DTYPES, group_names, input_name
+from nchunk_core.runtime.adapters import adapter_class
+from nchunk_core.runtime.config import frame_tokens_value
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.convert.reorder import ActivationCounter
 from nchunk_core.store import Store, StoreError, StoreWriter
 from nchunk_core.store.format import MANIFEST, PERMUTATIONS, RESIDENT
+from nchunk_core.store.naming import CALIBRATION_PREFIX, DTYPES, group_names, input_name, torch_dtype
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -179,10 +180,11 @@ def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = 
     Every frame is a full dense forward (every row read): the time of the first one, logged before
     the others run, gives the estimate of the whole calibration; a progress bar follows the rest.
     """
+    from nchunk_core.runtime.select import SelectionSettings
     from nchunk_core.runtime.session import Session, SessionConfig
 
     log = log or (lambda message: None)
-    cfg = SessionConfig(device=device, dtype=dtype, sparsity=0.0, method="dense", threads=threads,
+    cfg = SessionConfig(device=device, dtype=dtype, selection=SelectionSettings(0.0, "dense"), reader_threads=threads,
                         frame_tokens=frame_tokens)
     recorder = ImportanceRecorder()
     # dense selection reads every row and never consults the drive's latency table
@@ -267,7 +269,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
         work.mkdir(parents=True)
         first = work / ("unpermuted" if reorder else "store")
         try:
-            write_store(ck, first, bundle, None if dtype == "auto" else DTYPES[dtype], info, progress)
+            write_store(ck, first, bundle, None if dtype == "auto" else torch_dtype(dtype), info, progress)
             copy_model_files(source, first)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)

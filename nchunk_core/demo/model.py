@@ -24,7 +24,8 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 
 from nchunk_core.demo import scenes
 from nchunk_core.runtime.adapters import SmolVLMAdapter
-from nchunk_core.testing.tiny_models import ROLE_TOKENS, SPECIAL_TOKENS, ImageOnlySmolVLMProcessor
+from nchunk_core.runtime.processors import ImageOnlySmolVLMProcessor
+from nchunk_core.testing.tiny_models import ROLE_TOKENS, SPECIAL_TOKENS
 
 IMAGE_SIDE = 96  # the processor squashes every frame to IMAGE_SIDE × IMAGE_SIDE
 PATCH = 8

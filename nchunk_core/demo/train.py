@@ -3,12 +3,8 @@
     nchunk train-demo                      # the shipped model: seed 0, default schedule
     nchunk train-demo --steps 300 --out /tmp/try --no-convert   # a quick look
 
-Data (scenes.py): an endless stream of training scenes, rendered at the camera's 320×240 and put
-through the model's own processor, so the model sees exactly what the runtime feeds it. Every scene
-gives one question of each kind, another colour, presence and position question, and "what shapes are
-there?" answered with every shape left to right. Validation and test scenes are drawn from their
-own seeds, and the training stream skips their layouts. Scenes hold at most two shapes for the
-first `curriculum_steps`, three for as many again, then up to four.
+Data (batches.py): an endless stream of training scenes (scenes.py) turned into the runtime's token
+ids and pixels; settings in train_settings.py.
 
 Two phases:
 
@@ -18,18 +14,17 @@ Two phases:
 2. Joint: the answer loss, plus three training aids that act on positions and weights the runtime
    never reads: the probe; the early answer (the answer's first word predicted already at the
    question's last shape word, "circle" in "what color is the circle?"); and the attention hints
-   (at that word, attention heads look at the visual tokens that answer: `HINTS`).
+   (at that word, attention heads look at the visual tokens that answer: `HINTS`); training_aids.py.
    Without them the language model sits near the answer priors for thousands of steps: finding
    "the circle" among the visual tokens and then carrying its colour to the answer are two steps
    that each learn only once the other works. The aids give each step its own signal.
 
-Batches: the vision tower runs once per image; its visual tokens are copied into every question
-sequence of that image, which holds the same ids as the runtime's conversation (prefix, frame
-chunk, question chunk; demo_model.prompt) followed by the answer and <end_of_utterance>. The answer
+Forward (`forward_hidden`): the vision tower runs once per image; its visual tokens go into the
+shared context, and every question of that image runs on a copy of the context's KV cache. The answer
 loss is the cross-entropy of the answer tokens and the end token. Greedy decoding gives the right
 answer exactly when every one of those tokens is the argmax, which is how accuracy is counted.
 
-Schedule: AdamW, linear warm-up then cosine decay; a background thread renders the next batches.
+Schedule: AdamW, linear warm-up then cosine decay.
 Output: the Hugging Face checkpoint (model, tokenizer, processor, generation config) in `--out`,
 `training.json` with the settings, the time and the accuracy per kind on the validation and test
 sets, training_curve.png, and unless --no-convert the store (calibrated on training scenes) in
@@ -40,132 +35,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import queue
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import DynamicCache
 
 from nchunk_core.demo import scenes
+from nchunk_core.demo.batches import Batches, Encoder, collate, held_out_sets
 from nchunk_core.demo.model import build_untrained, shipped_store
-from nchunk_core.runtime.adapters import SmolVLMAdapter
-
-FRAME_W, FRAME_H = 320, 240  # the synthetic camera's default frame
-VAL_SCENES, TEST_SCENES = 300, 500
-# Class ids of the probe targets and the attention hints (0: none)
-COLOUR_CLASS = {c: k + 1 for k, c in enumerate(scenes.COLORS)}
-SHAPE_CLASS = {sh: k + 1 for k, sh in enumerate(scenes.SHAPES)}
-# Attention hints (attention_hint_loss): at a question's last shape word, hint k's head looks at
-# the visual tokens whose area shows the class in column k of collate's `subject`, a colour or a
-# shape class (`field` 0 or 1 of the probe's area slot).
-HINTS = (  # (layer, head, field)
-    (0, 0, 1),  # the shape named (not in count questions)
-    (1, 0, 0),  # position: the neighbour that the answer names
-    (1, 1, 0),  # presence: the shape in the colour named, if the scene has that colour
-)
-
-
-@dataclasses.dataclass
-class Settings:
-    seed: int = 0
-    steps: int = 6000
-    images_per_step: int = 16
-    lr: float = 2e-3
-    warmup: int = 150
-    weight_decay: float = 0.01
-    curriculum_steps: int = 1000  # scenes hold ≤ 2 shapes before this step, ≤ 3 until twice it
-    eval_every: int = 500
-    probe_weight: float = 0.5  # weight of the SceneProbe loss beside the answer loss
-    early_weight: float = 0.5  # weight of the early-answer loss (collate) beside the answer loss
-    hint_weight: float = 0.5  # weight of the attention hints (attention_hint_loss)
-    vision_steps: int = 500  # phase 1: vision tower and connector trained on the SceneProbe alone
-    vision_scenes: int = 2400  # phase 1 draws its batches from this many rendered training scenes
-
-    @classmethod
-    def scaled(cls, seed: int = 0, steps: int | None = None) -> "Settings":
-        """Defaults, with warm-up, curriculum and evaluation shortened for a run of fewer steps."""
-        d = cls()
-        steps = d.steps if steps is None else steps
-        return cls(seed=seed, steps=steps, warmup=min(d.warmup, steps // 10),
-                   curriculum_steps=min(d.curriculum_steps, steps // 6), eval_every=min(d.eval_every, steps),
-                   vision_steps=min(d.vision_steps, steps // 3), vision_scenes=min(d.vision_scenes, 4 * steps))
-
-
-class Encoder:
-    """Turns (scene, question, answer) into the runtime's token ids and pixels."""
-
-    def __init__(self, model, processor):
-        self.adapter = SmolVLMAdapter(model, processor)
-        self.tok = processor.tokenizer
-        frame = self.adapter.encode_frame(np.zeros((FRAME_H, FRAME_W, 3), np.uint8))
-        prefix = self.adapter.encode_text(SmolVLMAdapter.prompt_prefix).input_ids[0]
-        self.context = torch.cat([prefix, frame.input_ids[0]])  # [C] prefix + frame chunk
-        where = (self.context == self.adapter.image_token_id).nonzero()[:, 0]
-        self.image_slice = slice(int(where[0]), int(where[-1]) + 1)
-        self.eos = self.tok.convert_tokens_to_ids("<end_of_utterance>")
-        # shape word ids → SHAPE_CLASS; a question's last one is where the aids act (collate)
-        self.shape_of = {self.tok.convert_tokens_to_ids(w): SHAPE_CLASS[sh] for sh in scenes.SHAPES
-                         for w in (sh, scenes.PLURALS[sh])}
-        self._cache: dict[str, list[int]] = {}
-
-    def ids(self, text: str) -> list[int]:
-        if text not in self._cache:
-            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
-        return self._cache[text]
-
-    def pixels(self, scene: scenes.Scene) -> torch.Tensor:
-        """[3, S, S] float32: the scene rendered and preprocessed like a camera frame."""
-        chunk = self.adapter.encode_frame(scenes.render_scene(scene))
-        return chunk.vision["pixel_values"][0, 0]
-
-    def sequence(self, q: scenes.Question) -> tuple[list[int], int, int | None]:
-        """Token ids after the context (question chunk, answer, end), how many are targets, and the
-        index of the question's last shape word (None for the description, which names none)."""
-        question = self.ids(self.adapter.question_prompt(q.text))
-        answer = self.ids(q.answer) + [self.eos]
-        objects = [i for i, t in enumerate(question) if t in self.shape_of]
-        return question + answer, len(answer), objects[-1] if objects and q.kind in scenes.KINDS else None
-
-
-def collate(encoder: Encoder, items: list[tuple[torch.Tensor, list[scenes.Question]]]):
-    """→ pixels [B, 3, S, S], owner image [N], question-part ids [N, T], labels [N, T], early [N, T],
-    subject [N, 3].
-
-    Row r is the part of question r after the shared context (prefix + frame chunk): question chunk,
-    answer, end token, right-padded. labels[r, t] is the token that position t must predict (-100:
-    no loss). early[r, t] is the answer's first token at the question's last shape word ("circle" in
-    "what color is the circle?"), -100 elsewhere: the early-answer training aid (see train).
-    subject[r] is what the attention hints look for (HINTS), 0 for none: [r, 0] the SHAPE_CLASS of
-    that word (not for count questions, where all of the attention on the shape would hide how many
-    there are), [r, 1] the COLOUR_CLASS of the shape that a position question's answer names,
-    [r, 2] the COLOUR_CLASS that a presence question names.
-    """
-    pixels = torch.stack([p for p, _ in items])
-    owners = [i for i, (_, qs) in enumerate(items) for _ in qs]
-    questions = [q for _, qs in items for q in qs]
-    seqs = [encoder.sequence(q) for q in questions]
-    width = max(len(row) for row, *_ in seqs)
-    ids = torch.full((len(seqs), width), encoder.tok.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    early = torch.full_like(labels, -100)
-    subject = torch.zeros(len(seqs), len(HINTS), dtype=torch.long)
-    for r, ((row, n_target, obj), q) in enumerate(zip(seqs, questions)):
-        ids[r, : len(row)] = torch.tensor(row)
-        labels[r, len(row) - n_target - 1 : len(row) - 1] = torch.tensor(row[-n_target:])
-        if obj is not None:
-            early[r, obj] = row[-n_target]
-            if q.kind != "count":  # a count is read from how much of the attention the shape takes
-                subject[r, 0] = encoder.shape_of[row[obj]]
-        if q.kind == "position" and q.answer != "nothing":
-            subject[r, 1] = COLOUR_CLASS[q.answer.split()[0]]
-        if q.kind == "presence":  # "is there a red square?"
-            subject[r, 2] = COLOUR_CLASS[q.text.split()[-2]]
-    return pixels, torch.tensor(owners), ids, labels, early, subject
+from nchunk_core.demo.train_settings import FRAME_H, FRAME_W, TEST_SCENES, VAL_SCENES, Settings
+from nchunk_core.demo.training_aids import HINTS, SceneProbe, attention_hint_loss, probe_targets
 
 
 def forward_hidden(model, encoder: Encoder, pixels, owners, ids, attention: bool = False):
@@ -201,139 +83,6 @@ def labelled_logits(model, hidden, labels):
     return model.lm_head(hidden[mask]), labels[mask]
 
 
-class SceneProbe(nn.Module):
-    """Training aid, not part of the model: every visual token names the shapes around it.
-
-    Visual tokens are a 4 × 4 grid in row-major order (pixel shuffle of the 12 × 12 patch grid), each
-    over a quarter of the frame's width and height, so token t lies in scene column t % 4. Linear
-    heads on each token name the colour and shape in four slots (class 0: none): the shape drawn in
-    the token's own area, the shape of its column, and the nearest shape to the left and to the
-    right of that column: what colour, presence, count and position questions ask about. It gives
-    the vision tower a direct signal, which it otherwise gets only through the language model.
-    """
-
-    GRID = 4
-    SLOTS = 4  # token area, column, left neighbour, right neighbour
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.colour = nn.Linear(hidden, self.SLOTS * (len(scenes.COLORS) + 1))
-        self.shape = nn.Linear(hidden, self.SLOTS * (len(scenes.SHAPES) + 1))
-
-    def logits(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """visual [B, 16, hidden] → colour logits [B, 16, 4, 7] and shape logits [B, 16, 4, 4]."""
-        b, t, _ = visual.shape
-        return (self.colour(visual).reshape(b, t, self.SLOTS, -1),
-                self.shape(visual).reshape(b, t, self.SLOTS, -1))
-
-    def loss(self, visual: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """visual [B, 16, hidden], targets [B, 16, 4, 2] (probe_targets) → scalar."""
-        colour, shape = self.logits(visual)
-        return (F.cross_entropy(colour.flatten(0, 2), targets[..., 0].flatten())
-                + F.cross_entropy(shape.flatten(0, 2), targets[..., 1].flatten())) / 2
-
-    @torch.no_grad()
-    def accuracy(self, visual: torch.Tensor, targets: torch.Tensor) -> list[float]:
-        """Fraction of (token, slot) pairs with colour and shape both right, per slot [4]."""
-        colour, shape = self.logits(visual)
-        right = (colour.argmax(-1) == targets[..., 0]) & (shape.argmax(-1) == targets[..., 1])
-        return right.float().mean((0, 1)).tolist()
-
-
-def probe_targets(scene: scenes.Scene, min_share: float = 0.15) -> torch.Tensor:
-    """[16 tokens, 4 slots, 2] long: (colour class, shape class) for each SceneProbe slot, 0 for none.
-
-    A token's own area shows a shape when at least `min_share` of the shape's pixels lie in it (the
-    shape with the most pixels there wins)."""
-    grid = SceneProbe.GRID
-    classes = [torch.tensor([COLOUR_CLASS[sh.color], SHAPE_CLASS[sh.shape]]) for sh in scene.shapes]
-    where = [min(grid - 1, int(sh.center[0] * grid // scene.width)) for sh in scene.shapes]
-    out = torch.zeros(grid * grid, SceneProbe.SLOTS, 2, dtype=torch.long)
-    most = np.zeros(grid * grid)
-    h, w = scene.height // grid * grid, scene.width // grid * grid
-    for k, mask in enumerate(scenes.shape_masks(scene)):
-        area = mask[:h, :w].reshape(grid, h // grid, grid, w // grid).sum((1, 3)).reshape(-1)  # [16]
-        for t in np.nonzero((area >= min_share * max(1, mask.sum())) & (area > most))[0]:
-            most[t] = area[t]
-            out[t, 0] = classes[k]
-    for t in range(grid * grid):
-        column = t % grid
-        left = [k for k, c in enumerate(where) if c < column]
-        right = [k for k, c in enumerate(where) if c > column]
-        if column in where:
-            out[t, 1] = classes[where.index(column)]
-        if left:
-            out[t, 2] = classes[left[-1]]
-        if right:
-            out[t, 3] = classes[right[0]]
-    return out
-
-
-def scene_questions(scene: scenes.Scene, rng: np.random.Generator) -> list[scenes.Question]:
-    """Training questions of a scene: one of each kind it allows, another colour, presence and
-    position question (the kinds that need the model to bind a colour to one shape, which it
-    learns last), and the description (every shape named in order)."""
-    more = [scenes.colour_question(scene, rng), scenes.presence_question(scene, rng),
-            scenes.position_question(scene, rng), scenes.describe_question(scene)]
-    return scenes.questions_for(scene, rng) + [q for q in more if q is not None]
-
-
-class Batches:
-    """Training batches rendered by a background thread (the step's arithmetic runs meanwhile)."""
-
-    def __init__(self, encoder: Encoder, s: Settings, held_out: set):
-        self.encoder, self.s, self.held_out = encoder, s, held_out
-        self.queue: queue.Queue = queue.Queue(maxsize=3)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="batches")
-        self._thread.start()
-
-    def _max_shapes(self, step: int) -> int:
-        c = self.s.curriculum_steps
-        return 2 if step < c else 3 if step < 2 * c else scenes.COLUMNS
-
-    def _run(self) -> None:
-        rng = np.random.default_rng([self.s.seed, 7])
-        index = 0
-        for step in range(self.s.steps):
-            try:
-                items, columns = [], []
-                while len(items) < self.s.images_per_step:
-                    scene = scenes.split_scene("train", index, self.s.seed, FRAME_W, FRAME_H,
-                                               self._max_shapes(step))
-                    index += 1
-                    if scene.key in self.held_out:
-                        continue
-                    items.append((self.encoder.pixels(scene), scene_questions(scene, rng)))
-                    columns.append(probe_targets(scene))
-                batch = collate(self.encoder, items), torch.stack(columns)
-            except BaseException as e:  # handed to the training loop, which raises it
-                batch = e
-            while not self._stop.is_set():
-                try:
-                    self.queue.put(batch, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-            if self._stop.is_set():
-                return
-
-    def __iter__(self):
-        for _ in range(self.s.steps):
-            batch = self.queue.get()
-            if isinstance(batch, BaseException):
-                raise RuntimeError("rendering a training batch failed") from batch
-            yield batch
-
-    def close(self) -> None:
-        self._stop.set()
-
-
-def encode_set(encoder: Encoder, question_set: list[tuple[scenes.Scene, list[scenes.Question]]]):
-    """A question set (scenes.question_set) as [(pixels [3, S, S], questions of that scene)]."""
-    return [(encoder.pixels(scene), questions) for scene, questions in question_set]
-
-
 @torch.no_grad()
 def evaluate(model, encoder: Encoder, items, scenes_per_batch: int = 64) -> dict[str, float]:
     """Exact-match accuracy per question kind, overall ("all"), and the number of questions."""
@@ -357,43 +106,11 @@ def evaluate(model, encoder: Encoder, items, scenes_per_batch: int = 64) -> dict
     return acc
 
 
-def attention_hint_loss(seen, early, subject, targets) -> torch.Tensor:
-    """Training aid: at a question's shape word, the heads of `HINTS` look at the visual tokens that
-    show what the question is about.
-
-    seen [N, len(HINTS), T, 16]: those heads' attention of each question row on the visual tokens;
-    early [N, T] marks the shape word (collate); subject [N, len(HINTS)] the class each hint looks
-    for (0: none); targets [N, 16, 4, 2] the probe targets of each row's image. The loss is -log of
-    the attention mass on the right tokens (from their area slot), summed over the hints; rows with
-    nothing to look for, or whose scene shows none of it, are left out.
-    """
-    rows, where = (early != -100).nonzero(as_tuple=True)
-    area = targets[rows, :, 0]  # [R, 16, 2]: colour and shape class shown in each token's area
-    total = seen.sum() * 0.0
-    for k, (_, _, field) in enumerate(HINTS):
-        want = subject[rows, k, None]
-        hits = (area[..., field] == want) & (want > 0)  # [R, 16]
-        keep = hits.any(1)
-        if keep.any():
-            mass = (seen[rows, k, where] * hits).sum(1)[keep]
-            total = total - torch.log(mass + 1e-6).mean()
-    return total
-
-
 def lr_at(step: int, s: Settings) -> float:
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     t = (step - s.warmup) / max(1, s.steps - s.warmup)
     return s.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def held_out_sets(encoder: Encoder, seed: int, val_scenes: int, test_scenes: int):
-    """Encoded validation and test sets, and every held-out layout (training skips them)."""
-    test = scenes.split_scenes("test", test_scenes, seed, FRAME_W, FRAME_H)
-    val = scenes.split_scenes("val", val_scenes, seed, FRAME_W, FRAME_H, {s.key for s in test})
-    keys = {s.key for s in test} | {s.key for s in val}
-    return (encode_set(encoder, scenes.question_set(val, seed, "val")),
-            encode_set(encoder, scenes.question_set(test, seed, "test")), keys)
 
 
 def pretrain_vision(model, probe: SceneProbe, encoder: Encoder, s: Settings, held_out: set, log) -> list[float]:

@@ -317,7 +317,7 @@ def validate(
                 walls = [reader.read(handle, extents, buf).wall_s for _ in range(repeats)]
                 results.append({
                     "row_bytes": row_bytes,
-                    "runs": int(len(runs)),
+                    "reads": int(len(runs)),
                     "bytes": int(runs[:, 1].sum()),
                     "mean_run_rows": float(runs[:, 1].mean() / row_bytes),
                     "measured_s": float(np.median(walls)),

@@ -59,7 +59,7 @@ class ReadStats:
 
     bytes: int
     bytes_read: int
-    requests: int  # extents
+    reads: int  # extents, each one contiguous read
     tasks: int  # pieces of at most max_task_bytes handed to the threads
     wall_s: float
 

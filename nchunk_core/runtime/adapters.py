@@ -13,7 +13,7 @@ max + 1, which is *less* than the cache length; so the adapter tracks it, never 
 model's own `rope_deltas` bookkeeping assumes a single vision prefill and is bypassed by always
 passing `position_ids`).
 
-What a frame costs is the adapter's frame mode (`frame_tokens`, see FRAME_TOKENS_HELP): the model's
+What a frame costs is the adapter's frame mode (`frame_tokens`, see config.FRAME_TOKENS_HELP): the model's
 video mode where it has one, a single view or tiles, or a pixel budget; "auto" is the cheapest mode
 the model was trained with. Several frames take the layout the real processor gives several images
 (or the frames of one video). The prompt pieces come from the checkpoint's chat template (prompts.py).
@@ -35,6 +35,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from nchunk_core.runtime.config import frame_tokens_value
 from nchunk_core.runtime.prompts import PromptPieces, prompt_pieces, template_of
 
 PROJECTIONS = {
@@ -43,24 +44,6 @@ PROJECTIONS = {
     "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp_out": ("mlp.down_proj",),
 }
-FRAME_MODES = ("video", "image", "tiles")
-FRAME_TOKENS_HELP = ("auto (the cheapest mode the model was trained with), video, image, tiles, or a number "
-                     "of visual tokens per frame (models with a pixel budget: qwen2_5_vl)")
-
-
-def frame_tokens_value(value) -> str | int:
-    """A frame_tokens setting checked for form: "auto", a mode name, or a positive number of tokens
-    (a string of digits, as a ROS parameter may give, is a number). Whether the model has that mode
-    is checked by its adapter."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    if isinstance(value, str) and (value == "auto" or value in FRAME_MODES):
-        return value
-    raise ValueError(f"frame_tokens must be {FRAME_TOKENS_HELP}; got {value!r}")
-
-
 @dataclasses.dataclass
 class Chunk:
     """One piece of context to append: token ids plus the vision inputs of its image (if any)."""

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
-from transformers import DynamicCache
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 DECODING = ("checkpoint", "greedy")
 # generation settings that would change a deterministic answer but are not applied (name: default)
@@ -84,7 +86,7 @@ def penalise_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
 def greedy_decode(
     adapter,
     logits: torch.Tensor,
-    cache: DynamicCache,
+    cache: "DynamicCache",
     next_position: int,
     max_new_tokens: int,
     stop_ids: tuple[int, ...] = (),

@@ -7,14 +7,8 @@ resident tensors of the store (vision tower, projector, embeddings, norms, LM he
 non-persistent buffers (rotary frequencies, position ids), which are computed from the config by the
 model's own initialiser. The key sets of the store and of the model must match exactly.
 
-Naming shared with the converter (convert.py):
-
-- input name  ``layers.{i}.{kind}``, kind in attn_in, attn_out, mlp_in, mlp_out (one activation,
-  one selection, one permutation),
-- group name  ``layers.{i}.qkv | o | gate_up | down`` when bundled, ``layers.{i}.q_proj`` ... when not,
-- output name the projection's module path in the model (``model.language_model.layers.0.self_attn
-  .q_proj``); its bias, if any, is the resident tensor ``<output name>.bias``,
-- calibration statistics are resident tensors under ``calibration/`` (not model weights).
+Input, group and output names and the calibration prefix are shared with the converter
+(store/naming.py).
 
 The HF attention and MLP code calls q_proj(x), k_proj(x), v_proj(x) one after the other on the same
 tensor x. The views of one input share a `SharedProjections`: the first call runs the flash layer
@@ -32,11 +26,11 @@ from torch import nn
 
 from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.io.latency import LatencyTable
-from nchunk_core.runtime.layers import FlashProjections, SparsityConfig, Workspace
+from nchunk_core.runtime.layers import FlashProjections, Workspace
+from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store, StoreFormatError
+from nchunk_core.store.naming import CALIBRATION_PREFIX, input_name
 
-CALIBRATION_PREFIX = "calibration/"
-BUNDLED_GROUP_NAMES = {"attn_in": "qkv", "attn_out": "o", "mlp_in": "gate_up", "mlp_out": "down"}
 # Modules that turn pixels into visual tokens, timed as "vision" (module paths in the model).
 VISION_MODULES = {
     "llava_onevision": ("model.vision_tower", "model.multi_modal_projector"),
@@ -44,21 +38,9 @@ VISION_MODULES = {
     "smolvlm": ("model.vision_model", "model.connector"),
     "idefics3": ("model.vision_model", "model.connector"),
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # observer(phase, input_name, x [..., in]) sees every flash layer input (original channel order)
 Observer = Callable[[str, str, torch.Tensor], None]
-
-
-def input_name(layer: int, kind: str) -> str:
-    return f"layers.{layer}.{kind}"
-
-
-def group_names(layer: int, kind: str, paths: list[str], bundled: bool) -> list[str]:
-    """Store group names for the projections `paths` of one input (one name if bundled)."""
-    if bundled:
-        return [f"layers.{layer}.{BUNDLED_GROUP_NAMES[kind]}"]
-    return [f"layers.{layer}.{p.rsplit('.', 1)[-1]}" for p in paths]
 
 
 def load_config(path):
@@ -134,15 +116,16 @@ class ProjectionView(nn.Module):
 
 
 class FlashVLM:
-    """The built model plus its flash layers, per-call statistics and vision timing."""
+    """The built model plus its flash layers, the selection settings in force, per-call statistics and
+    vision timing."""
 
     def __init__(self, model: nn.Module, arch: str, layers: dict[str, FlashProjections],
-                 stats: list, sparsity: SparsityConfig):
+                 stats: list, selection: SelectionSettings):
         self.model = model
         self.arch = arch
         self.layers = layers  # input name -> FlashProjections
         self.stats = stats  # CallStats of every flash call since the last clear
-        self.sparsity = sparsity
+        self.selection = selection  # read by every flash layer at each call
         self.observer: Observer | None = None
         self.phase = ""  # what the session is appending (passed to the observer)
         self.vision_s = 0.0
@@ -182,7 +165,7 @@ def _swap_projections(flash_model: FlashVLM, store: Store, table: LatencyTable, 
             if not store.groups_for_input(name):
                 raise StoreFormatError(f"{store.path}: no matrix group for input {name!r} "
                                        f"(projections {', '.join(p.rsplit('.', 1)[-1] for p in paths)})")
-            flash = FlashProjections(store, name, table, flash_model.sparsity, workspace, dtype=dtype,
+            flash = FlashProjections(store, name, table, lambda: flash_model.selection, workspace, dtype=dtype,
                                      biases=biases, stats_sink=flash_model.stats).to(device)
             flash.biases = {n: b.to(device) for n, b in flash.biases.items()}
             if flash.outputs != paths:
@@ -238,7 +221,7 @@ def _load_resident(model: nn.Module, store: Store, names: set[str], tied: dict[s
         raise StoreFormatError(f"{store.path}: tensors without values after loading: {left[:5]}")
 
 
-def build_flash_model(store: Store, table: LatencyTable, sparsity: SparsityConfig,
+def build_flash_model(store: Store, table: LatencyTable, selection: SelectionSettings,
                       workspace: Workspace, device="cpu", dtype: torch.dtype = torch.float32,
                       stats: list | None = None) -> FlashVLM:
     """The store's VLM with streamed decoder projections (see the module docstring)."""
@@ -250,7 +233,7 @@ def build_flash_model(store: Store, table: LatencyTable, sparsity: SparsityConfi
                                f"says {config.model_type!r}")
     model = meta_model(config)
     tied = tied_keys(model)
-    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, sparsity)
+    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, selection)
     names = {n for n in store.resident_names() if not n.startswith(CALIBRATION_PREFIX)}
     paths = [p for layer in adapter_class(config.model_type).projection_groups(model)
              for group in layer.values() for p in group]

@@ -10,14 +10,16 @@ For every call it
    reusable buffer (the `Workspace`), and
 4. computes y = x[..., S] @ Wᵀ[S] (+ bias) for each projection.
 
-No backbone weight is held in RAM between calls. `SparsityConfig` is shared by all layers of a model
-and read at every call, so changing it takes effect on the next call.
+No backbone weight is held in RAM between calls. Every call asks its `selection` source for the
+current `SelectionSettings` (the flash model's, flash_model.py), so a change takes effect on the next
+call.
 """
 from __future__ import annotations
 
 import dataclasses
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,35 +27,9 @@ from torch import nn
 
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
-from nchunk_core.runtime.select import METHODS, ChunkParams, Selection, select
+from nchunk_core.runtime.select import Selection, SelectionSettings, select
 from nchunk_core.store import GroupInfo, Store
-
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclasses.dataclass
-class SparsityConfig:
-    """Run-time sparsity settings shared by every flash layer of a model."""
-
-    sparsity: float = 0.0  # fraction of input rows NOT read, in [0, 1)
-    method: str = "chunking"
-    params: ChunkParams | None = None  # None: defaults per matrix shape (select.default_params)
-
-    def __setattr__(self, name, value):
-        """Validated on every change: a refused value leaves the previous one in place."""
-        if name == "sparsity" and not 0.0 <= float(value) < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {value}")
-        if name == "method" and value not in METHODS:
-            raise ValueError(f"unknown selection method {value!r}; choose one of {', '.join(METHODS)}")
-        if name == "params" and value is not None and not isinstance(value, ChunkParams):
-            raise ValueError("params must be a ChunkParams or None")
-        super().__setattr__(name, value)
-
-    def budget(self, rows: int) -> int:
-        """Rows to read for a matrix with `rows` input channels."""
-        if self.method == "dense":
-            return rows
-        return max(1, rows - int(round(self.sparsity * rows)))
+from nchunk_core.store.naming import torch_dtype
 
 
 @dataclasses.dataclass
@@ -64,7 +40,7 @@ class CallStats:
     tokens: int
     rows: int
     rows_total: int
-    runs: int
+    reads: int  # contiguous runs of rows read (one request per run and group of the input)
     bytes: int
     est_io_s: float
     io_s: float
@@ -142,8 +118,8 @@ def read_runs(reader: Reader, handles, groups: list[GroupInfo], runs: np.ndarray
 class FlashProjections(nn.Module):
     """All projections that read one input, streamed from the store (see the module docstring)."""
 
-    def __init__(self, store: Store, input_name: str, table: LatencyTable, config: SparsityConfig,
-                 workspace: Workspace, dtype: torch.dtype = torch.float32, biases: dict | None = None,
+    def __init__(self, store: Store, input_name: str, table: LatencyTable,
+                 selection: Callable[[], SelectionSettings], workspace: Workspace, dtype: torch.dtype = torch.float32, biases: dict | None = None,
                  stats_sink: list | None = None):
         super().__init__()
         self.input_name = input_name
@@ -153,7 +129,7 @@ class FlashProjections(nn.Module):
         self.rows = self.groups[0].rows
         if any(g.rows != self.rows for g in self.groups):
             raise ValueError(f"groups of input {input_name!r} disagree on input rows")
-        self.config = config
+        self.selection = selection  # the settings in force, asked at every call
         self.workspace = workspace
         self.compute_dtype = dtype
         self.stats_sink = stats_sink
@@ -173,8 +149,9 @@ class FlashProjections(nn.Module):
     def select(self, xs: torch.Tensor) -> Selection:
         """xs: [N, rows] input already in stored-row order."""
         importance = xs.abs().float().mean(dim=0).cpu().numpy()  # [rows]
-        budget = self.config.budget(self.rows)
-        return select(importance, budget, self.config.method, self.table, self.row_bytes, self.config.params)
+        settings = self.selection()
+        return select(importance, settings.budget(self.rows), settings.method, self.table, self.row_bytes,
+                      settings.windows)
 
     def read(self, sel: Selection) -> tuple[list[torch.Tensor], float, int]:
         """Rows of every group for the selection: list of [R, out_g] tensors, I/O seconds, bytes."""
@@ -185,7 +162,7 @@ class FlashProjections(nn.Module):
         views, base = [], 0
         for g in self.groups:
             raw = buf[base:base + rows * g.row_bytes]
-            views.append(raw.view(TORCH_DTYPES[g.dtype]).view(rows, g.row_bytes // g.itemsize))  # [R, out_g]
+            views.append(raw.view(torch_dtype(g.dtype)).view(rows, g.row_bytes // g.itemsize))  # [R, out_g]
             base += rows * g.row_bytes
         return views, io_s, total
 

@@ -15,6 +15,8 @@ import zlib
 
 import numpy as np
 
+from nchunk_core.store.naming import STORAGE_DTYPES
+
 FORMAT = "nchunk-store"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -24,13 +26,6 @@ WEIGHTS_PATTERN = "weights-{:05d}.bin"
 CHECKSUM_ALGO = "crc32"
 CHECKSUM_BLOCK_BYTES = 1 << 20
 MIN_ALIGNMENT = 4096  # page size: keeps a store valid when copied to a drive with 4 KiB blocks
-
-# dtype name -> numpy dtype the rows are held in (numpy has no bfloat16: its bits are kept as uint16)
-STORAGE_DTYPES = {
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(np.uint16),
-    "float32": np.dtype(np.float32),
-}
 
 
 class StoreError(Exception):

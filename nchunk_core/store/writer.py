@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from nchunk_core.store.format import (CHECKSUM_BLOCK_BYTES, FORMAT, MANIFEST, MIN_ALIGNMENT, PERMUTATIONS, RESIDENT,
-                     STORAGE_DTYPES, VERSION, WEIGHTS_PATTERN, BlockCrc, StoreError)
+                     VERSION, WEIGHTS_PATTERN, BlockCrc, StoreError)
+from nchunk_core.store.naming import STORAGE_DTYPES
 
 DEFAULT_FILE_SIZE_CAP = 4 << 30
 _STORE_FILE = re.compile(r"(manifest\.json(\.tmp)?|weights-\d{5}\.bin|resident\.safetensors"

@@ -290,7 +290,7 @@ def load_reference(path, dtype: torch.dtype = torch.float32):
     """The checkpoint as transformers loads it: (model in eval mode, processor)."""
     from transformers import AutoModelForImageTextToText
 
-    from nchunk_core.runtime.session import load_processor
+    from nchunk_core.runtime.processors import load_processor
 
     model = AutoModelForImageTextToText.from_pretrained(str(path), local_files_only=True, dtype=dtype).eval()
     return model, load_processor(path, model.config.model_type)

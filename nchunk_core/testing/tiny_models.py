@@ -5,17 +5,13 @@ backbone of 2 layers × 64 hidden, a vision tower of 2 layers × 32 hidden, unde
 a tokenizer made here with the `tokenizers` library, an image processor, and a processor; it saves
 them with `save_pretrained` so that they reload offline with
 `AutoConfig / AutoModelForImageTextToText / AutoProcessor.from_pretrained(out_dir)` once this module
-has been imported (importing it registers the processors below with `AutoProcessor`).
+has been imported (it imports nchunk_core.runtime.processors, which registers the processors).
 
 Tokenizer: byte-level BPE without merges (every byte is a token, so any text encodes and decodes
 exactly) plus the special tokens that the architecture's processor and prompts use.
 
-Processors: the real processor classes of all three architectures require a video processor, and
-every video processor in transformers requires torchvision, which is not installed everywhere (not
-here, not on every Jetson image). Frames are still images, so each architecture gets an image-only
-subclass of its real processor (same image-token expansion, no video processor); the image
-processors themselves fall back to their PIL implementations without torchvision. The SmolVLM
-subclass also skips the real class's `num2words` requirement, which only video prompts use.
+Processors: the image-only subclasses of nchunk_core.runtime.processors (they work without
+torchvision), registered with `AutoProcessor` when that module is imported.
 """
 from __future__ import annotations
 
@@ -29,21 +25,23 @@ from transformers import (
     AutoProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
-    SmolVLMProcessor,
 )
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-from transformers.processing_utils import ProcessorMixin
+
+from nchunk_core.runtime.processors import (
+    ImageOnlyLlavaOnevisionProcessor,
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlySmolVLMProcessor,
+)
 
 ARCHS = ("llava_onevision", "qwen2_5_vl", "smolvlm")
 
@@ -75,67 +73,6 @@ ROLE_TOKENS = {
     "llava_onevision": (None, "<|im_end|>", "<|endoftext|>"),
     "smolvlm": ("<|im_start|>", "<end_of_utterance>", "<|im_end|>"),
 }
-
-
-# ---------------------------------------------------------------- image-only processors
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor without a video processor (works without torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        # The parent passes (image_processor, tokenizer, None) on; ProcessorMixin keeps only the
-        # attributes named in this signature, so the missing video processor is never checked.
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
-    """LLaVA-OneVision processor without a video processor (works without torchvision)."""
-
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        num_image_tokens=None,
-        vision_feature_select_strategy=None,
-        chat_template=None,
-        image_token="<image>",
-        video_token="<video>",
-        vision_aspect_ratio="anyres_max_9",
-        **kwargs,
-    ):
-        super().__init__(
-            image_processor,
-            tokenizer,
-            None,
-            num_image_tokens=num_image_tokens,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            chat_template=chat_template,
-            image_token=image_token,
-            video_token=video_token,
-            vision_aspect_ratio=vision_aspect_ratio,
-            **kwargs,
-        )
-
-
-class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
-    """SmolVLM processor without a video processor and without `num2words` (video prompts only)."""
-
-    def __init__(self, image_processor, tokenizer, image_seq_len: int = 169, chat_template=None, **kwargs):
-        self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
-        self.image_token = getattr(tokenizer, "image_token", "<image>")
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
-        self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
-        self.image_seq_len = image_seq_len
-        self.video_token = getattr(tokenizer, "video_token", "<video>")
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-
-# Registration lets AutoProcessor find these classes by the name saved in processor_config.json.
-AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor, exist_ok=True)
-AutoProcessor.register(LlavaOnevisionConfig, ImageOnlyLlavaOnevisionProcessor, exist_ok=True)
-AutoProcessor.register(SmolVLMConfig, ImageOnlySmolVLMProcessor, exist_ok=True)
 
 
 # ---------------------------------------------------------------- tokenizer

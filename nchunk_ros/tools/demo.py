@@ -7,7 +7,8 @@ Needs no ROS install (the PyPI wheels of scripts/setup.sh do), no model download
 2. in one process, on DDS restricted to this host unless ROS_AUTOMATIC_DISCOVERY_RANGE says
    otherwise: the VQA node (vqa_node.py) on that store, the synthetic camera (synthetic_camera.py)
    showing held-out test scenes of the same generator, and an observer node that records the
-   node's statistics and the camera's ground truth;
+   camera's ground truth and sets parameters; the node hands each frame's statistics (FrameStats)
+   to the demo directly;
 3. for a few scenes, the scene's questions over the real /ask service from a separate client
    participant (ask_client.py), each answer beside the truth, once a frame of that scene is in
    context (the built-in model answers about one frame, so the node keeps one: max_frames 1);
@@ -51,25 +52,22 @@ def _observer_class():
     from rclpy.parameter import Parameter
     from rclpy.parameter_client import AsyncParameterClient
     from rclpy.qos import DurabilityPolicy, QoSProfile
-    from diagnostic_msgs.msg import DiagnosticArray
     from std_msgs.msg import String
 
     class Observer(Node):
-        """Records vqa_node's per-frame statistics and the camera's ground truth; sets parameters."""
+        """Records the camera's ground truth and the frames the node appended; sets parameters."""
 
         def __init__(self, context):
             super().__init__("nchunk_demo_observer", context=context)
-            self.frames: list[dict] = []
+            self.frames: list = []  # FrameStats of every frame appended, in order
             self.scene: dict | None = None
-            self.create_subscription(DiagnosticArray, "/vqa_node/statistics", self._on_stats, 50)
             latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
             self.create_subscription(String, "/camera/scene", self._on_scene, latched)
             self.params = AsyncParameterClient(self, "vqa_node")
 
-        def _on_stats(self, msg) -> None:
-            for status in msg.status:
-                if status.name == "vqa_node: frame" and status.level == b"\x00":
-                    self.frames.append({kv.key: kv.value for kv in status.values})
+        def on_frame(self, topic: str, stats) -> None:
+            """vqa_node's frame listener (called on its worker thread)."""
+            self.frames.append(stats)
 
         def _on_scene(self, msg) -> None:
             self.scene = json.loads(msg.data)
@@ -89,7 +87,7 @@ def _next_scene_in_context(observer) -> dict:
     period = CAMERA["scene_period_s"]
     _wait_until(lambda: observer.scene and observer.scene["scene"] > first, period + WAIT_S, "a new scene")
     scene = observer.scene
-    _wait_until(lambda: any(float(f["stamp"]) >= scene["stamp"] for f in observer.frames[-4:]),
+    _wait_until(lambda: any(f.stamp >= scene["stamp"] for f in observer.frames[-4:]),
                 what="a frame of the new scene in context")
     return scene
 
@@ -122,15 +120,15 @@ def _setting_rows(observer, settings) -> list[tuple]:
             raise RuntimeError(f"demo: vqa_node refused {method} at {sparsity}: {results[0].reason}")
         start = len(observer.frames)
 
-        def matching():
-            fresh = observer.frames[start + 1:]  # the first may have started before the change
-            return [f for f in fresh if f["method"] == method and float(f["sparsity"]) == sparsity]
+        def matching():  # each frame says which settings it was appended with
+            return [f for f in observer.frames[start:]
+                    if f.selection.method == method and f.selection.sparsity == sparsity]
 
         _wait_until(lambda: len(matching()) >= FRAMES_PER_SETTING, what=f"frames at {method} {sparsity}")
         got = matching()[:FRAMES_PER_SETTING]
 
         def med(key):
-            return statistics.median(float(f[key]) for f in got)
+            return statistics.median(getattr(f, key) for f in got)
 
         rows.append((f"{method} {sparsity:g}", med("rows_read") / med("rows_total"), med("bytes_read") / 2**10,
                      med("reads"), med("bytes_read") / max(med("reads"), 1) / 2**10, med("io_s") * 1e3,
@@ -159,7 +157,8 @@ def run(store: str | None = None) -> int:
 
     from nchunk_ros.ask_client import AskClient, format_response
     from nchunk_ros.tools.synthetic_camera import SyntheticCamera
-    from nchunk_ros.vqa_node import DEFAULTS, EXECUTOR_THREADS, StartupError, VQANode, spin
+    from nchunk_ros.parameters import DEFAULTS
+    from nchunk_ros.vqa_node import EXECUTOR_THREADS, StartupError, VQANode, spin
 
     if path.is_dir() and not cache_path(path, DEFAULTS["reader_threads"]).exists():
         print("first run on this drive: measuring its latency profile once (about 10-40 s, progress on stderr); "
@@ -178,6 +177,7 @@ def run(store: str | None = None) -> int:
         camera.get_logger().set_level(LoggingSeverity.WARN)
         nodes.append(camera)
         observer = _observer_class()(context)
+        node.add_frame_listener(observer.on_frame)
         nodes.append(observer)
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS + 2, context=context)
         for n in nodes:
@@ -238,10 +238,10 @@ def run(store: str | None = None) -> int:
 
         counters = node.counters()
         print("\n== 3. camera intake\n")
-        print(f"frames received {counters.get('frames_received', 0)}, appended {counters.get('frames_appended', 0)}, "
-              f"skipped {counters.get('frames_skipped', 0)} (newest frame wins), malformed "
-              f"{counters.get('frames_malformed', 0)}; {node.session.frames_in_context} frames in context; "
-              f"questions answered {counters.get('asks_answered', 0)}")
+        print(f"frames received {counters.frames_received}, appended {counters.frames_appended}, "
+              f"skipped {counters.frames_skipped} (newest frame wins), malformed "
+              f"{counters.frames_malformed}; {node.session.frames_in_context} frames in context; "
+              f"questions answered {counters.asks_answered}")
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s. Next: `nchunk convert MODEL_DIR STORE`, then "
               f"`vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=STORE`, "
               f"and `nchunk ask \"...\"` from another shell.")

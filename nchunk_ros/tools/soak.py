@@ -9,6 +9,7 @@ the two processes' logs (their stderr).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -28,7 +29,9 @@ from rclpy.signals import SignalHandlerOptions
 
 from nchunk_core.demo.model import shipped_store
 
+from nchunk_ros import diagnostics
 from nchunk_ros.ask_client import AskClient
+from nchunk_ros.worker import Counters
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "vqa.yaml"
 QUESTIONS = ["What color is the circle?", "How many squares are there?", "Is there a red triangle?",
@@ -51,17 +54,17 @@ def _process(module: str, ros_args: list[str], env: dict, log: Path) -> subproce
 
 
 class StatisticsListener(Node):
-    """Keeps the latest values of the node's intake status."""
+    """Keeps the latest counters of the node's intake status."""
 
     def __init__(self, context: Context):
         super().__init__("nchunk_soak_listener", context=context)
-        self.intake: dict[str, str] = {}
+        self.intake = Counters()
         self.create_subscription(DiagnosticArray, "/vqa_node/statistics", self._on_stats, 10)
 
     def _on_stats(self, msg: DiagnosticArray) -> None:
         for status in msg.status:
-            if status.name.endswith("intake"):
-                self.intake = {kv.key: kv.value for kv in status.values}
+            if status.name == diagnostics.INTAKE:
+                self.intake = diagnostics.counters_from(status)
 
 
 def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: int = 480,
@@ -88,7 +91,7 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
         if not client.wait_for_service(120.0):
             raise RuntimeError("the node's /ask service did not appear within 120 s")
         waited = time.monotonic() + 60.0  # questions are about frames: the first waits for one in context
-        while int(listener.intake.get("frames_appended", 0)) < 1:
+        while listener.intake.frames_appended < 1:
             if time.monotonic() > waited:
                 raise RuntimeError("no camera frame reached the node within 60 s")
             executor.spin_once(timeout_sec=0.2)
@@ -115,8 +118,8 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
             rss["max_mib"] = max(rss.get("max_mib", 0.0), rss["end_mib"])
             if not as_json:
                 print(f"\r{(time.monotonic() - start) / 60:5.1f} min  asked {asked}  answered {answers}  "
-                      f"node RSS {rss['end_mib']:.0f} MiB  intake {listener.intake.get('frames_appended', '?')} "
-                      f"appended / {listener.intake.get('frames_skipped', '?')} skipped", end="", flush=True)
+                      f"node RSS {rss['end_mib']:.0f} MiB  intake {listener.intake.frames_appended} "
+                      f"appended / {listener.intake.frames_skipped} skipped", end="", flush=True)
         executor.spin_once(timeout_sec=1.5)  # one more intake status
     finally:
         client.close()
@@ -137,7 +140,7 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
         "node_rss_start_mib": round(rss.get("start_mib", float("nan")), 1),
         "node_rss_end_mib": round(rss.get("end_mib", float("nan")), 1),
         "node_rss_max_mib": round(rss.get("max_mib", float("nan")), 1),
-        "intake": listener.intake, "asked": len(latencies), "answered": answers, "failures": failures[:10],
+        "intake": dataclasses.asdict(listener.intake), "asked": len(latencies), "answered": answers, "failures": failures[:10],
         "answer_s_p50": lat[len(lat) // 2] if lat else None, "answer_s_max": lat[-1] if lat else None,
         "exit_codes": codes, "logs": str(logs),
     }

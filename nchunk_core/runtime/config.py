@@ -1,0 +1,91 @@
+"""Settings of a Session (session.py), checked once on construction.
+
+    cfg = SessionConfig(device="cpu", selection=SelectionSettings(0.5, "chunking"), reader_threads=6)
+
+The selection settings are one `SelectionSettings` value (select.py), validated where it is built and
+passed through unchanged; everything else is checked here (ValueError naming the bad field).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from nchunk_core.store.naming import DTYPES
+from nchunk_core.runtime.decoding import decoding_value
+from nchunk_core.runtime.select import SelectionSettings
+
+MAX_NEW_TOKENS_LIMIT = 4096
+
+FRAME_MODES = ("video", "image", "tiles")
+FRAME_TOKENS_HELP = ("auto (the cheapest mode the model was trained with), video, image, tiles, or a number "
+                     "of visual tokens per frame (models with a pixel budget: qwen2_5_vl)")
+
+
+def frame_tokens_value(value) -> str | int:
+    """A frame_tokens setting checked for form: "auto", a mode name, or a positive number of tokens
+    (a string of digits, as a ROS parameter may give, is a number). Whether the model has that mode
+    is checked by its adapter."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    if isinstance(value, str) and (value == "auto" or value in FRAME_MODES):
+        return value
+    raise ValueError(f"frame_tokens must be {FRAME_TOKENS_HELP}; got {value!r}")
+
+
+def positive_int(name: str, value, upper: int | None = None) -> int:
+    """`value` as an int if it is a positive integer (at most `upper`); ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be at most {upper}, got {value}")
+    return int(value)
+
+
+def check_selection(value) -> SelectionSettings:
+    """`value` if it is a SelectionSettings (validated when it was built); ValueError otherwise."""
+    if not isinstance(value, SelectionSettings):
+        raise ValueError(f"selection must be a SelectionSettings, got {type(value).__name__}")
+    return value
+
+
+@dataclasses.dataclass
+class SessionConfig:
+    """Settings of a session; checked on construction (ValueError naming the bad field)."""
+
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str = "float32"  # compute dtype: float32 | float16 | bfloat16
+    selection: SelectionSettings = dataclasses.field(default_factory=SelectionSettings)  # sparsity, method, windows
+    reader_threads: int = 6  # threads of the direct-I/O reader (also the key of the cached drive profile)
+    max_frames: int = 8  # frames in context before the cache is rebuilt (session.py's docstring)
+    max_new_tokens: int = 32  # default answer length limit
+    profile_quick: bool = True  # quick drive profile if none is cached
+    max_question_tokens: int = 256  # longer questions are refused
+    frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP; the mode is checked per model at open
+    decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
+
+    def __post_init__(self):
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device {self.device!r} is not a device name: {exc}") from exc
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but this PyTorch sees no CUDA device")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_selection(self.selection)
+        self.reader_threads = positive_int("reader_threads", self.reader_threads, 256)
+        self.max_frames = positive_int("max_frames", self.max_frames)
+        self.max_new_tokens = positive_int("max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS_LIMIT)
+        self.max_question_tokens = positive_int("max_question_tokens", self.max_question_tokens)
+        if not isinstance(self.profile_quick, bool):
+            raise ValueError(f"profile_quick must be True or False, got {self.profile_quick!r}")
+        self.frame_tokens = frame_tokens_value(self.frame_tokens)
+        decoding_value(self.decoding)

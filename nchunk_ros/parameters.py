@@ -1,0 +1,148 @@
+"""The VQA node's parameters: the table, their descriptors and the check of a proposed change.
+
+Everything here is plain data and pure functions (no Node needed): `check_parameters` is what the
+node registers as its on-set-parameters callback, so start-up values and every later change go
+through it; `selection_from` builds the one `SelectionSettings` value from the flat parameters (the
+check builds it too, so a value it accepts always gives settings) and the node passes it to the
+session unchanged. config/vqa.yaml documents every parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.exceptions import InvalidTopicNameException
+from rclpy.validate_topic_name import validate_topic_name
+
+from nchunk_core.runtime.select import METHODS, SelectionSettings
+from nchunk_core.store.naming import DTYPES  # names only: a bad dtype is refused before torch loads
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+QOS_RELIABILITIES = ("best_effort", "reliable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: object
+    description: str
+    low: float | None = None  # inclusive range, for numbers
+    high: float | None = None
+    reload: bool = False  # a change reloads the model (vqa_node.py's docstring)
+
+    def descriptor(self) -> ParameterDescriptor:
+        d = ParameterDescriptor(description=self.description)
+        if self.reload:
+            d.additional_constraints = ("a change reloads the model before the next frame or question; the "
+                                        "context restarts from the newest frame; a failed load sets it back")
+        if isinstance(self.default, bool) or self.low is None:
+            return d
+        if isinstance(self.default, int):
+            d.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
+        else:
+            d.floating_point_range = [FloatingPointRange(from_value=float(self.low),
+                                                         to_value=float(self.high), step=0.0)]
+        return d
+
+
+PARAMETERS = (
+    ParamSpec("store_path", "", "store directory written by `nchunk convert` (required)", reload=True),
+    ParamSpec("device", "cpu", "compute device: cpu, cuda or cuda:N", reload=True),
+    ParamSpec("dtype", "float32", "compute dtype: float32, float16 or bfloat16", reload=True),
+    ParamSpec("reader_threads", 6, "threads reading weight rows from the drive (the drive profile is "
+              "measured and cached for this count)", 1, 256, reload=True),
+    ParamSpec("max_frames", 8, "frames kept in context; when full, the context is rebuilt from the last "
+              "max_frames/2 frames and the new one (a change applies from the next frame)", 1, 1024),
+    ParamSpec("image_topics", ["/camera/image_raw"], "camera topics; a name ending in /compressed is "
+              "sensor_msgs/CompressedImage (JPEG/PNG), any other sensor_msgs/Image; the newest frame of "
+              "any of them is appended"),
+    ParamSpec("qos_reliability", "best_effort", "reliability of the camera subscriptions: best_effort "
+              "(sensor data) or reliable (needed by a reliable-only publisher); history depth is 1"),
+    ParamSpec("max_append_rate_hz", 2.0, "most frames appended per second; the newest frame wins, the "
+              "others are skipped (0 = as fast as the model goes)", 0.0, 1000.0),
+    ParamSpec("sparsity", 0.5, "fraction of the input rows of every projection NOT read from the drive",
+              0.0, 0.99),
+    ParamSpec("method", "chunking", "row selection: " + ", ".join(METHODS)),
+    ParamSpec("chunk_start_kib", 0.0, "chunking: smallest candidate window in KiB (0 = default)", 0.0, 65536.0),
+    ParamSpec("chunk_step_kib", 0.0, "chunking: window size step in KiB (0 = default)", 0.0, 65536.0),
+    ParamSpec("chunk_max_kib", 0.0, "chunking: largest window in KiB (0 = the drive's saturation size)",
+              0.0, 65536.0),
+    ParamSpec("jump_cap_kib", 0.0, "chunking: largest stride of a sliding window in KiB (0 = default)",
+              0.0, 65536.0),
+    ParamSpec("max_new_tokens", 32, "answer length limit in tokens: the default of a request and the "
+              "most a request may ask for", 1, 4096),
+    ParamSpec("ask_timeout_s", 30.0, "deadline of a request that gives none, counted from its arrival and "
+              "including the wait behind other requests", 0.1, 3600.0),
+)
+SPECS = {spec.name: spec for spec in PARAMETERS}
+DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
+RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
+SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
+SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames")  # passed to Session.update
+SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
+
+
+def selection_from(values: dict) -> SelectionSettings:
+    """The selection settings the parameters `values` ask for; ValueError when they are inconsistent.
+
+    chunk_* all 0: windows None (per-matrix defaults); see SelectionSettings.from_kib.
+    """
+    return SelectionSettings.from_kib(values["sparsity"], values["method"], start_kib=values["chunk_start_kib"],
+                                      step_kib=values["chunk_step_kib"], max_kib=values["chunk_max_kib"],
+                                      jump_cap_kib=values["jump_cap_kib"])
+
+
+def _store_path_problem(value: str) -> str:
+    path = Path(value).expanduser()
+    if not value:
+        return "store_path is empty: name a store directory written by `nchunk convert`"
+    if not path.is_dir():
+        return f"store {path} does not exist (store_path)"
+    if not (path / "manifest.json").is_file():
+        return f"{path} is not an nchunk store: no manifest.json (store_path)"
+    return ""
+
+
+def _topics_problem(topics: list) -> str:
+    if not topics:
+        return "image_topics is empty: name at least one camera topic"
+    if len(set(topics)) != len(topics):
+        return f"image_topics names a topic twice: {topics}"
+    for topic in topics:
+        try:
+            validate_topic_name(topic)
+        except InvalidTopicNameException as exc:
+            return f"image_topics: {topic!r} is not a valid topic name: {exc}"
+    return ""
+
+
+def check_parameters(changes: dict, current: dict, running: bool) -> SetParametersResult:
+    """Whether parameter `changes` (name -> value) may be applied on top of `current`.
+
+    Ranges and types are checked by rclpy from the descriptors; this checks everything else.
+    `running`: the node has started, so a store_path must name a store directory (at start-up,
+    opening the store says what is wrong, and the node exits).
+    """
+    problem = ""
+    for name, value in changes.items():
+        if name not in SPECS:
+            continue  # e.g. use_sim_time: not ours
+        if name == "store_path" and running:
+            problem = _store_path_problem(value)
+        elif name == "device" and not DEVICE_PATTERN.match(value):
+            problem = f"device must be cpu, cuda or cuda:N, got {value!r}"
+        elif name == "dtype" and value not in DTYPES:
+            problem = f"dtype must be one of {', '.join(DTYPES)}, got {value!r}"
+        elif name == "qos_reliability" and value not in QOS_RELIABILITIES:
+            problem = f"qos_reliability must be best_effort or reliable, got {value!r}"
+        elif name == "image_topics":
+            problem = _topics_problem(list(value))
+        if problem:
+            return SetParametersResult(successful=False, reason=problem)
+    try:
+        selection_from({**DEFAULTS, **current, **changes})  # sparsity, method and the windows
+    except ValueError as exc:
+        return SetParametersResult(successful=False, reason=str(exc))
+    return SetParametersResult(successful=True)

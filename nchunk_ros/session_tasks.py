@@ -1,0 +1,213 @@
+"""What the VQA node's worker does with the session: append a frame, answer a question, reload the model.
+
+`SessionTasks` holds the node's Session and is called only from the worker thread (worker.py),
+which also owns the question queue and the counters. It reports through its node: typed frame
+statistics (`frame_appended`, turned into messages by diagnostics.py), reload and failure statuses,
+answers on ~/answer, and parameters set back after a failed reload.
+
+A reload opens a new session with the new values (as at start-up) and closes the old one only once
+the new one works; the context then restarts from the newest frame of the old one. When the new
+session cannot be opened, the old one keeps answering, and the parameters that asked for the reload
+are set back to the running session's values (a change back asks for no reload of its own).
+"""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from fractions import Fraction
+
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticStatus
+from nchunk_interfaces.srv import Ask
+from rclpy.executors import ExternalShutdownException
+from rclpy.parameter import Parameter
+
+from nchunk_ros import diagnostics
+from nchunk_ros.parameters import RELOAD_PARAMETERS, selection_from
+from nchunk_ros.worker import AskJob, Frame, Worker
+
+FAILURE_LOG_PERIOD_S = 5.0
+
+
+def stamp_seconds(stamp: Time) -> Fraction:
+    """A header stamp in seconds, exactly (a float of epoch seconds would lose about 0.1 µs)."""
+    return stamp.sec + Fraction(stamp.nanosec, 10**9)
+
+
+def stamp_time(seconds) -> Time:
+    """The header stamp of a number of seconds (the inverse of stamp_seconds)."""
+    sec = math.floor(seconds)
+    return Time(sec=int(sec), nanosec=int(round((seconds - sec) * 10**9)))
+
+
+def printable(text: str) -> str:
+    """The answer without control characters other than newline and tab (NUL breaks C strings)."""
+    return "".join(c for c in text if c in "\n\t" or not (ord(c) < 32 or 127 <= ord(c) < 160))
+
+
+class StartupError(Exception):
+    """The node cannot open a session; the message is the one-line reason (printed on exit at start-up)."""
+
+
+class SessionTasks:
+    """The worker's tasks on the node's session (module docstring)."""
+
+    def __init__(self, node, worker: Worker, session, values: dict):
+        self._node = node  # the VQANode: parameter values, logger, opening sessions, publishing
+        self._worker = worker
+        self._session = session
+        self._session_values = {k: values[k] for k in RELOAD_PARAMETERS}  # what it was opened with
+        self._newest_topic = ""  # where the newest frame in context came from
+
+    @property
+    def session(self):
+        return self._session
+
+    @property
+    def session_values(self) -> dict:
+        """The values of the reload parameters the running session was opened with."""
+        return dict(self._session_values)
+
+    def frames_in_context(self) -> int:
+        return self._session.frames_in_context
+
+    def update_session(self, values: dict) -> None:
+        """Hand the selection settings and max_frames of parameter `values` to the session (applied at
+        its next call)."""
+        self._session.update(selection=selection_from(values), max_frames=values["max_frames"])
+
+    # -- frames -------------------------------------------------------------------------------------
+    def append(self, frame: Frame) -> None:
+        try:
+            stats = self._session.append_frame(frame.image, stamp=frame.stamp)
+        except Exception as exc:  # ValueError: a frame the model cannot take; others: I/O or runtime failures
+            self._append_failed(frame.topic, exc)
+            return
+        self._appended(frame.topic, stats)
+
+    def _appended(self, topic: str, stats) -> None:
+        self._newest_topic = topic
+        self._worker.count("frames_appended")
+        self._node.frame_appended(topic, stats)
+
+    def _append_failed(self, topic: str, exc: Exception) -> None:
+        self._worker.count("append_failures")
+        detail = "" if isinstance(exc, ValueError) else "\n" + traceback.format_exc()
+        self._node.get_logger().error(f"frame from {topic} not appended: {exc}{detail}",
+                                      throttle_duration_sec=FAILURE_LOG_PERIOD_S)
+        self._node.publish_status(diagnostics.FRAME, DiagnosticStatus.ERROR, f"append failed: {exc}", {})
+
+    # -- questions ----------------------------------------------------------------------------------
+    def answer(self, job: AskJob) -> None:
+        request, session, values = job.request, self._session, self._node.parameter_values()
+        response = Ask.Response()
+        response.queue_s = job.started - job.arrival
+        limit = values["max_new_tokens"]
+        n_new = min(request.max_new_tokens, limit) if request.max_new_tokens > 0 else limit
+        extra_prefill = 0.0
+        try:
+            if request.reset_context:
+                t0 = time.monotonic()
+                self._restart_context(session)
+                extra_prefill = time.monotonic() - t0
+            if session.frames_in_context == 0:
+                raise ValueError(f"no camera frame yet (listening on {', '.join(values['image_topics'])})")
+            answer = session.ask(request.question, max_new_tokens=n_new, deadline=job.deadline,
+                                 should_stop=lambda: self._worker.decoding(job))
+        except ValueError as exc:
+            self._finish(job, response, str(exc), "asks_failed")
+            return
+        except Exception as exc:  # a runtime failure (I/O, model): answer with it and keep serving
+            self._node.get_logger().error(f"question failed:\n{traceback.format_exc()}")
+            self._finish(job, response, f"runtime failure: {type(exc).__name__}: {exc}", "asks_failed")
+            return
+        response.success = True
+        response.answer = printable(answer.text)
+        response.truncated = answer.truncated
+        response.frames_in_context = answer.frames_in_context
+        if answer.newest_stamp is not None:
+            response.newest_frame_stamp = stamp_time(answer.newest_stamp)
+        response.context_tokens = answer.context_tokens
+        response.tokens_generated = answer.tokens_generated
+        response.prefill_s = extra_prefill + answer.prefill_s
+        response.decode_s = answer.decode_s
+        response.io_bytes = int(answer.bytes_read)
+        response.io_reads = int(answer.reads)
+        response.io_s = float(answer.io_s)
+        error = ""
+        if answer.interrupted:  # the partial answer stays in the response
+            error = "node shutting down" if self._worker.stopping else f"timed out after {job.timeout:g} s"
+        self._finish(job, response, error, "asks_timed_out" if error else "asks_answered")
+
+    def _restart_context(self, session) -> None:
+        """reset_context: the context restarts from the newest frame (appended again, as a frame)."""
+        try:
+            stats = session.reset(keep_newest=True)
+        except Exception as exc:
+            self._append_failed(self._newest_topic, exc)
+            raise RuntimeError("the newest frame could not be appended again after the reset") from exc
+        if stats is not None:
+            self._appended(self._newest_topic, stats)
+
+    def _finish(self, job: AskJob, response: Ask.Response, error: str, counter: str) -> None:
+        response.error = error
+        if error:
+            response.success = False
+            response.frames_in_context = self._session.frames_in_context
+        response.total_s = time.monotonic() - job.arrival
+        if not self._worker.deliver(job, response, counter):
+            self._node.get_logger().warning(f"a question's deadline passed during its prefill: the caller got "
+                                            f"'timed out'; its result ({response.total_s:.2f} s after arrival) "
+                                            f"is dropped")
+        elif response.success:
+            self._node.publish_answer(response.answer)
+
+    # -- reloads ------------------------------------------------------------------------------------
+    def reload(self, values: dict) -> None:
+        """Open a session with `values`; swap it in if that works, else keep the old one and set back."""
+        log, old = self._node.get_logger(), self._session
+        changes = ", ".join(f"{k} {self._session_values[k]!r} -> {values[k]!r}" for k in RELOAD_PARAMETERS
+                            if values[k] != self._session_values[k])
+        if not changes:  # set back before the worker got to it
+            return
+        log.info(f"reloading the model ({changes}): questions wait, frames are skipped meanwhile")
+        try:
+            session = self._node.open_session(values)
+        except ExternalShutdownException:
+            return  # stopping
+        except Exception as exc:  # StartupError: the one-line reason; anything else: a runtime failure
+            reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+            self._worker.count("reload_failures")
+            log.error(f"model reload failed, still answering with the running model: {reason}")
+            self._node.publish_status(diagnostics.RELOAD, DiagnosticStatus.ERROR, f"reload failed: {reason}",
+                                      {"changes": changes})
+            self._set_back(values)
+            return
+        newest = old.newest_frame
+        self._session, self._session_values = session, {k: values[k] for k in RELOAD_PARAMETERS}
+        if newest is not None:  # the context restarts from the newest frame
+            self._worker.restart_from(Frame(*newest, self._newest_topic))
+        self._worker.count("reloads")
+        self._worker.reload_finished()
+        self.update_session(self._node.parameter_values())  # selection or max_frames changed while it opened
+        old.close()
+        message = (f"model reloaded ({changes}): earlier frames are gone, the context starts again from the "
+                   f"newest frame")
+        log.info(message)
+        self._node.publish_status(diagnostics.RELOAD, DiagnosticStatus.OK, message, {"changes": changes})
+
+    def _set_back(self, failed: dict) -> None:
+        """Set the parameters that asked for the `failed` reload back to the running session's values."""
+        current = self._node.parameter_values()
+        back = [Parameter(k, value=self._session_values[k]) for k in RELOAD_PARAMETERS
+                if current[k] == failed[k] != self._session_values[k]]
+        if not back:  # changed again meanwhile: the next reload tries that
+            return
+        result = self._node.set_parameters_atomically(back)  # the node then finds nothing to reload
+        names = ", ".join(f"{p.name} {p.value!r}" for p in back)
+        if result.successful:
+            self._node.get_logger().info(f"parameters set back to the running model's: {names}")
+        else:
+            self._node.get_logger().error(f"cannot set the parameters back to the running model's "
+                                          f"({names}): {result.reason}")

@@ -1,0 +1,82 @@
+"""The VQA node's parameters without a Node: the table, the check of a change, the YAML file."""
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rclpy", reason="ROS 2 (rclpy) is not installed")
+
+from rclpy.parameter import Parameter, parameter_dict_from_yaml_file  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+
+from nchunk_core.runtime.select import ChunkParams, SelectionSettings  # noqa: E402
+from nchunk_ros import parameters  # noqa: E402
+from nchunk_ros.parameters import DEFAULTS, PARAMETERS, check_parameters, selection_from  # noqa: E402
+from nchunk_ros.vqa_node import topic_type  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config" / "vqa.yaml"
+
+
+def test_check_parameters_reasons():
+    def reason(running=True, **changes):
+        result = check_parameters(changes, DEFAULTS, running)
+        return "" if result.successful else result.reason
+
+    assert reason(sparsity=0.3, method="magnitude", image_topics=["/a", "/b/compressed"]) == ""
+    assert reason(reader_threads=2, device="cpu", dtype="bfloat16", max_frames=3) == ""  # all apply at run time
+    assert "store /elsewhere does not exist" in reason(store_path="/elsewhere")
+    assert "not an nchunk store: no manifest.json" in reason(store_path=str(ROOT))
+    assert "store_path is empty" in reason(store_path="")
+    assert reason(running=False, store_path="/elsewhere") == ""  # at start-up, opening the store reports it
+    assert "method must be one of" in reason(method="topk")
+    assert "qos_reliability must be" in reason(qos_reliability="sometimes")
+    assert "device must be" in reason(running=False, device="tpu")
+    assert "dtype must be" in reason(running=False, dtype="int8")
+    assert "image_topics is empty" in reason(image_topics=[])
+    assert "not a valid topic name" in reason(image_topics=["/cam/1bad name"])
+    assert "twice" in reason(image_topics=["/a", "/a"])
+    assert "chunk_max_kib (16) is below the smallest window (32 KiB)" in reason(chunk_max_kib=16.0)
+    assert "below the smallest window (64 KiB)" in reason(chunk_start_kib=64.0, chunk_max_kib=48.0)
+    assert reason(chunk_start_kib=16.0, chunk_max_kib=16.0) == ""
+    assert "below the smallest window" in check_parameters({"chunk_start_kib": 64.0}, {"chunk_max_kib": 48.0},
+                                                            True).reason
+    assert reason(use_sim_time=True) == ""  # not ours: rclpy's
+    assert set(parameters.RELOAD_PARAMETERS) == {"store_path", "device", "dtype", "reader_threads"}
+    for spec in PARAMETERS:
+        d = spec.descriptor()
+        assert "restart the node" not in d.description + d.additional_constraints, spec.name
+
+
+def test_selection_from_parameters():
+    assert selection_from(DEFAULTS) == SelectionSettings(DEFAULTS["sparsity"], "chunking", None)  # per-matrix
+    got = selection_from({**DEFAULTS, "chunk_start_kib": 8.0, "chunk_max_kib": 256.0}).windows
+    assert got == ChunkParams(start_kib=8.0, step_kib=ChunkParams.step_kib, max_kib=256.0,
+                              jump_cap_kib=ChunkParams.jump_cap_kib)
+    assert selection_from({**DEFAULTS, "jump_cap_kib": 4.0}).windows.max_kib is None  # saturation size
+    assert selection_from({**DEFAULTS, "method": "dp", "sparsity": 0.7}) == SelectionSettings(0.7, "dp")
+
+
+def test_descriptors_carry_ranges_and_reload_notes():
+    specs = {spec.name: spec.descriptor() for spec in PARAMETERS}
+    assert specs["reader_threads"].integer_range[0].to_value == 256
+    assert specs["sparsity"].floating_point_range[0].to_value == pytest.approx(0.99)
+    assert "reloads the model" in specs["dtype"].additional_constraints
+    assert not specs["image_topics"].integer_range and not specs["method"].floating_point_range
+
+
+def test_topic_types_follow_image_transport_names():
+    assert topic_type("/cam/image_raw") is Image
+    assert topic_type("/cam/image_raw/compressed") is CompressedImage
+    assert topic_type("compressed") is Image
+
+
+def test_config_file_documents_every_parameter():
+    text = CONFIG.read_text()
+    values = parameter_dict_from_yaml_file(str(CONFIG), target_nodes=["vqa_node"])
+    assert set(values) == set(DEFAULTS)
+    lines = text.splitlines()
+    for name in DEFAULTS:
+        i = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
+        assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), f"{name} has no comment in {CONFIG.name}"
+        value = Parameter.from_parameter_msg(values[name]).value
+        assert value == DEFAULTS[name], f"{CONFIG.name} and the node disagree on {name}"
