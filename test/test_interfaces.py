@@ -1,12 +1,16 @@
-"""The /ask service definition (nchunk_interfaces/srv/Ask.srv): its fields, and a real round trip.
+"""The /ask service and action definitions (nchunk_interfaces/srv/Ask.srv, action/Ask.action): their
+fields, and real round trips; for the action also feedback and cancellation.
 
-The round trip runs a server and a client in two separate rclpy contexts (two DDS participants, as
-two processes would be) on a random domain id, restricted to this host, with a service name unique
-to the run, so parallel test runs on one machine do not see each other.
+The round trips run a server and a client in two separate rclpy contexts (two DDS participants, as
+two processes would be) on a random domain id, restricted to this host, with a name unique to the
+run, so parallel test runs on one machine do not see each other.
 """
 import random
 import threading
+import time
 import uuid
+
+from action_msgs.msg import GoalStatus
 
 import pytest
 
@@ -175,3 +179,182 @@ def test_round_trip_over_dds(localhost_only):
     assert response.answer == "echo: Wo ist die Tasse? (ünïcødé, 🍵)"
     assert response.newest_frame_stamp == Time(sec=1_700_000_123, nanosec=456_789_000)
     assert response.io_bytes == 2**40 + 7
+
+
+# ---- the action: action/Ask.action ----------------------------------------------------------------
+
+FEEDBACK_FIELDS = {"answer": "string", "tokens_generated": "int32"}
+ACK_WAIT_S = 0.2  # the test server publishes a feedback again at this interval until it is seen
+
+
+@pytest.fixture(scope="module")
+def AskAction():
+    try:
+        from nchunk_interfaces.action import Ask as AskAction
+    except ImportError as exc:
+        raise ImportError("nchunk_interfaces has no action Ask: rebuild it with `bash scripts/build_interfaces.sh "
+                          ".venv` (PyPI wheels) or colcon (see nchunk_interfaces/README.md)") from exc
+    return AskAction
+
+
+def test_action_fields_are_the_documented_contract(AskAction):
+    from rclpy.type_support import check_for_type_support
+
+    check_for_type_support(AskAction)
+    # goal = the service's request, result = its response: one contract, two ways to call it
+    assert AskAction.Goal.get_fields_and_field_types() == REQUEST_FIELDS
+    assert AskAction.Result.get_fields_and_field_types() == RESPONSE_FIELDS
+    assert AskAction.Feedback.get_fields_and_field_types() == FEEDBACK_FIELDS
+    goal = AskAction.Goal()
+    assert (goal.question, goal.max_new_tokens, goal.reset_context, goal.timeout_s) == ("", 0, False, 0.0)
+    assert AskAction.Result().success is False and AskAction.Feedback().tokens_generated == 0
+
+
+class LockStepServer:
+    """An /ask action server answering with the question's words, one feedback per word. It sends
+    word i's feedback (again every ACK_WAIT_S, harmless since feedback holds the whole answer so far)
+    until the client has seen it, and checks for a cancel request meanwhile: the order of events is
+    fixed, not left to timing."""
+
+    def __init__(self, AskAction, node, name):
+        from rclpy.action import ActionServer, CancelResponse
+        from rclpy.callback_groups import ReentrantCallbackGroup
+
+        self.AskAction = AskAction
+        self.seen = threading.Event()
+        self.goals = []
+        self.cancel_requests = 0
+        self.finished = []  # "succeeded" or "canceled", per goal
+
+        def cancel(goal_handle):
+            self.cancel_requests += 1
+            return CancelResponse.ACCEPT
+
+        self.server = ActionServer(node, AskAction, name, self.execute, cancel_callback=cancel,
+                                   callback_group=ReentrantCallbackGroup())
+
+    def result(self, goal, words, **fields):
+        return self.AskAction.Result(answer=" ".join(words), tokens_generated=len(words), frames_in_context=1,
+                                     newest_frame_stamp=Time(sec=1_700_000_000, nanosec=5), io_bytes=2**40 + 1,
+                                     decode_s=goal.timeout_s, **fields)
+
+    def execute(self, goal_handle):
+        goal = goal_handle.request
+        self.goals.append(goal)
+        words = goal.question.split()[:goal.max_new_tokens]
+        for i in range(len(words)):
+            self.seen.clear()
+            feedback = self.AskAction.Feedback(answer=" ".join(words[:i + 1]), tokens_generated=i + 1)
+            goal_handle.publish_feedback(feedback)
+            while not self.seen.wait(ACK_WAIT_S):
+                if goal_handle.is_cancel_requested:
+                    goal_handle.canceled()
+                    self.finished.append("canceled")
+                    return self.result(goal, words[:i + 1], success=False, error="canceled", truncated=True)
+                goal_handle.publish_feedback(feedback)
+        goal_handle.succeed()
+        self.finished.append("succeeded")
+        return self.result(goal, words, success=True)
+
+
+@pytest.fixture
+def action_pair(localhost_only, AskAction):
+    """(server, client node, client executor, action name): a LockStepServer spinning on its own
+    MultiThreadedExecutor (the cancel service runs while a goal executes) and a client node."""
+    from rclpy.executors import MultiThreadedExecutor
+
+    domain_id = random.randint(1, 101)
+    name = f"/test_interfaces/ask_action_{uuid.uuid4().hex[:12]}"
+    server_context, client_context = rclpy.Context(), rclpy.Context()
+    for context in (server_context, client_context):
+        rclpy.init(context=context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+    server_node = rclpy.create_node("ask_action_test_server", context=server_context)
+    client_node = rclpy.create_node("ask_action_test_client", context=client_context)
+    server = LockStepServer(AskAction, server_node, name)
+    server_executor = MultiThreadedExecutor(num_threads=3, context=server_context)
+    client_executor = SingleThreadedExecutor(context=client_context)
+    server_executor.add_node(server_node)
+    client_executor.add_node(client_node)
+    spinner = threading.Thread(target=server_executor.spin, daemon=True)
+    spinner.start()
+    try:
+        yield server, client_node, client_executor, name
+    finally:
+        server.server.destroy()
+        server_executor.shutdown()
+        client_executor.shutdown()
+        spinner.join(timeout=5.0)
+        server_node.destroy_node()
+        client_node.destroy_node()
+        rclpy.try_shutdown(context=server_context)
+        rclpy.try_shutdown(context=client_context)
+        assert not spinner.is_alive()
+
+
+def spin_until(executor, future, what):
+    executor.spin_until_future_complete(future, timeout_sec=CALL_TIMEOUT_S)
+    assert future.done(), f"no {what} within {CALL_TIMEOUT_S} s"
+    return future.result()
+
+
+def test_action_goal_feedback_result_over_dds(action_pair, AskAction):
+    from rclpy.action import ActionClient
+
+    server, node, executor, name = action_pair
+    client = ActionClient(node, AskAction, name)
+    assert client.wait_for_server(timeout_sec=DISCOVERY_TIMEOUT_S), f"{name} not discovered"
+    feedback = []
+
+    def on_feedback(message):
+        if not feedback or feedback[-1] != message.feedback:  # repeats of one feedback are allowed
+            feedback.append(message.feedback)
+        server.seen.set()
+
+    goal = AskAction.Goal(question="the red circle is left of the blue square (ünïcødé)", max_new_tokens=5,
+                          reset_context=True, timeout_s=2.5)
+    handle = spin_until(executor, client.send_goal_async(goal, feedback_callback=on_feedback), "goal response")
+    assert handle.accepted
+    response = spin_until(executor, handle.get_result_async(), "result")
+    client.destroy()
+
+    words = goal.question.split()[:5]
+    assert server.goals == [goal]  # every goal field arrived intact
+    assert [(f.answer, f.tokens_generated) for f in feedback] == [(" ".join(words[:i]), i) for i in range(1, 6)]
+    assert response.status == GoalStatus.STATUS_SUCCEEDED
+    assert response.result == server.result(goal, words, success=True)  # every result field came back
+    assert response.result.io_bytes == 2**40 + 1 and response.result.decode_s == 2.5
+    assert server.finished == ["succeeded"] and server.cancel_requests == 0
+
+
+def test_action_cancel_stops_the_goal_with_the_partial_answer(action_pair, AskAction):
+    from rclpy.action import ActionClient
+
+    server, node, executor, name = action_pair
+    client = ActionClient(node, AskAction, name)
+    assert client.wait_for_server(timeout_sec=DISCOVERY_TIMEOUT_S), f"{name} not discovered"
+    answers = []
+
+    def on_feedback(message):
+        if message.feedback.answer not in answers:
+            answers.append(message.feedback.answer)
+        if message.feedback.tokens_generated < 2:
+            server.seen.set()  # the second word is never acknowledged: the server waits, the client cancels
+
+    goal = AskAction.Goal(question="one two three four five six", max_new_tokens=6)
+    handle = spin_until(executor, client.send_goal_async(goal, feedback_callback=on_feedback), "goal response")
+    assert handle.accepted
+    deadline = time.monotonic() + CALL_TIMEOUT_S
+    while len(answers) < 2 and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.1)
+    assert answers == ["one", "one two"], f"feedback within {CALL_TIMEOUT_S} s: {answers}"
+    cancel = spin_until(executor, handle.cancel_goal_async(), "cancel response")
+    assert [bytes(g.goal_id.uuid) for g in cancel.goals_canceling] == [bytes(handle.goal_id.uuid)]
+    response = spin_until(executor, handle.get_result_async(), "result")
+    client.destroy()
+
+    assert answers == ["one", "one two"]
+    assert response.status == GoalStatus.STATUS_CANCELED
+    result = response.result
+    assert (result.success, result.error, result.answer, result.truncated, result.tokens_generated) == (
+        False, "canceled", "one two", True, 2)
+    assert server.finished == ["canceled"] and server.cancel_requests == 1

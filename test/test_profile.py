@@ -1,10 +1,18 @@
-"""Drive profiler on a small scratch file: a monotone table, saturation, caching, validation, plot."""
+"""Drive profiler on a small scratch file: a monotone table, saturation, caching, validation, plot;
+where the scratch file goes (never into the directory named, which may be a read-only store)."""
 import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nchunk_core.io import profile as prof
+from nchunk_core.io.drive import drive_info
 from nchunk_core.io.latency import LatencyTable
 
 MIB = 1 << 20
@@ -29,6 +37,7 @@ def small_table(tmp_path_factory):
     d = tmp_path_factory.mktemp("drive")
     table = prof.profile_drive(d, threads=4, quick=True, scratch_bytes=24 * MIB, max_kib=128)
     assert not (d / prof.SCRATCH_NAME).exists()  # scratch file removed
+    assert list(d.iterdir()) == []  # and it never was in the directory named
     return d, table
 
 
@@ -111,3 +120,116 @@ def test_smooth_latency_removes_single_outliers():
     smooth = prof.smooth_latency(sizes, noisy)
     assert smooth[70] == pytest.approx(latency[70], rel=0.02)
     np.testing.assert_allclose(smooth, latency, rtol=0.08)  # a wide median bends the curve only slightly
+
+
+# ---- where the scratch file goes ------------------------------------------------------------------
+
+def _snapshot(directory):
+    return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in directory.iterdir()) + \
+        [("", directory.stat().st_mtime_ns, 0)]
+
+
+def _mount(*args):
+    """Run mount(8) as root; False when this machine does not allow it."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_store(tmp_path):
+    """A store-like directory nobody can write to: a read-only bind mount when running as root (the
+    same file system, and even root gets EROFS), else permission bits."""
+    source = tmp_path / "store-src"
+    source.mkdir()
+    (source / "manifest.json").write_text("{}")
+    (source / "weights-00000.bin").write_bytes(b"\0" * 4096)
+    view = tmp_path / "store"
+    view.mkdir()
+    mounted = _mount("--bind", str(source), str(view))
+    if mounted and not _mount("-o", "remount,ro,bind", str(view)):
+        subprocess.run(["umount", str(view)], check=False)
+        mounted = False
+    if not mounted:
+        view.rmdir()
+        view = source
+        view.chmod(0o555)
+    try:
+        yield view
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(view)], check=False)
+        source.chmod(0o755)
+
+
+def test_read_only_store_is_left_untouched(read_only_store, cache):
+    before = _snapshot(read_only_store)
+    if os.geteuid() == 0 and read_only_store.name == "store":  # the bind mount: even root cannot write
+        with pytest.raises(OSError):
+            (read_only_store / "probe").write_bytes(b"x")
+    messages = []
+    table = prof.load_or_profile(read_only_store, threads=2, log=messages.append, scratch_bytes=16 * MIB,
+                                 max_kib=64)
+    assert table.latency_s.size > 0 and (np.diff(table.latency_s) >= 0).all()
+    assert _snapshot(read_only_store) == before
+    # same file system (the temp folder or an ancestor): the store's own drive is the one measured
+    assert table.meta["same_drive"] is True
+    assert os.stat(table.meta["scratch_dir"]).st_dev == os.stat(read_only_store).st_dev
+    assert drive_info(table.meta["scratch_dir"]).key(2) == table.meta["key"] == drive_info(read_only_store).key(2)
+    assert "profiling the drive holding" in messages[0] and table.meta["profiled_for"] in messages[0]
+    assert not list(Path(table.meta["scratch_dir"]).glob(".nchunk-profile-scratch-*"))
+    assert prof.cache_path(read_only_store, 2).is_file()
+
+
+def test_no_writable_folder_on_the_drive_falls_back_to_the_cache(tmp_path, cache):
+    """A store on a read-only file system of its own: the cache folder's drive is measured, and the
+    log says so."""
+    mount_point = tmp_path / "ro-fs"
+    mount_point.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)):
+        pytest.skip("cannot mount a read-only file system here (needs root)")
+    try:
+        assert os.stat(mount_point).st_dev != os.stat(tempfile.gettempdir()).st_dev
+        place, same_drive = prof.scratch_place(mount_point, prof.scratch_fallback())
+        assert (place, same_drive) == (cache, False)
+        messages = []
+        table = prof.load_or_profile(mount_point, threads=2, log=messages.append, scratch_bytes=16 * MIB,
+                                     max_kib=64)
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+    assert "instead" in messages[0] and str(cache) in messages[0]
+    assert table.meta["same_drive"] is False and table.meta["scratch_dir"] == str(cache)
+    assert table.meta["drive"] != table.meta["profiled_for"]
+    assert not list(cache.glob(".nchunk-profile-scratch-*"))
+    with pytest.raises(OSError, match="no writable folder"):
+        with _mounted_read_only(mount_point):
+            prof.ScratchFile(mount_point, MIB)  # no fallback: a measurement of another drive is refused
+
+
+class _mounted_read_only:
+    def __init__(self, mount_point):
+        self.mount_point = mount_point
+
+    def __enter__(self):
+        assert _mount("-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(self.mount_point))
+
+    def __exit__(self, *exc):
+        subprocess.run(["umount", str(self.mount_point)], check=False)
+
+
+def test_scratch_files_are_unique_and_removed_when_writing_is_interrupted(tmp_path):
+    with prof.ScratchFile(tmp_path, MIB) as a, prof.ScratchFile(tmp_path, MIB) as b:
+        assert a.path != b.path and a.path.parent == b.path.parent
+        assert a.path.stat().st_size == b.path.stat().st_size == MIB
+        assert tmp_path not in a.path.parents and a.same_drive
+    assert not a.path.exists() and not b.path.exists()
+
+    created = []
+
+    def interrupt(fraction, message):
+        created.extend(Path(tempfile.gettempdir()).glob(".nchunk-profile-scratch-*"))
+        raise KeyboardInterrupt  # a signal while the node profiles at start-up
+
+    with pytest.raises(KeyboardInterrupt):
+        prof.ScratchFile(tmp_path, 32 * MIB, progress=interrupt)
+    assert created and not any(p.exists() for p in created)

@@ -15,7 +15,9 @@ What goes where (store format: store/__init__.py; names: flash_model.py):
   the channel was in the top half (what the hot–cold order sorts by); the manifest's
   ``model.calibration`` says how many frames and from where;
 - the hot–cold permutation per input → permutations.safetensors;
-- config.json, generation_config.json, tokenizer and processor files → copied next to the manifest.
+- config.json, generation_config.json, tokenizer and processor files → copied next to the manifest;
+- the manifest's `recommended` settings (store/recommended.py): `recommended` when given (what the
+  caller validated), else CONVERTED: sparsity 0, which reads every row and reproduces the checkpoint.
 
 Steps (nothing holds the model twice; the checkpoint is read one tensor at a time, and only the
 resident part, which the runtime keeps in RAM anyway, is held until each store is closed):
@@ -50,7 +52,7 @@ from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.runtime.config import frame_tokens_value
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.convert.reorder import ActivationCounter
-from nchunk_core.store import Store, StoreError, StoreWriter
+from nchunk_core.store import Recommended, Store, StoreError, StoreWriter, set_recommended
 from nchunk_core.store.format import MANIFEST, PERMUTATIONS, RESIDENT
 from nchunk_core.store.naming import CALIBRATION_PREFIX, DTYPES, group_names, input_name, torch_dtype
 
@@ -58,6 +60,11 @@ FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
 STORE_FILE_NAMES = (MANIFEST, RESIDENT, PERMUTATIONS)
 SYNTHETIC_FRAMES = 8
+# What a converted store recommends when the caller measured nothing better: the exact model, and the
+# node's defaults for context and answer length.
+CONVERTED = Recommended(sparsity=0.0, method="chunking", max_frames=8, max_new_tokens=32,
+                        basis="nchunk convert: sparsity 0 reads every row and reproduces the checkpoint; "
+                              "accuracy at higher sparsity was not measured")
 
 Log = Callable[[str], None]
 
@@ -244,9 +251,12 @@ def _prepare_destination(dst: Path, overwrite: bool) -> None:
 def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str = "auto",
             reorder: bool = True, calib_frames: int = 32, calib_device: str = "cpu",
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
-            progress: bool = True, log: Log | None = None, frame_tokens="auto") -> Path:
+            recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
+            frame_tokens="auto") -> Path:
     """Convert the checkpoint in `model_dir` into a store at `store_dir` (see the module docstring)."""
     log = log or (lambda message: None)
+    if recommended is not None and not isinstance(recommended, Recommended):
+        raise ValueError(f"recommended must be a Recommended or None, got {type(recommended).__name__}")
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(calib_frames, bool) or not isinstance(calib_frames, int) or calib_frames < 1:
@@ -286,6 +296,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             permute_store(first, final, calibration, info, progress)
             copy_model_files(source, final)
             shutil.rmtree(first)
+        set_recommended(final, recommended or CONVERTED)
         Store.open(final)  # the result opens and validates before it replaces anything
         if dst.exists():
             dst.rename(work / "previous")

@@ -45,7 +45,7 @@ from transformers import DynamicCache
 
 from nchunk_core.demo import scenes
 from nchunk_core.demo.batches import Batches, Encoder, collate, held_out_sets
-from nchunk_core.demo.model import build_untrained, shipped_store
+from nchunk_core.demo.model import RECOMMENDED, build_untrained, shipped_store
 from nchunk_core.demo.train_settings import FRAME_H, FRAME_W, TEST_SCENES, VAL_SCENES, Settings
 from nchunk_core.demo.training_aids import HINTS, SceneProbe, attention_hint_loss, probe_targets
 
@@ -270,7 +270,8 @@ def train_and_convert(s: Settings, out: Path, store: Path | None = None, convert
     if convert_store:
         store = store or shipped_store()
         with tempfile.TemporaryDirectory(prefix="nchunk-calib-") as tmp:
-            convert(out, store, calib=calibration_frames(Path(tmp), s.seed), overwrite=True)
+            convert(out, store, calib=calibration_frames(Path(tmp), s.seed), overwrite=True,
+                    recommended=RECOMMENDED)
         shutil.copy2(out / "training.json", store / "training.json")
         log(f"store: {store}")
     return 0

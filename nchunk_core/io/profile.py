@@ -3,7 +3,8 @@
 T[s] is the steady-state time per contiguous chunk of s bytes while many such chunks are in flight
 through the same reader (thread pool, direct I/O) the runtime uses. The profiler
 
-1. writes a scratch file of random bytes on the drive under test (>= 128 MiB, removed afterwards),
+1. writes a scratch file of random bytes on the drive under test (>= 128 MiB, removed afterwards;
+   never inside the directory named, which may be a read-only store: see scratch.py),
 2. finds the peak throughput with a coarse pass over chunk sizes 4 KiB .. 8 MiB (many bytes per point),
 3. measures sizes up to twice the coarse saturation estimate, every KiB up to 256 KiB and every
    16 KiB beyond (quick mode: a sparser grid), interpolated onto the 1 KiB grid; every point reads
@@ -32,13 +33,13 @@ import numpy as np
 from nchunk_core.io.drive import drive_info
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
+from nchunk_core.io.scratch import SCRATCH_NAME, ScratchFile, scratch_place  # noqa: F401 (re-exported)
 
 KIB = 1024
 MIB = 1024 * 1024
 COARSE_KIB = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SATURATION_FRACTION = 0.99
 BUFFER_CAP = 64 * MIB  # largest destination buffer a single measurement uses
-SCRATCH_NAME = ".nchunk-profile-scratch.bin"
 
 Progress = Callable[[float, str], None]
 
@@ -50,6 +51,12 @@ def cache_dir() -> Path:
         return Path(base) / "profiles"
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "nchunk" / "profiles"
+
+
+def scratch_fallback() -> Path:
+    """Where the scratch file goes when the drive under test has no writable folder: the cache folder
+    ($NCHUNK_CACHE_DIR, else ~/.cache/nchunk), whose drive is then the one measured."""
+    return cache_dir().parent
 
 
 def cache_path(directory, threads: int) -> Path:
@@ -84,34 +91,6 @@ def smooth_latency(sizes: np.ndarray, latency: np.ndarray, width: float = 0.25) 
     hi = np.searchsorted(logs, logs + width, side="right")
     smoothed = np.array([np.median(thr[a:b]) for a, b in zip(lo, hi)])
     return sizes / smoothed
-
-
-class ScratchFile(contextlib.AbstractContextManager):
-    """A file of random bytes on the drive under test; removed on exit unless `keep`."""
-
-    def __init__(self, directory, size_bytes: int, keep: bool = False, progress: Progress | None = None):
-        self.path = Path(directory) / SCRATCH_NAME
-        self.size = int(size_bytes)
-        self.keep = keep
-        if not self.path.exists() or self.path.stat().st_size != self.size:
-            self._write(progress)
-
-    def _write(self, progress):
-        rng = np.random.default_rng(0)
-        block = 8 * MIB
-        with open(self.path, "wb") as f:
-            for done in range(0, self.size, block):
-                n = min(block, self.size - done)
-                f.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
-                if progress:
-                    progress(done / self.size, "writing scratch file")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def __exit__(self, *exc):
-        if not self.keep:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
 
 
 class _Bench:
@@ -160,7 +139,8 @@ def profile_drive(
     max_kib: int = 8192,
     progress: Progress | bool = False,
 ) -> LatencyTable:
-    """Measure the latency table of the drive holding `directory` (see the module docstring).
+    """Measure the latency table of the drive holding `directory` (see the module docstring); with no
+    writable folder on that drive, of the cache folder's drive (scratch_place; meta["same_drive"]).
 
     quick: sparse grid and fewer repeats, for node start-up (about 10-20 s here).
     progress: True for a terminal progress bar, or a callable(fraction, message).
@@ -176,7 +156,8 @@ def profile_drive(
     repeats = 2 if quick else 3
     started = time.time()
     try:
-        with ScratchFile(directory, scratch_bytes, progress=lambda f, m: report(0.1 * f, m)) as scratch, \
+        with ScratchFile(directory, scratch_bytes, progress=lambda f, m: report(0.1 * f, m),
+                         fallback=scratch_fallback()) as scratch, \
                 Reader(threads=threads) as reader:
             bench = _Bench(reader, scratch.path)
             steady = 8 * threads  # chunks per batch: ramp-up and tail stay a small part of the time
@@ -214,13 +195,17 @@ def profile_drive(
             hits = np.nonzero(thr >= SATURATION_FRACTION * peak)[0]
             sat_kib = int(grid[hits[0]]) if hits.size else int(grid[-1])
             info = drive_info(directory)
+            measured = drive_info(scratch.path)
             return LatencyTable(
                 latency_s=latency[:sat_kib],
                 step_bytes=KIB,
                 peak_bytes_per_s=peak,
                 saturation_bytes=sat_kib * KIB,
                 meta={
-                    "drive": info.describe(),
+                    "drive": measured.describe(),  # the drive measured: see scratch_place
+                    "profiled_for": info.describe(),  # the drive holding `directory`
+                    "same_drive": scratch.same_drive,
+                    "scratch_dir": str(scratch.path.parent),
                     "key": info.key(threads),
                     "threads": threads,
                     "direct_io": bool(bench.handle.direct),
@@ -250,7 +235,8 @@ def load_or_profile(
 ) -> LatencyTable:
     """The cached table of this drive and thread count, or a fresh profile saved to the cache.
 
-    profile_options go to `profile_drive` (scratch_bytes, max_kib) when a profile is measured.
+    profile_options go to `profile_drive` (scratch_bytes, max_kib) when a profile is measured. The log
+    names the drive measured, and says so when that is not the drive holding `directory`.
     """
     log = log or (lambda m: None)
     path = cache_path(directory, threads)
@@ -261,7 +247,14 @@ def load_or_profile(
             return table
         except (OSError, ValueError) as exc:
             log(f"ignoring unreadable drive profile {path}: {exc}")
-    log(f"profiling the drive holding {directory} ({'quick' if quick else 'full'}; cached at {path})")
+    place, same_drive = scratch_place(directory, scratch_fallback())
+    mode = "quick" if quick else "full"
+    if same_drive:
+        log(f"profiling the drive holding {directory}, {drive_info(directory).describe()} ({mode}; scratch file "
+            f"in {place}; cached at {path})")
+    else:
+        log(f"no writable folder on the drive holding {directory} ({drive_info(directory).describe()}): profiling "
+            f"the drive holding {place} instead, {drive_info(place).describe()} ({mode}; cached at {path})")
     table = profile_drive(directory, threads=threads, quick=quick, progress=progress, **profile_options)
     tmp = path.with_suffix(".tmp")
     table.save(tmp)
@@ -303,7 +296,8 @@ def validate(
     report: Progress = progress or (lambda f, m: None)
     results = []
     try:
-        with ScratchFile(directory, 256 * MIB) as scratch, Reader(threads=threads) as reader:
+        with ScratchFile(directory, 256 * MIB, fallback=scratch_fallback()) as scratch, \
+                Reader(threads=threads) as reader:
             handle = reader.open(str(scratch.path))
             buf = reader.empty(BUFFER_CAP)
             for i in range(patterns):

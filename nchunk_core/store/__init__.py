@@ -8,6 +8,8 @@ Layout of a store directory (format "nchunk-store", version 1):
     resident.safetensors        tensors kept in RAM (embeddings, norms, biases, vision tower, ...)
     permutations.safetensors    int64 row permutation per input name (hot-cold reordering)
 
+The manifest may also carry `recommended`: the settings the store was validated at (recommended.py).
+
 A group is one or more matrices that read the same input activation. Input channel i of all of them
 is one contiguous row: the concatenation of W[:, i] over the group's matrices (Wᵀ layout), so
 selecting channels means reading rows. q|k|v or gate|up may be one bundled group or separate groups
@@ -18,7 +20,9 @@ A = max(4096, the writing drive's direct-I/O offset alignment); the manifest rec
 from nchunk_core.store.format import (GroupInfo, StoreCorruptError, StoreError, StoreFormatError,
                      FORMAT, VERSION)
 from nchunk_core.store.loader import BadBlock, Store, VerifyReport, group_rows_to_torch
+from nchunk_core.store.recommended import Recommended, set_recommended
 from nchunk_core.store.writer import StoreWriter
 
-__all__ = ["FORMAT", "VERSION", "BadBlock", "GroupInfo", "Store", "StoreCorruptError",
-           "StoreError", "StoreFormatError", "StoreWriter", "VerifyReport", "group_rows_to_torch"]
+__all__ = ["FORMAT", "VERSION", "BadBlock", "GroupInfo", "Recommended", "Store", "StoreCorruptError",
+           "StoreError", "StoreFormatError", "StoreWriter", "VerifyReport", "group_rows_to_torch",
+           "set_recommended"]

@@ -18,6 +18,7 @@ import numpy as np
 from nchunk_core.store.format import (MANIFEST, GroupInfo, StoreCorruptError, StoreError, StoreFormatError, _field,
                      check_header, check_sizes_on_disk, parse_files, parse_groups,
                      safetensors_header)
+from nchunk_core.store.recommended import Recommended
 
 
 @dataclasses.dataclass
@@ -93,6 +94,8 @@ class Store:
         self.groups = groups
         self.alignment: int = manifest["alignment"]
         self.model_info: dict = manifest["model"]
+        # settings the store was validated at (recommended.py); None for stores written before
+        self.recommended: Recommended | None = Recommended.from_manifest(manifest)
         self._resident_file = resident_file
         self._resident_header = resident_header
         self._permutations_file = permutations_file
