@@ -59,7 +59,8 @@ from transformers import DynamicCache
 
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
-from nchunk_core.runtime.adapters import Chunk, adapter_class, greedy_decode
+from nchunk_core.runtime.adapters import Chunk, adapter_class
+from nchunk_core.runtime.decoding import DecodingSettings, greedy_decode
 from nchunk_core.runtime.config import MAX_NEW_TOKENS_LIMIT, SessionConfig, check_selection, positive_int
 from nchunk_core.runtime.flash_model import build_flash_model
 from nchunk_core.store.naming import torch_dtype
@@ -93,12 +94,12 @@ class Session:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self._log = log
-        options = {"frame_mode": cfg.frame_mode} if flash.arch == "llava_onevision" else {}
-        self.adapter = adapter_class(flash.arch)(flash.model, processor, **options)
+        self.adapter = adapter_class(flash.arch)(flash.model, processor, frame_tokens=cfg.frame_tokens)
         # The conversation's first chunk, the same text every time; a text chunk at 0 takes
         # positions 0 … n-1 in every adapter, so it ends at position num_tokens.
         self._prefix = self.adapter.encode_text(self.adapter.prompt_prefix)
-        self.stop_ids = stop_token_ids(store.path, self.tokenizer)
+        self.decoding = DecodingSettings.load(store.path, stop_token_ids(store.path, self.tokenizer), cfg.decoding)
+        self.stop_ids = self.decoding.stop_ids
         text = flash.model.config.get_text_config()
         self.max_positions = int(getattr(text, "max_position_embeddings", 1 << 30))
         self._frame_tokens = 0  # the most tokens a frame took so far (max_answer_tokens)
@@ -142,6 +143,8 @@ class Session:
         groups = len(store.groups)
         log(f"opened {store.path}: {flash.arch}, {groups} streamed groups, "
             f"{sum(g.nbytes for g in store.groups.values()) / 2**20:.1f} MiB on the drive")
+        log(session.adapter.describe())
+        log(f"decoding: {session.decoding.describe()}")
         return session
 
     # -- state --------------------------------------------------------------------------------------
@@ -181,6 +184,7 @@ class Session:
         self._context_tokens = 0
         self._newest = None
         self._prefixed = False
+        self._context_ids: list[torch.Tensor] = []  # [1, T] ids of each chunk in the cache, in order
 
     def _check_open(self) -> None:
         if self._closed:
@@ -293,6 +297,7 @@ class Session:
                 raise
             self._prefixed = True
             self._frames += 1
+            self._context_ids += [c.input_ids for c, _ in chunks]
         self._kept.append(kept_copy(image))
         self._newest = (image, stamp)
         self._context_tokens = self._cache.get_seq_length()
@@ -328,6 +333,7 @@ class Session:
             chunks = [(self._prefix, "prefix"), *replay, (chunk, "frame")]
         position = self._fill(cache, position, chunks)  # the old context stays intact if this fails
         self._cache, self._next_position = cache, position
+        self._context_ids = [self._prefix.input_ids] + [c.input_ids for c, _ in chunks if c is not self._prefix]
         self._prefixed = True
         self._frames = len(replay) + 1
         self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
@@ -365,7 +371,7 @@ class Session:
             if n_question > self._cfg.max_question_tokens:
                 raise ValueError(f"question is {n_question} tokens long; the limit is "
                                  f"{self._cfg.max_question_tokens} (max_question_tokens)")
-            chunk = self.adapter.encode_text(self.adapter.question_prompt(text))
+            chunk = self.adapter.encode_question(text)
             need = self._next_position + chunk.num_tokens + n_new
             if need > self.max_positions:
                 raise ValueError(f"question and answer would reach position {need}, above the "
@@ -377,7 +383,9 @@ class Session:
                 logits, pos = self._append(chunk, self._cache, position, "question")
                 t1 = time.perf_counter()
                 self._flash.phase = "answer"
-                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop)
+                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop,
+                                          repetition_penalty=self.decoding.repetition_penalty,
+                                          context_ids=torch.cat([*self._context_ids, chunk.input_ids], dim=1))
             finally:
                 truncate_cache(self._cache, length)
                 self._next_position = position
