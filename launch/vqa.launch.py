@@ -7,6 +7,10 @@ store_path (and the camera topics), and pass the copy. Without `launch` (ROS 2 f
 the same is:
 
     vqa_node --ros-args --params-file /path/to/my_vqa.yaml
+
+Either way the node's main sets up the camera transport (a Fast DDS profile that lets large
+best-effort frames arrive, docs/camera_transport.md) before rclpy.init: nothing to add here. Set
+FASTDDS_DEFAULT_PROFILES_FILE in the environment to use a profile of your own instead.
 """
 import os
 

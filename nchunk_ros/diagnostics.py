@@ -7,7 +7,9 @@ messages; until here they travel as dataclasses. Each message holds one Diagnost
   I/O, selection, vision and compute seconds, rows read, retained importance, tokens, frames in
   context, rebuilt), the selection settings and max_frames it was appended with, the session's
   device, dtype and reader_threads, its topic and stamp; ERROR with the reason when an append failed.
-- INTAKE ("vqa_node: intake"), once a second.
+- INTAKE ("vqa_node: intake"), once a second; key "silent_topics" lists (comma-separated) the camera
+  topics with publishers but no frame for camera_transport.SILENCE_S seconds, and the level is WARN
+  while there are any.
 - RELOAD ("vqa_node: reload"), after a model reload: OK, or ERROR with the reason; key "changes".
 
 Every status also carries the counters (one key per field of worker.Counters) and frames_in_context.

@@ -16,7 +16,8 @@ before the next question starts, and at most one append runs between two questio
 questions cannot starve the camera, nor appends slower than the interval the questions. The newest
 frame behind an answer is at most max(interval, one append) plus the camera's frame period old.
 What a task does is the business of the `tasks` object given to `start` (session_tasks.SessionTasks
-in the node): `reload(values, reopen)`, `answer(job)`, `append(frame)` and `frames_in_context()`.
+in the node): `reload(values, reopen)`, `answer(job)`, `append(frame)`, `frames_in_context()` and
+`newest_frame_age(when)`.
 
 Deadlines: a question still waiting at its deadline gets "timed out" at once ("reloading the model;
 timed out after N s" when a reload held it up); one whose answer is being decoded (`decoding`)
@@ -199,6 +200,7 @@ class Worker:
         else:
             error = f"reloading the model; timed out after {job.timeout:g} s" if reloading else "timed out"
         response.frames_in_context = self._tasks.frames_in_context()
+        response.newest_frame_age_s = self._tasks.newest_frame_age(job.started or time.monotonic())
         response.queue_s = (job.started or time.monotonic()) - job.arrival
         return failed(response, error, job.arrival)
 

@@ -40,6 +40,9 @@ class Tasks:
     def frames_in_context(self) -> int:
         return self.in_context
 
+    def newest_frame_age(self, when: float) -> float:
+        return 0.0
+
     def _run(self, kind, name):
         self.running.append((kind, name))
         assert self.steps.acquire(timeout=WAIT_S) if self.steps else self.gate.wait(WAIT_S)
