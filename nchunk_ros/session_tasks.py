@@ -280,19 +280,15 @@ def read_failure_reason(exc: BaseException, store) -> str:
     `exc` is an OSError or EOFError of the reader: nchunk_core.io.errors' IoError (path, offset,
     length, errno), a ChecksumError (also row and group) or, from older readers, a plain one.
     """
-    path = getattr(exc, "path", None) or getattr(exc, "filename", None)
-    offset, length = getattr(exc, "offset", None), getattr(exc, "length", None)
     if getattr(exc, "errno", None) == errno.EBADMSG:  # ChecksumError: its message names all of it
         return f"damaged weights: {exc}"
-    where = f"{path}" if path else "the store"
-    if length is not None and offset is not None:
-        where += f", {length} bytes at offset {offset}"
-        group = _group_at(store, path, offset)
-        if group is not None:
-            where += f" (group {group.name!r}, row {(offset - group.offset) // group.row_bytes})"
-    code = getattr(exc, "errno", None)
-    cause = os.strerror(code) if code and offset is not None else (str(exc) or type(exc).__name__)
-    return f"cannot read weights: {where}: {cause}"
+    path = getattr(exc, "path", None) or getattr(exc, "filename", None)
+    offset, length, code = getattr(exc, "offset", None), getattr(exc, "length", None), getattr(exc, "errno", None)
+    group = None if offset is None else _group_at(store, path, offset)
+    where = "" if group is None else f" (group {group.name!r}, row {(offset - group.offset) // group.row_bytes})"
+    if code and offset is not None and length is not None:
+        return f"cannot read weights: {path}, {length} bytes at offset {offset}{where}: {os.strerror(code)}"
+    return f"cannot read weights{where}: {str(exc) or type(exc).__name__}"  # the reader's message names the file
 
 
 def _group_at(store, path, offset: int):

@@ -7,6 +7,7 @@ store_path to its value; max_new_tokens is held to what the model can hold; a ca
 publishers but no frames is reported. No assertion here bounds a wall-clock time: each asserts an
 outcome, or an age against the configured append interval with a margin.
 """
+import errno
 import json
 import os
 import shutil
@@ -151,15 +152,32 @@ def test_damaged_then_unreadable_weights_fail_with_file_group_row_offset(start_r
 
         os.truncate(path, group.offset + group.row_bytes)  # the file ends inside the first group
         r = tester.call("And now?")
-        assert not r.success and r.error.startswith("cannot read weights: ") and str(path) in r.error, r.error
+        assert not r.success and r.error.startswith("cannot read weights") and str(path) in r.error, r.error
+        assert f"(group {group.name!r}, row 0)" in r.error
         assert node.counters().read_errors == 2 and node.counters().checksum_errors == 1
         wait_for(lambda: len(errors) >= 2, what="the read errors in the log")
         assert all("\n" not in line and "Traceback" not in line for line in errors), errors
         assert "(read error 1 since start)" in errors[0] and "(read error 2 since start)" in errors[1]
         wait_for(lambda: tester.latest("read_errors") == 2, what="the count on ~/statistics")
         assert node.session is not None and tester.call("Still there?").error.startswith("cannot read weights")
+        failures, read_errors = node.counters().append_failures, node.counters().read_errors
+        publish_until(lambda: tester.publish_frame(seed=501), lambda: node.counters().append_failures > failures,
+                      "a frame that cannot be appended")
+        assert node.counters().read_errors == read_errors + 1
+        assert all("\n" not in line and "Traceback" not in line for line in errors), errors
     finally:
         rig.stop()
+
+
+def test_a_failed_read_names_file_length_offset_group_row_and_errno(node_store):
+    from nchunk_ros.session_tasks import read_failure_reason
+
+    store = Store.open(node_store)
+    group, path = first_row(node_store)
+    error = OSError(errno.EIO, "Input/output error", str(path))  # as the reader's IoError carries it
+    error.path, error.offset, error.length = str(path), group.offset + 2 * group.row_bytes, 4096
+    assert read_failure_reason(error, store) == (f"cannot read weights: {path}, 4096 bytes at offset "
+                                                 f"{error.offset} (group {group.name!r}, row 2): Input/output error")
 
 
 # ---- reloads: a store replaced on disk, and max_new_tokens -----------------------------------------
