@@ -31,19 +31,21 @@ Parameters (config/vqa.yaml documents each) apply without a restart. The selecti
 (sparsity, method, chunk_*) and max_frames apply from the next frame or question (a max_frames
 below the frames in context makes the next frame rebuild the context); image_topics and
 qos_reliability re-subscribe at once; max_append_rate_hz, max_new_tokens and ask_timeout_s apply at
-once. store_path, device, dtype and reader_threads reload the model, also when set to the value
-they have (a store replaced on disk is opened again): a store_path that is not a
-directory with a manifest.json is refused at once; otherwise the worker, before its next frame or
-question, opens a new session with the new values (the drive profile from the cache, or a quick
-profile for a new drive or reader_threads) and only then closes the old one. The context starts
+once (max_new_tokens up to what the model holds). store_path, device, dtype and reader_threads
+reload the model, also when set to the value they have (a store replaced on disk is opened again):
+a store_path that is not a directory with a manifest.json is refused at once; otherwise the
+worker, before its next frame or question, opens a new session with the new values (the drive
+profile from the cache, or a quick profile for a new drive or reader_threads) and only then closes
+the old one. The context starts
 again from the newest camera frame. When the new session cannot be opened, the old one keeps
 answering, the reason is logged and published, and the parameters are set back.
 
 `main` first points Fast DDS at the node's camera profile (camera_transport.py), so that large
-best-effort frames from other processes arrive. Start-up opens the store, loads the drive profile of the store's drive from the cache or measures a
-quick one (progress in the log), and builds the model. A missing or bad store, or a bad parameter
-value, ends the process with exit code 1 and a one-line reason on stderr. SIGINT and SIGTERM stop it
-cleanly with exit code 0, also during start-up (a Ctrl-C while the module's imports load included).
+best-effort frames from other processes arrive. Start-up opens the store, loads the drive profile
+of the store's drive from the cache or measures a quick one (progress in the log), and builds the
+model. A missing or bad store, or a bad parameter value, ends the process with exit code 1 and a
+one-line reason on stderr. SIGINT and SIGTERM stop it cleanly with exit code 0, also during start-up
+(a Ctrl-C while the module's imports load included).
 """
 from __future__ import annotations
 
