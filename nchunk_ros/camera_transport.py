@@ -66,6 +66,14 @@ def profile_in_use(environ=os.environ) -> str | None:
     return path if Path(path).name in (PROFILE, PROFILE_LOCALHOST) else None
 
 
+def describe(environ=os.environ) -> str:
+    """One line for the node's log: the camera transport in use."""
+    profile = profile_in_use(environ)
+    if profile:
+        return f"camera transport: Fast DDS profile {profile} (UDP, 4 MiB buffers)"
+    return "camera transport: as configured by the environment (docs/camera_transport.md)"
+
+
 def silence_cause(reliability: str, publisher_reliabilities: list[str], environ=os.environ) -> str:
     """What usually keeps frames from a topic with publishers, for a subscription of `reliability`
     ("best_effort" or "reliable") and the publishers' reliabilities."""

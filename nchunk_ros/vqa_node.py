@@ -123,9 +123,7 @@ class VQANode(Node):
         self._camera_group = MutuallyExclusiveCallbackGroup()
         self._answer_pub = self.create_publisher(String, "~/answer", 10)
         self._stats_pub = self.create_publisher(DiagnosticArray, "~/statistics", 10)
-        profile = camera_transport.profile_in_use()
-        self.get_logger().info(f"camera transport: Fast DDS profile {profile} (UDP, 4 MiB buffers)" if profile else
-                               "camera transport: as configured by the environment (docs/camera_transport.md)")
+        self.get_logger().info(camera_transport.describe())
         self._subscribe()
         self._service = self.create_service(Ask, SERVICE, self._on_ask, qos_profile=SERVICE_QOS,
                                             callback_group=ReentrantCallbackGroup())
