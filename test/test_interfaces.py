@@ -41,6 +41,7 @@ RESPONSE_FIELDS = {
     "truncated": "boolean",
     "frames_in_context": "int32",
     "newest_frame_stamp": "builtin_interfaces/Time",
+    "newest_frame_age_s": "double",
     "context_tokens": "int32",
     "tokens_generated": "int32",
     "queue_s": "double",
@@ -73,7 +74,7 @@ def test_defaults_mean_use_the_node_parameters():
     assert (response.newest_frame_stamp.sec, response.newest_frame_stamp.nanosec) == (0, 0)
     for name in ("context_tokens", "tokens_generated", "io_bytes", "io_reads"):
         assert getattr(response, name) == 0
-    for name in ("queue_s", "prefill_s", "decode_s", "total_s", "io_s"):
+    for name in ("newest_frame_age_s", "queue_s", "prefill_s", "decode_s", "total_s", "io_s"):
         assert getattr(response, name) == 0.0
 
 
@@ -112,6 +113,7 @@ def filled_response(request: Ask.Request) -> Ask.Response:
         truncated=request.reset_context,
         frames_in_context=7,
         newest_frame_stamp=Time(sec=1_700_000_123, nanosec=456_789_000),
+        newest_frame_age_s=0.375,
         context_tokens=7 * 196 + 20,
         tokens_generated=request.max_new_tokens,
         queue_s=0.25,
