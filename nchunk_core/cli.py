@@ -321,13 +321,39 @@ def cmd_verify(args) -> int:
     return 0 if getattr(report, "ok", True) else 1
 
 
+def _add_upgrade(sub):
+    p = sub.add_parser("upgrade", help="bring a store of an older format version up to date, in place",
+                       description="Upgrade a store written by an older nchunk to the current format, in "
+                       "place. From version 1: read every weight block and check its CRC-32 (a damaged "
+                       "store is refused), compute the CRC-32C of every row from the same bytes, write them "
+                       "to row-crc32c.bin and rewrite manifest.json atomically, keeping every other field. "
+                       "A store already current is left alone. Exit code 0 when the store is current "
+                       "afterwards, 1 otherwise.")
+    p.add_argument("store", help="store directory (contains manifest.json)")
+    p.set_defaults(func=cmd_upgrade)
+
+
+def cmd_upgrade(args) -> int:
+    from nchunk_core.store import StoreError
+    from nchunk_core.store.upgrade import upgrade
+
+    try:
+        result = upgrade(args.store, progress=True)
+    except StoreError as exc:
+        print(f"nchunk upgrade: {exc}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0
+
+
 def build_parser(more_commands=()) -> argparse.ArgumentParser:
     """The `nchunk` parser with the core subcommands, then each of `more_commands` (a function that
     adds subcommands to the subparsers action)."""
     parser = argparse.ArgumentParser(prog="nchunk", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_profile, _add_bench, _add_convert, _add_train_demo, _add_verify, *more_commands):
+    for add in (_add_profile, _add_bench, _add_convert, _add_train_demo, _add_verify, _add_upgrade,
+                *more_commands):
         add(sub)
     return parser
 
