@@ -202,6 +202,10 @@ struct Task {
   int64_t first_row;
 };
 
+// Workers beyond `threads`: while a worker checks the rows it read, a spare one keeps its read slot
+// busy, so checking does not lower the number of reads in flight.
+int spare_workers(int threads) { return (threads + 3) / 4; }
+
 // Bytes per task of an extent: max_task_bytes, or for a checked extent the whole rows that fit in it
 // (at least one).
 int64_t task_step(int64_t max_task_bytes, int64_t row_bytes) {
@@ -495,12 +499,13 @@ bool ReadRequest::done() const {
 // ---- reader ----
 
 struct Reader::Impl {
-  int threads = 0;
+  int threads = 0;  // reads in flight at most
   int64_t max_task_bytes = 0;
   size_t max_queued = 0;
 
-  std::mutex mu;  // guards the queue, `closing` and every request's dispatch cursor
-  std::condition_variable work_cv;   // a request was queued, or the reader is closing
+  std::mutex mu;  // guards the queue, `closing`, `reading` and every request's dispatch cursor
+  int reading = 0;  // workers inside read_task
+  std::condition_variable work_cv;   // a request was queued, a read slot freed, or the reader is closing
   std::condition_variable space_cv;  // a request left the queue, or the reader is closing
   std::deque<std::shared_ptr<RequestState>> queue;
   bool closing = false;
@@ -523,10 +528,14 @@ void Reader::Impl::worker_main() {
     uint64_t abandoned = 0;
     {
       std::unique_lock<std::mutex> lock(mu);
-      work_cv.wait(lock, [this] { return closing || !queue.empty(); });
-      if (queue.empty()) return;  // closing, and all queued work is handed out
+      work_cv.wait(lock, [this] { return (closing && queue.empty()) || (!queue.empty() && reading < threads); });
+      if (queue.empty()) {  // closing, and all queued work is handed out: wake the others to leave too
+        work_cv.notify_all();
+        return;
+      }
       request = queue.front();
       if (!request->failed.load(std::memory_order_relaxed)) have_task = request->next_task(&task);
+      if (have_task) ++reading;
       if (!have_task || request->exhausted()) {
         queue.pop_front();
         abandoned = request->total_tasks - request->dispatched;  // tasks skipped after an error
@@ -539,9 +548,20 @@ void Reader::Impl::worker_main() {
     std::exception_ptr error;
     try {
       got = read_task(*request->file, task, bounce);
-      if (task.row_bytes > 0) rows = check_rows(*request->file, task, request->checks.table, crcs);
     } catch (...) {
       error = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      --reading;
+    }
+    if (task.row_bytes > 0) {
+      work_cv.notify_one();  // a spare worker takes the read slot while this one checks the rows
+      try {
+        if (!error) rows = check_rows(*request->file, task, request->checks.table, crcs);
+      } catch (...) {
+        error = std::current_exception();
+      }
     }
     request->finish_tasks(1, got, rows, error);
   }
@@ -589,7 +609,8 @@ Reader::Reader(int threads, int64_t max_task_bytes, int max_queued_requests) : i
   impl_->max_task_bytes = max_task_bytes;
   impl_->max_queued = static_cast<size_t>(max_queued_requests);
   try {
-    for (int i = 0; i < threads; ++i) impl_->workers.emplace_back([this] { impl_->worker_main(); });
+    const int workers = threads + spare_workers(threads);
+    for (int i = 0; i < workers; ++i) impl_->workers.emplace_back([this] { impl_->worker_main(); });
   } catch (...) {
     impl_->stop();
     throw;

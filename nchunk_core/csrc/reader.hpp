@@ -10,7 +10,9 @@
 //
 // A request may carry the expected CRC-32C of the rows its extents read (RowChecksums). Tasks of such
 // an extent are then cut at row boundaries, and the worker that read a task checks every row in it
-// before the task counts as done, while the bytes are still in its cache.
+// before the task counts as done, while the bytes are still in its cache. At most `threads` workers
+// read at a time; a few spare workers ((threads + 3) / 4) take the read slot of a worker that is
+// checking rows, so the checks do not lower the number of reads in flight.
 //
 // Errors are C++ exceptions. IoError names the path, offset and length, with an errno from open/read;
 // its subclasses are EndOfFileError (an extent past the end of the file, or a file that ended early)
@@ -175,8 +177,9 @@ class ReadRequest {
 
 class Reader {
  public:
-  // `threads` workers; extents are cut into tasks of at most `max_task_bytes` (a multiple of 4096);
-  // `submit` blocks while `max_queued_requests` requests are already waiting for a worker.
+  // At most `threads` reads in flight (with a few spare workers, see above); extents are cut into
+  // tasks of at most `max_task_bytes` (a multiple of 4096); `submit` blocks while
+  // `max_queued_requests` requests are already waiting for a worker.
   explicit Reader(int threads = 6, int64_t max_task_bytes = 1 << 20, int max_queued_requests = 64);
   ~Reader();
   Reader(const Reader&) = delete;
