@@ -7,7 +7,7 @@ For every call it
    of each input channel, the mean of |x| over the call's tokens (a whole frame shares one selection),
 2. selects rows with the configured method and sparsity (select.py),
 3. reads exactly those rows of every group of this input through the direct-I/O reader into a
-   reusable buffer (the `Workspace`), and
+   reusable buffer (the `Workspace`), the reader checking each row against its CRC-32C, and
 4. computes y = x[..., S] @ Wᵀ[S] (+ bias) for each projection.
 
 No backbone weight is held in RAM between calls. Every call asks its `selection` source for the
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from nchunk_core.io.latency import LatencyTable
-from nchunk_core.io.reader import Reader
+from nchunk_core.io.reader import ChecksumError, IoError, Reader, RowChecksums
 from nchunk_core.runtime.select import Selection, SelectionSettings, select
 from nchunk_core.store import GroupInfo, Store
 from nchunk_core.store.naming import torch_dtype
@@ -106,12 +106,32 @@ def run_extents(groups: list[GroupInfo], runs: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def read_runs(reader: Reader, handles, groups: list[GroupInfo], runs: np.ndarray, buf) -> float:
-    """Read the runs of every group (all requests in flight together); returns the wall seconds."""
+def run_checksums(groups: list[GroupInfo], runs: np.ndarray) -> list[RowChecksums | None]:
+    """Per group, the expected CRC-32C of the rows `run_extents` reads (None: the group has none)."""
+    return [None if g.row_checksums is None else RowChecksums(g.row_checksums, runs[:, 0], g.row_bytes)
+            for g in groups]
+
+
+def read_runs(reader: Reader, handles, groups: list[GroupInfo], runs: np.ndarray, buf,
+              verify: bool | None = None) -> float:
+    """Read the runs of every group (all requests in flight together); returns the wall seconds.
+
+    Rows are checked against their CRC-32C unless `verify` (default: the reader's) is False. Every
+    request finishes before an error is raised, so `buf` is free again; a ChecksumError names the group.
+    """
     t0 = time.perf_counter()
-    requests = [reader.submit(h, e, buf) for h, e in zip(handles, run_extents(groups, runs))]
-    for r in requests:
-        r.wait()
+    requests = [reader.submit(h, e, buf, checksums=c, verify=verify)
+                for h, e, c in zip(handles, run_extents(groups, runs), run_checksums(groups, runs))]
+    error = None
+    for g, r in zip(groups, requests):
+        try:
+            r.wait()
+        except IoError as exc:
+            if isinstance(exc, ChecksumError):
+                exc.group = g.name
+            error = error or exc
+    if error is not None:
+        raise error
     return time.perf_counter() - t0
 
 
