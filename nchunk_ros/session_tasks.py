@@ -82,9 +82,10 @@ class SessionTasks:
         return self._session.frames_in_context
 
     def update_session(self, values: dict) -> None:
-        """Hand the selection settings, max_frames and max_new_tokens of parameter `values` to the
-        session (applied at its next call)."""
+        """Hand the selection settings, max_frames, ram_budget_mib and max_new_tokens of parameter
+        `values` to the session (applied at its next call)."""
         self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
+                             ram_budget_mib=values["ram_budget_mib"],
                              max_new_tokens=min(values["max_new_tokens"], self._session.max_answer_tokens))
 
     # -- frames -------------------------------------------------------------------------------------
