@@ -18,7 +18,6 @@ its traceback only at DEBUG level. The node keeps serving.
 """
 from __future__ import annotations
 
-import errno
 import math
 import os
 import time
@@ -31,6 +30,7 @@ from nchunk_interfaces.srv import Ask
 from rclpy.executors import ExternalShutdownException
 from rclpy.parameter import Parameter
 
+from nchunk_core.io.errors import ChecksumError, IoError
 from nchunk_ros import diagnostics
 from nchunk_ros.parameters import RELOAD_PARAMETERS, selection_from
 from nchunk_ros.worker import AskJob, Frame, Worker
@@ -117,13 +117,13 @@ class SessionTasks:
         """The one-line reason when `exc` (or what caused it) is a failed read of the store's weights,
         counted and logged once, traceback at DEBUG; None for any other failure."""
         failure = exc
-        while failure is not None and not isinstance(failure, (OSError, EOFError)):
+        while failure is not None and not isinstance(failure, IoError):
             failure = failure.__cause__ or failure.__context__
         if failure is None:
             return None
         reason = read_failure_reason(failure, self._session.store)
         count = self._worker.count("read_errors")
-        if getattr(failure, "errno", None) == errno.EBADMSG:
+        if isinstance(failure, ChecksumError):
             self._worker.count("checksum_errors")
         log = self._node.get_logger()
         log.error(f"{what}: {reason} (read error {count} since start)")
@@ -278,13 +278,12 @@ class SessionTasks:
 def read_failure_reason(exc: BaseException, store) -> str:
     """One line naming the file, the matrix group, the row and the offset of a failed read of `store`.
 
-    `exc` is an OSError or EOFError of the reader: nchunk_core.io.errors' IoError (path, offset,
-    length, errno), a ChecksumError (also row and group) or, from older readers, a plain one.
+    `exc` is the reader's IoError (nchunk_core/io/errors.py: path, offset, length, errno), a
+    ChecksumError (also row and group) or an EndOfFileError (no errno).
     """
-    if getattr(exc, "errno", None) == errno.EBADMSG:  # ChecksumError: its message names all of it
+    if isinstance(exc, ChecksumError):  # its message names the file, group, row and offset
         return f"damaged weights: {exc}"
-    path = getattr(exc, "path", None) or getattr(exc, "filename", None)
-    offset, length, code = getattr(exc, "offset", None), getattr(exc, "length", None), getattr(exc, "errno", None)
+    path, offset, length, code = exc.path, exc.offset, exc.length, exc.errno
     group = None if offset is None else _group_at(store, path, offset)
     where = "" if group is None else f" (group {group.name!r}, row {(offset - group.offset) // group.row_bytes})"
     if code and offset is not None and length is not None:

@@ -170,12 +170,12 @@ def test_damaged_then_unreadable_weights_fail_with_file_group_row_offset(start_r
 
 
 def test_a_failed_read_names_file_length_offset_group_row_and_errno(node_store):
+    from nchunk_core.io.errors import from_native
     from nchunk_ros.session_tasks import read_failure_reason
 
     store = Store.open(node_store)
     group, path = first_row(node_store)
-    error = OSError(errno.EIO, "Input/output error", str(path))  # as the reader's IoError carries it
-    error.path, error.offset, error.length = str(path), group.offset + 2 * group.row_bytes, 4096
+    error = from_native("io", errno.EIO, "read failed", "pread", str(path), group.offset + 2 * group.row_bytes, 4096)
     assert read_failure_reason(error, store) == (f"cannot read weights: {path}, 4096 bytes at offset "
                                                  f"{error.offset} (group {group.name!r}, row 2): Input/output error")
 
