@@ -236,11 +236,11 @@ class SessionTasks:
         self._worker.reload_finished()
         self.update_session(self._node.parameter_values())  # selection or max_frames changed while it opened
         old.close()
-        self.clamp_max_new_tokens(reloaded=True)
         message = (f"model reloaded ({changes}): earlier frames are gone, the context starts again from the "
                    f"newest frame")
         log.info(message)
         self._node.publish_status(diagnostics.RELOAD, DiagnosticStatus.OK, message, {"changes": changes})
+        self.clamp_max_new_tokens(reloaded=True)
 
     def clamp_max_new_tokens(self, reloaded: bool) -> None:
         """Lower the max_new_tokens parameter to what the session's model holds (Session.max_answer_tokens,

@@ -229,7 +229,7 @@ def test_store_replaced_by_rename_is_opened_again_and_a_smaller_model_lowers_max
         message = wait_for(lambda: [m for level, m in tester.reloads if level == DiagnosticStatus.WARN],
                            what="the warning on ~/statistics")[-1]
         assert "max_new_tokens lowered from 600 to " in message and "512 positions" in message
-        assert any("opened again" in m for _, m in tester.reloads)
+        wait_for(lambda: any("opened again" in m for _, m in tester.reloads), what="the reload status")
         feed(tester, node, frames=1, seed=610)  # the limit counts the frame: known once one is in context
         limit = node.session.max_answer_tokens
         assert limit < 600
