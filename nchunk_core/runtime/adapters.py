@@ -259,13 +259,15 @@ def greedy_decode(
     max_new_tokens: int,
     stop_ids: tuple[int, ...] = (),
     should_stop: Callable[[], bool] | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[int], int]:
     """Greedy tokens after the context in `cache` (logits [1, V] of its last token).
 
     Each generated token but the last is appended as a one-token text chunk; stops after a stop id
     (included), after max_new_tokens, or when `should_stop()`, asked before each new token, is true
-    (a deadline, a cancelled request: the tokens so far are returned). The last token is not in the
-    cache yet: a caller that continues the conversation appends it (with whatever follows). Returns
+    (a deadline, a cancelled request: the tokens so far are returned). `on_token(tokens so far)` is
+    called after each new token, before the next forward pass. The last token is not in the cache
+    yet: a caller that continues the conversation appends it (with whatever follows). Returns
     (token ids, next free position).
     """
     tokens: list[int] = []
@@ -274,6 +276,8 @@ def greedy_decode(
             break
         token = int(logits[0].argmax())
         tokens.append(token)
+        if on_token is not None:
+            on_token(tokens)
         if token in stop_ids or len(tokens) == max_new_tokens:
             break
         logits, next_position = adapter.append_text([token], cache, next_position)

@@ -33,6 +33,10 @@ Context policy:
   frame as it came (for `reset(keep_newest=True)`). A smaller `max_frames` given to `update` while
   more frames are in context makes the next append rebuild.
 - A failed call leaves the context as it was before the call (the cache is truncated back).
+- `cancel` (append_frame, ask, reset): a callable asked at every layer boundary; once true, the call
+  stops there and raises `Cancelled` (cancel.py), leaving the context as it was (for reset: empty).
+  A shutdown uses it to stop a minutes-long frame append at once.
+- `on_token(answer so far, tokens)` (ask) is called after each answer token: for streaming.
 
 The session keeps its own books and reports them: `context_tokens` (tokens in the cache),
 `frames_in_context`, `newest_stamp` (the stamp given with the newest frame, kept as given), and per
@@ -60,6 +64,7 @@ from transformers import DynamicCache
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
 from nchunk_core.runtime.adapters import Chunk, adapter_class, greedy_decode
+from nchunk_core.runtime.cancel import CancelCheck, cancellable
 from nchunk_core.runtime.config import MAX_NEW_TOKENS_LIMIT, SessionConfig, check_selection, positive_int
 from nchunk_core.runtime.flash_model import build_flash_model
 from nchunk_core.store.naming import torch_dtype
@@ -240,14 +245,15 @@ class Session:
         """Positions kept free for a question and its answer."""
         return self._cfg.max_question_tokens + self._cfg.max_new_tokens + 16
 
-    def append_frame(self, image, stamp=None) -> FrameStats:
+    def append_frame(self, image, stamp=None, *, cancel: CancelCheck | None = None) -> FrameStats:
         """Add a camera frame to the context (see the module docstring for the policy).
 
         `stamp`: None or a finite number of seconds, kept as given (newest_stamp, FrameStats.stamp).
+        `cancel`: asked at every layer boundary; true stops the append there (Cancelled).
         """
         check_stamp(stamp)
         image = as_frame_image(image)
-        with self._lock:
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             return self._append_frame(image, stamp)
 
@@ -318,11 +324,15 @@ class Session:
 
     # -- questions ----------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int | None = None, deadline: float | None = None,
-            should_stop: Callable[[], bool] | None = None) -> Answer:
+            should_stop: Callable[[], bool] | None = None, *,
+            on_token: Callable[[str, int], None] | None = None, cancel: CancelCheck | None = None) -> Answer:
         """Answer a question about the frames in context; the context is left as it was.
 
         Decoding stops before the next token once time.monotonic() reaches `deadline` or
         `should_stop()` is true: the Answer then holds the tokens so far, with `interrupted` True.
+        `on_token(answer so far, tokens generated)` is called after every answer token (not after
+        the stop token), before the next one is decoded. `cancel`: asked at every layer boundary;
+        true stops the call there (Cancelled).
         """
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                      or not math.isfinite(deadline)):
@@ -339,7 +349,12 @@ class Session:
             raise ValueError("question is empty")
         n_new = self._cfg.max_new_tokens if max_new_tokens is None else positive_int(
             "max_new_tokens", max_new_tokens, MAX_NEW_TOKENS_LIMIT)
-        with self._lock:
+        def token_added(tokens: list[int]) -> None:
+            if on_token is not None and tokens[-1] not in self.stop_ids:
+                ids = [t for t in tokens if t not in self.stop_ids]
+                on_token(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids))
+
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             self._apply_pending()
             if self._frames == 0:
@@ -360,7 +375,8 @@ class Session:
                 logits, pos = self._append(chunk, self._cache, position, "question")
                 t1 = time.perf_counter()
                 self._flash.phase = "answer"
-                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop)
+                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop,
+                                          token_added)
             finally:
                 truncate_cache(self._cache, length)
                 self._next_position = position
@@ -376,15 +392,15 @@ class Session:
                 **call_totals(self._flash.stats))
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def reset(self, keep_newest: bool = False) -> FrameStats | None:
+    def reset(self, keep_newest: bool = False, *, cancel: CancelCheck | None = None) -> FrameStats | None:
         """Forget the frames in context: all of them, or with `keep_newest` all but the newest one.
 
         keep_newest: the context restarts from the newest frame, re-encoded (as it was appended);
         returns that append's FrameStats, or None when there was nothing to do (no frame, or the
-        newest one alone in context). Later frames are appended after it. If re-encoding fails,
-        the context is empty and the error is raised.
+        newest one alone in context). Later frames are appended after it. If re-encoding fails (or
+        is cancelled), the context is empty and the error is raised.
         """
-        with self._lock:
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             newest = self._newest
             if keep_newest and (newest is None or self._frames <= 1):
