@@ -5,7 +5,10 @@ Order, not timing: an observer of the node's streamed layers holds each answer t
 until the tester has seen the feedback of the tokens before it (or until the tester has canceled),
 so what arrives when is fixed.
 """
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,8 @@ from action_msgs.msg import GoalStatus  # noqa: E402
 from nchunk_core.store.naming import input_name  # noqa: E402
 from ros_rig import TIMEOUT_S, feed, response, wait_for  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 60.0  # a client process: imports, discovery
 QUESTION = "What colour is the square?"
 FIRST_INPUT = input_name(0, "attn_in")  # the observer sees it once per forward pass
 
@@ -108,3 +113,11 @@ def test_goals_share_the_service_queue_and_its_checks(rig):
         release.set()
         node.session.set_observer(None)
     assert response(first).answer == full.answer
+
+
+def test_nchunk_ask_stream_prints_the_node_s_answer(rig, ros_env):
+    full = one_frame_answer(rig)
+    done = subprocess.run([sys.executable, "-m", "nchunk_ros.cli", "ask", "--stream", QUESTION], capture_output=True,
+                          text=True, timeout=START_TIMEOUT_S, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert f"A: {full.answer}" in done.stdout and "drive: " in done.stdout

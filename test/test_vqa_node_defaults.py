@@ -32,9 +32,9 @@ from nchunk_core.demo.scenes import Scene, Shape, render_scene  # noqa: E402
 from nchunk_core.io.latency import LatencyTable  # noqa: E402
 from nchunk_core.io.profile import cache_path  # noqa: E402
 from nchunk_core.store import Recommended, set_recommended  # noqa: E402
-from nchunk_ros import diagnostics, vqa_node  # noqa: E402
+from nchunk_ros import diagnostics  # noqa: E402
 from nchunk_ros.image_conversion import array_to_image  # noqa: E402
-from ros_rig import World, feed, publish_until, response, wait_for  # noqa: E402
+from ros_rig import World, feed, publish_until, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "vqa.yaml"

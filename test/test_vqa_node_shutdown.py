@@ -2,10 +2,11 @@
 boundary and exits 0, without finishing the append, and the question waiting behind the append is
 answered "node shutting down".
 
-The model makes one append long on a small CPU with a small store: a SmolVLM whose processor splits a
-frame into 193 tiles (3088 visual tokens, 5492 tokens with the tile markers) and whose language
+The model makes one append long on a small CPU with a small store: a SmolVLM whose processor scales
+a frame to a longest edge of 1024 px and splits it into 64 px tiles (the test's 96x64 frame: 176
+tiles and a global one, 2832 visual tokens, 4988 tokens with the tile markers) and whose language
 backbone is 60 thin layers (hidden 128), so attention over the frame's tokens costs about a second
-per layer here, over a minute per frame, while the store is 32 MB.
+per layer here, about a minute per frame, while the store is 32 MB.
 """
 import os
 import signal
@@ -25,7 +26,6 @@ from rclpy.signals import SignalHandlerOptions  # noqa: E402
 
 from nchunk_core.io.latency import LatencyTable  # noqa: E402
 from nchunk_core.io.profile import cache_path  # noqa: E402
-from nchunk_core.testing.tiny_models import make_frame  # noqa: E402
 from ros_rig import RAW_TOPIC, World, publish_until, response, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,6 @@ def test_sigint_during_a_long_frame_append_stops_at_a_layer_and_exits_0(slow_sto
     try:
         wait_for(lambda: any("ready: /ask served" in line for line in lines), START_TIMEOUT_S, "the node to start")
         assert tester.ask_client.wait_for_service(timeout_sec=START_TIMEOUT_S)
-        # a 96x128 frame: the processor scales it to 768x1024 and splits that into 192 tiles and a global one
         publish_until(lambda: tester.publish_frame(seed=3) and None, lambda: tester.latest("frames_received") >= 1,
                       "the frame to arrive")
         question = tester.call_async("What is there?")  # waits behind the append
