@@ -259,7 +259,7 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert a Hugging Face VLM checkpoint into a store",
                        description="Read a local Hugging Face checkpoint (safetensors, sharded or not) one tensor at a "
                        "time, check every key and shape against its architecture (LLaVA-OneVision, Qwen2.5-VL, "
-                       "SmolVLM), and write a store: the decoder projections as rows on the drive, everything else "
+                       "SmolVLM v1 (idefics3) and SmolVLM2), and write a store: the decoder projections as rows on the drive, everything else "
                        "resident, plus the config, tokenizer and processor files, so the store alone is the model. "
                        "Then calibrate on camera frames (the flash runtime, dense) and rewrite the rows in hot-cold "
                        "order. Needs about twice the backbone's size free next to STORE while it runs.")
@@ -279,6 +279,9 @@ def _add_convert(sub):
     p.add_argument("--calib-dtype", default="float32", choices=DTYPES,
                    help="compute dtype for calibration (default float32)")
     p.add_argument("--threads", type=int, default=6, help="reader threads for calibration (default 6)")
+    p.add_argument("--frame-tokens", default="auto", help="what a calibration frame costs, as the session's "
+                   "frame_tokens: auto (the cheapest mode the model was trained with), video, image, tiles, or "
+                   "a number of visual tokens (Qwen2.5-VL); use the mode the robot will run with (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at STORE")
     p.set_defaults(func=cmd_convert)
 
@@ -291,7 +294,7 @@ def cmd_convert(args) -> int:
         path = convert(args.model_dir, args.store, args.calib, bundle=not args.no_bundle, dtype=args.dtype,
                        reorder=not args.no_reorder, calib_frames=args.calib_frames, calib_device=args.calib_device,
                        calib_dtype=args.calib_dtype, threads=args.threads, overwrite=args.overwrite,
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=lambda m: print(m, file=sys.stderr), frame_tokens=args.frame_tokens)
     except StoreError as exc:
         print(f"nchunk convert: {exc}", file=sys.stderr)
         return 1

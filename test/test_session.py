@@ -21,7 +21,8 @@ from nchunk_core import cli
 from nchunk_core.convert.converter import convert
 from nchunk_core.runtime.cancel import Cancelled
 from nchunk_core.runtime.flash_model import ProjectionView
-from nchunk_core.runtime.adapters import adapter_for, greedy_decode
+from nchunk_core.runtime.adapters import adapter_for
+from nchunk_core.runtime.decoding import greedy_decode
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.select import ChunkParams, SelectionSettings
 from nchunk_core.runtime.session import Answer, FrameStats, Session, SessionConfig
@@ -34,7 +35,7 @@ TABLE = LatencyTable.synthetic()
 # case -> (checkpoint arch, store (conftest.tiny_stores), session options)
 CASES = {
     "llava_onevision": ("llava_onevision", "llava_onevision", {}),
-    "llava_onevision-video": ("llava_onevision", "llava_onevision", {"frame_mode": "video"}),
+    "llava_onevision-video": ("llava_onevision", "llava_onevision", {"frame_tokens": "video"}),
     "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl", {}),
     "qwen2_5_vl-unbundled": ("qwen2_5_vl", "qwen2_5_vl-unbundled", {}),
     "smolvlm": ("smolvlm", "smolvlm", {}),
@@ -74,7 +75,7 @@ def dense_reference(built, case, frame_seeds, stop_ids, n_new=NEW_TOKENS):
     try:
         chunks = [adapter.encode_text(adapter.prompt_prefix)]
         chunks += [adapter.encode_frame(make_frame(seed=s)) for s in frame_seeds]
-        chunks.append(adapter.encode_text(adapter.question_prompt(QUESTION)))
+        chunks.append(adapter.encode_question(QUESTION))
         cache, pos = DynamicCache(), 0
         for c in chunks:
             logits, pos = adapter.append(c, cache, pos)
@@ -408,7 +409,7 @@ def test_bad_frames_are_refused_and_the_session_goes_on(built):
 @pytest.mark.parametrize("field,value", [
     ("device", "tpu"), ("device", 3), ("dtype", "int8"), ("selection", {"sparsity": 0.5}), ("selection", None),
     ("reader_threads", 0), ("max_frames", 0), ("max_new_tokens", 1.5), ("profile_quick", "yes"),
-    ("frame_mode", "tiles"),
+    ("frame_tokens", "tile"), ("frame_tokens", 0), ("decoding", "beam"),
 ])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):

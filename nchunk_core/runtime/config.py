@@ -13,9 +13,27 @@ import numpy as np
 import torch
 
 from nchunk_core.store.naming import DTYPES
+from nchunk_core.runtime.decoding import decoding_value
 from nchunk_core.runtime.select import SelectionSettings
 
 MAX_NEW_TOKENS_LIMIT = 4096
+
+FRAME_MODES = ("video", "image", "tiles")
+FRAME_TOKENS_HELP = ("auto (the cheapest mode the model was trained with), video, image, tiles, or a number "
+                     "of visual tokens per frame (models with a pixel budget: qwen2_5_vl)")
+
+
+def frame_tokens_value(value) -> str | int:
+    """A frame_tokens setting checked for form: "auto", a mode name, or a positive number of tokens
+    (a string of digits, as a ROS parameter may give, is a number). Whether the model has that mode
+    is checked by its adapter."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    if isinstance(value, str) and (value == "auto" or value in FRAME_MODES):
+        return value
+    raise ValueError(f"frame_tokens must be {FRAME_TOKENS_HELP}; got {value!r}")
 
 
 def positive_int(name: str, value, upper: int | None = None) -> int:
@@ -46,7 +64,8 @@ class SessionConfig:
     max_new_tokens: int = 32  # default answer length limit
     profile_quick: bool = True  # quick drive profile if none is cached
     max_question_tokens: int = 256  # longer questions are refused
-    frame_mode: str = "image"  # LLaVA-OneVision only: "image" (anyres) or "video" (pooled, 197 tokens)
+    frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP; the mode is checked per model at open
+    decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
 
     def __post_init__(self):
         if not isinstance(self.device, str):
@@ -68,5 +87,5 @@ class SessionConfig:
         self.max_question_tokens = positive_int("max_question_tokens", self.max_question_tokens)
         if not isinstance(self.profile_quick, bool):
             raise ValueError(f"profile_quick must be True or False, got {self.profile_quick!r}")
-        if self.frame_mode not in ("image", "video"):
-            raise ValueError(f"frame_mode must be 'image' or 'video', got {self.frame_mode!r}")
+        self.frame_tokens = frame_tokens_value(self.frame_tokens)
+        decoding_value(self.decoding)

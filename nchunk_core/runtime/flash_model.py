@@ -41,6 +41,7 @@ VISION_MODULES = {
     "llava_onevision": ("model.vision_tower", "model.multi_modal_projector"),
     "qwen2_5_vl": ("model.visual",),
     "smolvlm": ("model.vision_model", "model.connector"),
+    "idefics3": ("model.vision_model", "model.connector"),
 }
 
 # observer(phase, input_name, x [..., in]) sees every flash layer input (original channel order)

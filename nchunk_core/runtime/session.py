@@ -33,10 +33,8 @@ Context policy:
   frame as it came (for `reset(keep_newest=True)`). A smaller `max_frames` given to `update` while
   more frames are in context makes the next append rebuild.
 - A failed call leaves the context as it was before the call (the cache is truncated back).
-- `cancel` (append_frame, ask, reset): a callable asked at every layer boundary; once true, the call
-  stops there and raises `Cancelled` (cancel.py), leaving the context as it was (for reset: empty).
-  A shutdown uses it to stop a minutes-long frame append at once.
-- `on_token(answer so far, tokens)` (ask) is called after each answer token: for streaming.
+- `cancel` (append_frame, ask, reset) is asked at every layer boundary: once true, the call raises
+  `Cancelled` there (cancel.py), the context as it was (reset: empty). `on_token` streams answers.
 
 The session keeps its own books and reports them: `context_tokens` (tokens in the cache),
 `frames_in_context`, `newest_stamp` (the stamp given with the newest frame, kept as given), and per
@@ -63,8 +61,9 @@ from transformers import DynamicCache
 
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
-from nchunk_core.runtime.adapters import Chunk, adapter_class, greedy_decode
+from nchunk_core.runtime.adapters import Chunk, adapter_class
 from nchunk_core.runtime.cancel import CancelCheck, cancellable
+from nchunk_core.runtime.decoding import DecodingSettings, greedy_decode
 from nchunk_core.runtime.config import MAX_NEW_TOKENS_LIMIT, SessionConfig, check_selection, positive_int
 from nchunk_core.runtime.flash_model import build_flash_model
 from nchunk_core.store.naming import torch_dtype
@@ -95,12 +94,12 @@ class Session:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self._log = log
-        options = {"frame_mode": cfg.frame_mode} if flash.arch == "llava_onevision" else {}
-        self.adapter = adapter_class(flash.arch)(flash.model, processor, **options)
+        self.adapter = adapter_class(flash.arch)(flash.model, processor, frame_tokens=cfg.frame_tokens)
         # The conversation's first chunk, the same text every time; a text chunk at 0 takes
         # positions 0 … n-1 in every adapter, so it ends at position num_tokens.
         self._prefix = self.adapter.encode_text(self.adapter.prompt_prefix)
-        self.stop_ids = stop_token_ids(store.path, self.tokenizer)
+        self.decoding = DecodingSettings.load(store.path, stop_token_ids(store.path, self.tokenizer), cfg.decoding)
+        self.stop_ids = self.decoding.stop_ids
         text = flash.model.config.get_text_config()
         self.max_positions = int(getattr(text, "max_position_embeddings", 1 << 30))
         self._lock = threading.Lock()
@@ -143,6 +142,8 @@ class Session:
         groups = len(store.groups)
         log(f"opened {store.path}: {flash.arch}, {groups} streamed groups, "
             f"{sum(g.nbytes for g in store.groups.values()) / 2**20:.1f} MiB on the drive")
+        log(session.adapter.describe())
+        log(f"decoding: {session.decoding.describe()}")
         return session
 
     # -- state --------------------------------------------------------------------------------------
@@ -182,6 +183,7 @@ class Session:
         self._context_tokens = 0
         self._newest = None
         self._prefixed = False
+        self._context_ids: list[torch.Tensor] = []  # [1, T] ids of each chunk in the cache, in order
 
     def _check_open(self) -> None:
         if self._closed:
@@ -282,6 +284,7 @@ class Session:
                 raise
             self._prefixed = True
             self._frames += 1
+            self._context_ids += [c.input_ids for c, _ in chunks]
         self._kept.append(kept_copy(image))
         self._newest = (image, stamp)
         self._context_tokens = self._cache.get_seq_length()
@@ -317,6 +320,7 @@ class Session:
             chunks = [(self._prefix, "prefix"), *replay, (chunk, "frame")]
         position = self._fill(cache, position, chunks)  # the old context stays intact if this fails
         self._cache, self._next_position = cache, position
+        self._context_ids = [self._prefix.input_ids] + [c.input_ids for c, _ in chunks if c is not self._prefix]
         self._prefixed = True
         self._frames = len(replay) + 1
         self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
@@ -330,9 +334,8 @@ class Session:
 
         Decoding stops before the next token once time.monotonic() reaches `deadline` or
         `should_stop()` is true: the Answer then holds the tokens so far, with `interrupted` True.
-        `on_token(answer so far, tokens generated)` is called after every answer token (not after
-        the stop token), before the next one is decoded. `cancel`: asked at every layer boundary;
-        true stops the call there (Cancelled).
+        `on_token(answer so far, tokens generated)` follows every answer token but the stop token;
+        `cancel`: asked at every layer boundary, true stops the call there (Cancelled).
         """
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                      or not math.isfinite(deadline)):
@@ -349,6 +352,7 @@ class Session:
             raise ValueError("question is empty")
         n_new = self._cfg.max_new_tokens if max_new_tokens is None else positive_int(
             "max_new_tokens", max_new_tokens, MAX_NEW_TOKENS_LIMIT)
+
         def token_added(tokens: list[int]) -> None:
             if on_token is not None and tokens[-1] not in self.stop_ids:
                 ids = [t for t in tokens if t not in self.stop_ids]
@@ -363,7 +367,7 @@ class Session:
             if n_question > self._cfg.max_question_tokens:
                 raise ValueError(f"question is {n_question} tokens long; the limit is "
                                  f"{self._cfg.max_question_tokens} (max_question_tokens)")
-            chunk = self.adapter.encode_text(self.adapter.question_prompt(text))
+            chunk = self.adapter.encode_question(text)
             need = self._next_position + chunk.num_tokens + n_new
             if need > self.max_positions:
                 raise ValueError(f"question and answer would reach position {need}, above the "
@@ -376,7 +380,9 @@ class Session:
                 t1 = time.perf_counter()
                 self._flash.phase = "answer"
                 tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop,
-                                          token_added)
+                                          repetition_penalty=self.decoding.repetition_penalty,
+                                          context_ids=torch.cat([*self._context_ids, chunk.input_ids], dim=1),
+                                          on_token=token_added)
             finally:
                 truncate_cache(self._cache, length)
                 self._next_position = position
