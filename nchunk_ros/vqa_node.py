@@ -119,7 +119,6 @@ class VQANode(Node):
         self._worker.set_append_rate(self._values["max_append_rate_hz"])
         self._tasks = SessionTasks(self, self._worker, self.open_session(self._values), self._values)
         self._running = True
-        self._camera_group = MutuallyExclusiveCallbackGroup()
         self._answer_pub = self.create_publisher(String, "~/answer", 10)
         self._stats_pub = self.create_publisher(DiagnosticArray, "~/statistics", 10)
         self._subscribe()
@@ -248,6 +247,8 @@ class VQANode(Node):
     def _subscribe(self) -> None:
         for sub in self._camera_subscriptions:
             self.destroy_subscription(sub)
+        # a new group each time: rclpy can leave a group locked by an event of a destroyed subscription
+        self._camera_group = MutuallyExclusiveCallbackGroup()
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
                          reliability=QOS_RELIABILITY[self._values["qos_reliability"]])
         self._camera_subscriptions = [
