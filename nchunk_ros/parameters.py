@@ -61,6 +61,8 @@ PARAMETERS = (
               "measured and cached for this count)", 1, 256, reload=True),
     ParamSpec("max_frames", 8, "frames kept in context; when full, the context is rebuilt from the last "
               "max_frames/2 frames and the new one (a change applies from the next frame)", 1, 1024),
+    ParamSpec("ram_budget_mib", 0.0, "RAM in MiB for the hottest backbone rows, kept between frames and "
+              "never read again (0 = none; a change re-reads the cache before the next frame)", 0.0, 1048576.0),
     ParamSpec("image_topics", ["/camera/image_raw"], "camera topics; a name ending in /compressed is "
               "sensor_msgs/CompressedImage (JPEG/PNG), any other sensor_msgs/Image; the newest frame of "
               "any of them is appended"),
@@ -86,7 +88,7 @@ SPECS = {spec.name: spec for spec in PARAMETERS}
 DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
 SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
-SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames")  # passed to Session.update
+SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "ram_budget_mib")  # passed to Session.update
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
 RECOMMENDED_PARAMETERS = ("sparsity", "method", "max_frames", "max_new_tokens")  # a store may recommend them
 

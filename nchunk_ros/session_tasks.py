@@ -80,7 +80,8 @@ class SessionTasks:
     def update_session(self, values: dict) -> None:
         """Hand the selection settings and max_frames of parameter `values` to the session (applied at
         its next call)."""
-        self._session.update(selection=selection_from(values), max_frames=values["max_frames"])
+        self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
+                             ram_budget_mib=values["ram_budget_mib"])
 
     def _stopping(self) -> bool:
         """The session's cancel check: true once the worker stops (node shutdown)."""

@@ -8,6 +8,8 @@ passed through unchanged; everything else is checked here (ValueError naming the
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import numpy as np
 import torch
@@ -45,6 +47,13 @@ def positive_int(name: str, value, upper: int | None = None) -> int:
     return int(value)
 
 
+def ram_budget_value(value) -> float:
+    """`value` as a float if it is a finite number of MiB >= 0 (0: no row cache); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"ram_budget_mib must be a number of MiB >= 0 (0: no row cache), got {value!r}")
+    return float(value)
+
+
 def check_selection(value) -> SelectionSettings:
     """`value` if it is a SelectionSettings (validated when it was built); ValueError otherwise."""
     if not isinstance(value, SelectionSettings):
@@ -66,6 +75,8 @@ class SessionConfig:
     max_question_tokens: int = 256  # longer questions are refused
     frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP; the mode is checked per model at open
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
+    ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
+    overlap: bool = True  # read in pieces and prefetch the next input's rows while computing (overlap.py)
 
     def __post_init__(self):
         if not isinstance(self.device, str):
@@ -89,3 +100,6 @@ class SessionConfig:
             raise ValueError(f"profile_quick must be True or False, got {self.profile_quick!r}")
         self.frame_tokens = frame_tokens_value(self.frame_tokens)
         decoding_value(self.decoding)
+        self.ram_budget_mib = ram_budget_value(self.ram_budget_mib)
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {self.overlap!r}")

@@ -32,6 +32,7 @@ from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.cancel import CancelCheck, Cancelled
 from nchunk_core.runtime.layers import FlashProjections, Workspace
+from nchunk_core.runtime.row_cache import RowCache, build_cache
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store, StoreFormatError
 from nchunk_core.store.naming import CALIBRATION_PREFIX, input_name
@@ -125,8 +126,11 @@ class FlashVLM:
     vision timing."""
 
     def __init__(self, model: nn.Module, arch: str, layers: dict[str, FlashProjections],
-                 stats: list, selection: SelectionSettings):
+                 stats: list, selection: SelectionSettings, store: Store | None = None,
+                 workspace: Workspace | None = None):
         self.model = model
+        self.store = store
+        self.workspace = workspace  # reader, row stream and row cache shared by the layers
         self.arch = arch
         self.layers = layers  # input name -> FlashProjections
         self.stats = stats  # CallStats of every flash call since the last clear
@@ -149,6 +153,17 @@ class FlashVLM:
     def _check_cancel(self, module, args):
         if self.cancel is not None and self.cancel():
             raise Cancelled("stopped at a layer boundary")
+
+    def set_ram_budget(self, budget_bytes: int) -> RowCache:
+        """Replace the row cache by one planned for `budget_bytes` (0: none); the old one is freed first."""
+        ws = self.workspace
+        with ws.lock:
+            ws.cache = RowCache()
+            ws.stream.forget()  # remembered selections may hold rows that become cached
+            if budget_bytes > 0:
+                inputs = {name: (layer.groups, layer.handles) for name, layer in self.layers.items()}
+                ws.cache = build_cache(self.store, ws.reader, inputs, ws.device, budget_bytes)
+            return ws.cache
 
     def _vision_start(self, module, args):
         self._vision_t0 = time.perf_counter()
@@ -248,7 +263,7 @@ def build_flash_model(store: Store, table: LatencyTable, selection: SelectionSet
                                f"says {config.model_type!r}")
     model = meta_model(config)
     tied = tied_keys(model)
-    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, selection)
+    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, selection, store, workspace)
     names = {n for n in store.resident_names() if not n.startswith(CALIBRATION_PREFIX)}
     paths = [p for layer in adapter_class(config.model_type).projection_groups(model)
              for group in layer.values() for p in group]

@@ -64,13 +64,14 @@ from nchunk_core.io.reader import Reader
 from nchunk_core.runtime.adapters import Chunk, adapter_class
 from nchunk_core.runtime.cancel import CancelCheck, cancellable
 from nchunk_core.runtime.decoding import DecodingSettings, greedy_decode
-from nchunk_core.runtime.config import MAX_NEW_TOKENS_LIMIT, SessionConfig, check_selection, positive_int
+from nchunk_core.runtime.config import (MAX_NEW_TOKENS_LIMIT, SessionConfig, check_selection, positive_int,
+                                        ram_budget_value)
 from nchunk_core.runtime.flash_model import build_flash_model
 from nchunk_core.store.naming import torch_dtype
 from nchunk_core.runtime.frames import as_frame_image, check_stamp, kept_copy
 from nchunk_core.runtime.layers import Workspace
 from nchunk_core.runtime.processors import load_processor, stop_token_ids
-from nchunk_core.runtime.results import Answer, FrameStats, call_totals
+from nchunk_core.runtime.results import Answer, FrameStats, call_totals, overlap_totals
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store
 
@@ -132,8 +133,9 @@ class Session:
             table = load_or_profile(store.path, threads=cfg.reader_threads, quick=cfg.profile_quick, log=log)
         reader = Reader(threads=cfg.reader_threads)
         try:
-            flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device),
+            flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device, cfg.overlap),
                                       device=cfg.device, dtype=torch_dtype(cfg.dtype))
+            flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20))
             processor = load_processor(store.path, flash.arch)
             session = cls(store, cfg, reader, flash, processor, log)
         except BaseException:
@@ -190,8 +192,10 @@ class Session:
             raise RuntimeError("session is closed")
 
     # -- settings -----------------------------------------------------------------------------------
-    def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None) -> None:
-        """Change the selection settings or max_frames; applied at the start of the next call.
+    def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None,
+               ram_budget_mib: float | None = None) -> None:
+        """Change the selection settings, max_frames or the row cache's RAM budget; applied at the
+        start of the next call (a new budget re-reads the cached rows then).
 
         None leaves a setting unchanged. A refused value raises ValueError and changes nothing. A
         max_frames below the frames in context makes the next append rebuild the context.
@@ -201,6 +205,8 @@ class Session:
             change["max_frames"] = positive_int("max_frames", max_frames)
         if selection is not None:
             change["selection"] = check_selection(selection)
+        if ram_budget_mib is not None:
+            change["ram_budget_mib"] = ram_budget_value(ram_budget_mib)
         with self._pending_lock:
             self._pending.update(change)
 
@@ -220,6 +226,9 @@ class Session:
         self._flash.selection = cfg.selection
         if old.selection != cfg.selection:
             self._log(f"selection now {cfg.selection.method} at sparsity {cfg.selection.sparsity:g}")
+        if old.ram_budget_mib != cfg.ram_budget_mib:
+            cache = self._flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20))
+            self._log(f"row cache now {cache.nbytes / 2**20:.1f} MiB (budget {cfg.ram_budget_mib:g} MiB)")
         if old.max_frames != cfg.max_frames:
             self._kept = collections.deque(self._kept, maxlen=cfg.max_frames // 2)
             self._log(f"max_frames now {cfg.max_frames}")
@@ -290,15 +299,15 @@ class Session:
         self._context_tokens = self._cache.get_seq_length()
         total_s = time.perf_counter() - t0
         calls = self._flash.stats
-        totals = call_totals(calls)
+        totals, overlap = call_totals(calls), overlap_totals(calls)
         vision_s = prep_s + self._flash.vision_s
         return FrameStats(
             visual_tokens=chunk.num_visual_tokens, tokens=self._context_tokens - (0 if rebuilt else before),
             context_tokens=self._context_tokens, rows_read=sum(c.rows for c in calls),
             rows_total=sum(c.rows_total for c in calls), est_io_s=sum(c.est_io_s for c in calls),
-            compute_s=max(0.0, total_s - vision_s - totals["io_s"] - totals["select_s"]),
+            compute_s=max(0.0, total_s - vision_s - overlap["io_wait_s"] - totals["select_s"]),
             vision_s=vision_s, total_s=total_s, frames_in_context=self._frames, rebuilt=rebuilt, stamp=stamp,
-            selection=self._cfg.selection, max_frames=self._cfg.max_frames, **totals)
+            selection=self._cfg.selection, max_frames=self._cfg.max_frames, **totals, **overlap)
 
     def _prefix_copy(self) -> DynamicCache:
         """A new cache holding a copy of the current cache's prefix."""
