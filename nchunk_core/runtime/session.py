@@ -332,7 +332,8 @@ class Session:
         self._context_ids = [self._prefix.input_ids] + [c.input_ids for c, _ in chunks if c is not self._prefix]
         self._prefixed = True
         self._frames = len(replay) + 1
-        self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
+        if replay:  # with max_frames 1 every frame starts a new context: nothing worth a log line
+            self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
         return prep_s
 
     # -- questions ----------------------------------------------------------------------------------
