@@ -57,10 +57,11 @@ def frame_message(stats: FrameStats) -> str:
             f"ms ({mib_s:.0f} MiB/s), {stats.frames_in_context} frames in context")
 
 
-def intake_message(counters: Counters) -> str:
-    """The human-readable line of an INTAKE status."""
+def intake_message(counters: Counters, silent_topics=()) -> str:
+    """The human-readable line of an INTAKE status; `silent_topics`: topics with publishers but no frames."""
+    silent = f"; publishers but no frames on {', '.join(silent_topics)}" if silent_topics else ""
     return (f"{counters.frames_appended} frames appended, {counters.frames_skipped} skipped, "
-            f"{counters.frames_malformed} malformed")
+            f"{counters.frames_malformed} malformed{silent}")
 
 
 def status_array(name: str, level: bytes, message: str, values: dict, counters: Counters,

@@ -1,7 +1,8 @@
 """The VQA node: camera frames go into a frame-appending session, questions are answered over /ask.
 
-    vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=/nvme/store
-    ros2 launch nchunk_ros vqa.launch.py params_file:=my.yaml          # the same, on a ROS 2 install
+    ros2 launch nchunk_ros vqa.launch.py                       # the built-in model, config/vqa.yaml
+    ros2 launch nchunk_ros vqa.launch.py params_file:=my.yaml  # your store and settings
+    vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=/nvme/store   # without `launch`
 
 Interfaces (node name `vqa_node`):
 
@@ -9,8 +10,10 @@ Interfaces (node name `vqa_node`):
   sensor_msgs/CompressedImage (image_transport's naming), any other sensor_msgs/Image. Depth-1
   sensor-data QoS, reliability from `qos_reliability`.
   A frame's stamp is its header.stamp, or its arrival time when the publisher left the stamp zero.
-- serves `/ask` (nchunk_interfaces/srv/Ask; every field is documented in Ask.srv). Its queue keeps
-  every request of a burst (KEEP_ALL), so each gets a response: answered, busy or timed out.
+- serves `/ask` (nchunk_interfaces/srv/Ask; every field is documented in Ask.srv), and the `/ask`
+  action (nchunk_interfaces/action/Ask: feedback per answer token, cancel; ask_action.py). The
+  service's queue keeps every request of a burst (KEEP_ALL), so each gets a response: answered,
+  busy or timed out.
 - publishes each successful answer's text on `~/answer` (std_msgs/String) and statistics on
   `~/statistics` (diagnostic_msgs/DiagnosticArray; names and keys in diagnostics.py): after every
   frame append, once a second (intake counters; WARN naming the camera topics that have publishers
@@ -23,8 +26,8 @@ The node is a shell around three parts:
 - worker.py: one worker thread owns the session. Camera callbacks only convert the message
   (malformed ones are counted and logged, throttled) and put the frame in a one-slot mailbox; /ask
   callbacks (their own reentrant callback group) queue a job and wait for it until its deadline
-  (`timeout_s` of the request, else `ask_timeout_s`). The worker's order: a model reload, then
-  questions, then the newest frame at most `max_append_rate_hz` times a second;
+  (`timeout_s` of the request, else `ask_timeout_s`). The worker's order: a model reload, then the
+  newest frame when `max_append_rate_hz` makes it due, before the next question (worker.py);
 - session_tasks.py: what the worker does with the session (appending, answering, reloading).
 
 Parameters (config/vqa.yaml documents each) apply without a restart. The selection settings
@@ -33,19 +36,20 @@ below the frames in context makes the next frame rebuild the context); image_top
 qos_reliability re-subscribe at once; max_append_rate_hz, max_new_tokens and ask_timeout_s apply at
 once (max_new_tokens up to what the model holds). store_path, device, dtype and reader_threads
 reload the model, also when set to the value they have (a store replaced on disk is opened again):
-a store_path that is not a directory with a manifest.json is refused at once; otherwise the
-worker, before its next frame or question, opens a new session with the new values (the drive
-profile from the cache, or a quick profile for a new drive or reader_threads) and only then closes
-the old one. The context starts
-again from the newest camera frame. When the new session cannot be opened, the old one keeps
-answering, the reason is logged and published, and the parameters are set back.
+a store_path that is not a directory with a manifest.json is refused at once; otherwise the worker
+opens a new session with the new values and only then closes the old one (session_tasks.py); the
+context starts again from the newest camera frame.
+
+An empty store_path opens the built-in demo model's store. sparsity, method, max_frames and
+max_new_tokens take the store's recommended value unless the user sets them (store_settings.py).
 
 `main` first points Fast DDS at the node's camera profile (camera_transport.py), so that large
 best-effort frames from other processes arrive. Start-up opens the store, loads the drive profile
 of the store's drive from the cache or measures a quick one (progress in the log), and builds the
 model. A missing or bad store, or a bad parameter value, ends the process with exit code 1 and a
 one-line reason on stderr. SIGINT and SIGTERM stop it cleanly with exit code 0, also during start-up
-(a Ctrl-C while the module's imports load included).
+(a Ctrl-C while the module's imports load included); a frame append or an answer in progress stops
+at its next layer boundary (shutdown.py).
 """
 from __future__ import annotations
 
@@ -61,20 +65,25 @@ try:  # these take about half a second to load: a Ctrl-C meanwhile ends the vqa_
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
     from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-    from rclpy.exceptions import InvalidHandle, ParameterException
+    from rclpy.exceptions import ParameterException
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
     from rclpy.node import Node
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import CompressedImage, Image
     from std_msgs.msg import String
 
     from nchunk_interfaces.srv import Ask
 
     from nchunk_ros import camera_transport, diagnostics
+    from nchunk_ros.ask_action import AskActionServer
     from nchunk_ros.image_conversion import message_to_rgb
     from nchunk_ros.parameters import (PARAMETERS, RELOAD_PARAMETERS, SELECTION_PARAMETERS, SESSION_PARAMETERS,
                                        SUBSCRIPTION_PARAMETERS, check_parameters, selection_from)
     from nchunk_ros.session_tasks import SessionTasks, StartupError, stamp_seconds
+    from nchunk_ros.shutdown import StopSignals, spin, stop_while_spinning
+    from nchunk_ros.store_opening import open_session
+    from nchunk_ros.store_settings import StoreSettings
     from nchunk_ros.worker import MAX_WAITING_ASKS, AskJob, Counters, Frame, Worker, failed
 except KeyboardInterrupt:
     if __name__ != "__main__" and Path(sys.argv[0]).name != "vqa_node":
@@ -84,12 +93,11 @@ except KeyboardInterrupt:
 NODE_NAME = "vqa_node"
 SERVICE = "/ask"
 MAX_QUESTION_CHARS = 4000  # longer questions are refused before they reach the tokenizer
-EXECUTOR_THREADS = MAX_WAITING_ASKS + 4  # waiting /ask callbacks + the running one + camera, timer, params
+EXECUTOR_THREADS = MAX_WAITING_ASKS + 6  # waiting /ask calls and goals + the running one + camera, timer, params, action
 STATS_PERIOD_S = 1.0
 MALFORMED_LOG_PERIOD_S = 5.0
 QOS_RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
-# /ask keeps every request of a burst until a callback takes it (the default depth of 10 drops the rest
-# before the node sees them), and every response until the caller has it.
+# /ask keeps every request of a burst (the default depth of 10 drops the rest before the node sees them)
 SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
 
@@ -104,6 +112,7 @@ class VQANode(Node):
 
     def __init__(self, **node_options):
         super().__init__(NODE_NAME, **node_options)
+        self._settings = StoreSettings(self._parameter_overrides)  # what was given at start-up
         self._running = False  # the session is open: parameter changes apply to it
         self._values: dict = {}
         self._tasks: SessionTasks | None = None
@@ -120,13 +129,13 @@ class VQANode(Node):
         self._worker.set_append_rate(self._values["max_append_rate_hz"])
         self._tasks = SessionTasks(self, self._worker, self.open_session(self._values), self._values)
         self._running = True
-        self._camera_group = MutuallyExclusiveCallbackGroup()
         self._answer_pub = self.create_publisher(String, "~/answer", 10)
         self._stats_pub = self.create_publisher(DiagnosticArray, "~/statistics", 10)
         self.get_logger().info(camera_transport.describe())
         self._subscribe()
         self._service = self.create_service(Ask, SERVICE, self._on_ask, qos_profile=SERVICE_QOS,
                                             callback_group=ReentrantCallbackGroup())
+        self._action = AskActionServer(self, self.resolve_service_name(SERVICE), self._worker)
         self._timer = self.create_timer(STATS_PERIOD_S, self._publish_intake,
                                         callback_group=MutuallyExclusiveCallbackGroup())
         self._tasks.clamp_max_new_tokens(reloaded=True)
@@ -169,6 +178,8 @@ class VQANode(Node):
         reopen = ({p.name for p in params} - changed) & set(RELOAD_PARAMETERS)  # set to the value they have
         for p in params:
             self._values[p.name] = p.value
+        if self._running:
+            self._settings.changed(p.name for p in params)
         if not self._running or not (changed or reopen):
             return
         v = self._values
@@ -190,59 +201,15 @@ class VQANode(Node):
 
     # -- opening the store (start-up and reloads) ----------------------------------------------------
     def open_session(self, v: dict):
-        """A Session opened with the parameter values `v`; StartupError with the one-line reason."""
-        log = self.get_logger()
-        if not v["store_path"]:
-            raise StartupError("store_path is not set: pass -p store_path:=/path/to/store or a params file")
-        path = Path(v["store_path"]).expanduser()
-        if not path.is_dir():
-            raise StartupError(f"store {path} does not exist (store_path)")
-
-        from nchunk_core.io.profile import load_or_profile  # torch comes with these: imported when needed
-        from nchunk_core.runtime.session import Session, SessionConfig
-        from nchunk_core.store import Store, StoreError
-
-        try:
-            cfg = SessionConfig(device=v["device"], dtype=v["dtype"], selection=selection_from(v),
-                                reader_threads=v["reader_threads"], max_frames=v["max_frames"],
-                                ram_budget_mib=v["ram_budget_mib"],
-                                max_new_tokens=v["max_new_tokens"], profile_quick=True)
-        except ValueError as exc:
-            raise StartupError(f"invalid configuration: {exc}") from exc
-        try:
-            Store.open(path)  # fail fast, before profiling the drive
-        except (StoreError, OSError) as exc:
-            raise StartupError(f"cannot open store {path}: {exc}") from exc
-        shown = [-1]
-
-        def progress(fraction: float, message: str) -> None:
-            if not self.context.ok() or self._worker.stopping:  # the scratch file goes too
-                raise ExternalShutdownException()
-            decile = int(fraction * 10)
-            if decile > shown[0]:
-                shown[0] = decile
-                log.info(f"drive profile {fraction:4.0%}: {message}")
-
-        try:
-            table = load_or_profile(path, threads=v["reader_threads"], quick=True, progress=progress, log=log.info)
-        except OSError as exc:
-            raise StartupError(f"cannot profile the drive holding {path}: {exc}") from exc
-        log.info(f"drive: saturation {table.saturation_bytes // 1024} KiB, peak "
-                 f"{table.peak_bytes_per_s / 1e6:.0f} MB/s")
-        try:
-            session = Session.open(path, cfg, log=log.info, table=table)
-        except (StoreError, OSError, ValueError, RuntimeError) as exc:
-            raise StartupError(f"cannot load the model from {path}: {exc}") from exc
-        if not self.context.ok() or self._worker.stopping:  # a signal arrived while the model was being built
-            session.close()
-            raise ExternalShutdownException()
-        log.info(f"model ready on {v['device']} ({v['dtype']}): {v['method']} at sparsity {v['sparsity']:g}")
-        return session
+        """A Session opened with the parameter values `v` (store_opening.py); StartupError with the reason."""
+        return open_session(self, v, self._settings, lambda: self._worker.stopping)
 
     # -- camera -------------------------------------------------------------------------------------
     def _subscribe(self) -> None:
         for sub in self._camera_subscriptions:
             self.destroy_subscription(sub)
+        # a new group each time: rclpy can leave a group locked by an event of a destroyed subscription
+        self._camera_group = MutuallyExclusiveCallbackGroup()
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
                          reliability=QOS_RELIABILITY[self._values["qos_reliability"]])
         self._camera_subscriptions = [
@@ -271,14 +238,22 @@ class VQANode(Node):
 
     # -- /ask ---------------------------------------------------------------------------------------
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
-        arrival = time.monotonic()
+        return self.serve(request, time.monotonic())
+
+    def serve(self, request: Ask.Request, arrival: float, on_token=None, queued=None) -> Ask.Response:
+        """Check `request`, queue it for the worker and wait for its response (the /ask service and
+        action). `on_token(answer so far, tokens)`: after every answer token; `queued(job)`: the job,
+        before it is queued (so that it can be canceled)."""
         try:
             error = self._check_request(request)
             if error:
                 self._worker.count("asks_refused")
-                return failed(response, error, arrival)
+                return failed(Ask.Response(), error, arrival)
             timeout = request.timeout_s if request.timeout_s > 0 else self._values["ask_timeout_s"]
-            return self._worker.ask(AskJob(request, arrival, arrival + timeout, timeout))
+            job = AskJob(request, arrival, arrival + timeout, timeout, on_token=on_token)
+            if queued is not None:
+                queued(job)
+            return self._worker.ask(job)
         except Exception as exc:  # a bug here must not take the node down with it
             self.get_logger().error("/ask failed:\n" + traceback.format_exc())
             self._worker.count("asks_failed")
@@ -310,7 +285,7 @@ class VQANode(Node):
         session = self.session
         msg = diagnostics.status_array(name, level, message, values, self.counters(),
                                        session.frames_in_context if session else 0,
-                                       self._tasks.session_values["store_path"] if self._tasks else "")
+                                       str(session.store.path) if session else "")
         msg.header.stamp = self.get_clock().now().to_msg()
         self._publish(self._stats_pub, msg)
 
@@ -327,11 +302,8 @@ class VQANode(Node):
 
     def _publish_intake(self) -> None:
         silent = self._watch.check(self, self._values["qos_reliability"])
-        level = DiagnosticStatus.WARN if silent else DiagnosticStatus.OK
-        message = diagnostics.intake_message(self.counters())
-        if silent:
-            message += f"; publishers but no frames on {', '.join(silent)}"
-        self.publish_status(diagnostics.INTAKE, level, message, {"silent_topics": ",".join(silent)})
+        self.publish_status(diagnostics.INTAKE, DiagnosticStatus.WARN if silent else DiagnosticStatus.OK,
+                            diagnostics.intake_message(self.counters(), silent), {"silent_topics": ",".join(silent)})
 
     # -- shutdown -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -345,22 +317,9 @@ class VQANode(Node):
 
     def destroy_node(self):
         self.stop()
+        if getattr(self, "_action", None) is not None:
+            self._action.destroy()
         return super().destroy_node()
-
-
-def spin(executor) -> None:
-    """`executor.spin()`, surviving rclpy's race after a subscription is destroyed at run time.
-
-    When the camera topics or their reliability change, the node destroys its subscriptions while
-    the executor may still be waiting on them; rclpy can then raise InvalidHandle ("destruction was
-    requested") out of spin_once (ros2/rclpy#1206), which would end spinning for the whole node.
-    That one error is harmless here: the next spin_once builds its wait set from the live entities.
-    """
-    while executor.context.ok() and not executor._is_shutdown:
-        try:
-            executor.spin_once()
-        except InvalidHandle:
-            continue
 
 
 def main(args=None) -> int:
@@ -377,14 +336,19 @@ def main(args=None) -> int:
 def run(args=None) -> int:
     """main without its KeyboardInterrupt guard."""
     camera_transport.apply_camera_transport_profile(os.environ)  # read when rclpy.init creates DDS
-    rclpy.init(args=args)
+    signals = StopSignals()
+    signals.install()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = executor = None
     code = 0
     try:
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         node = VQANode()
         executor.add_node(node)
-        spin(executor)
+        signals.node_running()
+        spin(executor, until=signals.requested.is_set)
+        node.get_logger().info("stopping: a frame append or answer in progress stops at its next layer")
+        stop_while_spinning(node, executor)
     except (StartupError, ParameterException) as exc:
         reason = " ".join(str(exc).split())
         print(f"{NODE_NAME}: {reason}", file=sys.stderr, flush=True)
@@ -403,6 +367,7 @@ def run(args=None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        signals.restore()
     return code
 
 

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from nchunk_core import cli
 from nchunk_core.convert.converter import convert
+from nchunk_core.runtime.cancel import Cancelled
 from nchunk_core.runtime.flash_model import ProjectionView
 from nchunk_core.runtime.adapters import adapter_for
 from nchunk_core.runtime.decoding import greedy_decode
@@ -234,6 +235,65 @@ def test_deadline_and_should_stop_give_a_partial_answer(built):
     for bad in (float("nan"), True, "soon"):
         with pytest.raises(ValueError, match="deadline"):
             session.ask(QUESTION, deadline=bad)
+    session.close()
+
+
+def counting_check(stop_at=None):
+    """A cancel check that counts how often it is asked and says stop at call `stop_at` (1-based)."""
+    calls = []
+
+    def check():
+        calls.append(1)
+        return stop_at is not None and len(calls) >= stop_at
+
+    return check, calls
+
+
+def test_cancel_stops_at_a_layer_boundary_and_leaves_the_context_as_it_was(built):
+    session = open_session(built, "smolvlm", max_new_tokens=NEW_TOKENS)
+    check, calls = counting_check()
+    session.append_frame(make_frame(seed=1), cancel=check)
+    first = len(calls)  # prefix and frame: every decoder layer and vision-tower layer asked once
+    assert first >= 2 * session.model.config.text_config.num_hidden_layers
+    books = (session.frames_in_context, session.context_tokens, session.newest_stamp)
+    answer = session.ask(QUESTION)
+
+    check, calls = counting_check()
+    session.append_frame(make_frame(seed=2), cancel=check)
+    per_frame = len(calls)
+    session.reset(keep_newest=False)
+    session.append_frame(make_frame(seed=1))
+    assert session.ask(QUESTION).token_ids == answer.token_ids
+
+    for stop_at in (1, per_frame):  # before the vision tower, and before the frame's last decoder layer
+        check, calls = counting_check(stop_at)
+        with pytest.raises(Cancelled):
+            session.append_frame(make_frame(seed=2), stamp=5.0, cancel=check)
+        assert len(calls) == stop_at
+        assert (session.frames_in_context, session.context_tokens, session.newest_stamp) == books
+        assert session._cache.get_seq_length() == session.context_tokens  # cropped back
+    check, calls = counting_check(3)
+    with pytest.raises(Cancelled):
+        session.ask(QUESTION, cancel=check)  # stopped in the question's prefill
+    assert session.ask(QUESTION).token_ids == answer.token_ids  # the context is what it was
+    stats = session.append_frame(make_frame(seed=2), cancel=lambda: False)
+    assert stats.frames_in_context == 2
+    with pytest.raises(Cancelled):
+        session.reset(keep_newest=True, cancel=lambda: True)
+    assert session.frames_in_context == 0 and session.context_tokens == 0  # as documented: empty
+    session.close()
+
+
+def test_on_token_reports_the_answer_as_it_grows(built):
+    session = open_session(built, "smolvlm", max_new_tokens=NEW_TOKENS)
+    session.append_frame(make_frame(seed=1))
+    seen = []
+    answer = session.ask(QUESTION, on_token=lambda text, n: seen.append((text, n)))
+    ids = [t for t in answer.token_ids if t not in session.stop_ids]
+    assert [n for _, n in seen] == list(range(1, len(ids) + 1))
+    assert seen[-1] == (answer.text, answer.tokens_generated)
+    for text, n in seen:
+        assert text == session.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
     session.close()
 
 

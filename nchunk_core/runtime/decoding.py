@@ -94,14 +94,16 @@ def greedy_decode(
     *,
     repetition_penalty: float = 1.0,
     context_ids: torch.Tensor | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[int], int]:
     """Greedy tokens after the context in `cache` (logits [1, V] of its last token).
 
     Each generated token but the last is appended as a one-token text chunk; stops after a stop id
     (included), after max_new_tokens, or when `should_stop()`, asked before each new token, is true
     (a deadline, a cancelled request: the tokens so far are returned). With a repetition penalty,
-    `context_ids` (int64, any shape) are the token ids of the context in `cache`. The last token is
-    not in the cache yet: a caller that continues the conversation appends it (with whatever
+    `context_ids` (int64, any shape) are the token ids of the context in `cache`. `on_token(tokens so
+    far)` is called after each new token, before the next forward pass. The last token is not in the
+    cache yet: a caller that continues the conversation appends it (with whatever
     follows). Returns (token ids, next free position).
     """
     tokens: list[int] = []
@@ -119,6 +121,8 @@ def greedy_decode(
         tokens.append(token)
         if seen is not None:
             seen[token] = True
+        if on_token is not None:
+            on_token(tokens)
         if token in stop_ids or len(tokens) == max_new_tokens:
             break
         logits, next_position = adapter.append_text([token], cache, next_position)

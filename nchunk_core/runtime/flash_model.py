@@ -14,6 +14,10 @@ The HF attention and MLP code calls q_proj(x), k_proj(x), v_proj(x) one after th
 tensor x. The views of one input share a `SharedProjections`: the first call runs the flash layer
 once for all projections, the others take their output from it (same tensor object and version
 only; anything else recomputes, so results are always right).
+
+Cancellation (cancel.py): before every decoder layer and every layer of the vision tower the model
+asks `FlashVLM.cancel` (set by the session for the duration of one call); when it says stop, the
+layer raises `Cancelled` instead of running.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from torch import nn
 
 from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.cancel import CancelCheck, Cancelled
 from nchunk_core.runtime.layers import FlashProjections, Workspace
 from nchunk_core.runtime.row_cache import RowCache, build_cache
 from nchunk_core.runtime.select import SelectionSettings
@@ -134,10 +139,20 @@ class FlashVLM:
         self.phase = ""  # what the session is appending (passed to the observer)
         self.vision_s = 0.0
         self._vision_t0 = 0.0
+        self.cancel: CancelCheck | None = None  # asked before every layer (the session sets it per call)
+        layer_lists = [adapter_class(arch).decoder_layers(model)]
         for path in VISION_MODULES.get(arch, ()):
             module = model.get_submodule(path)
             module.register_forward_pre_hook(self._vision_start)
             module.register_forward_hook(self._vision_stop)
+            layer_lists += [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+        for layers in layer_lists:
+            for layer in layers:
+                layer.register_forward_pre_hook(self._check_cancel)
+
+    def _check_cancel(self, module, args):
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("stopped at a layer boundary")
 
     def set_ram_budget(self, budget_bytes: int) -> RowCache:
         """Replace the row cache by one planned for `budget_bytes` (0: none); the old one is freed first."""

@@ -33,6 +33,8 @@ Context policy:
   frame as it came (for `reset(keep_newest=True)`). A smaller `max_frames` given to `update` while
   more frames are in context makes the next append rebuild.
 - A failed call leaves the context as it was before the call (the cache is truncated back).
+- `cancel` (append_frame, ask, reset) is asked at every layer boundary: once true, the call raises
+  `Cancelled` there (cancel.py), the context as it was (reset: empty). `on_token` streams answers.
 
 The session keeps its own books and reports them: `context_tokens` (tokens in the cache),
 `frames_in_context`, `newest_stamp` (the stamp given with the newest frame, kept as given), and per
@@ -60,6 +62,7 @@ from transformers import DynamicCache
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
 from nchunk_core.runtime.adapters import Chunk, adapter_class
+from nchunk_core.runtime.cancel import CancelCheck, cancellable
 from nchunk_core.runtime.decoding import DecodingSettings, greedy_decode
 from nchunk_core.runtime.config import (MAX_NEW_TOKENS_LIMIT, SessionConfig, check_selection, positive_int,
                                         ram_budget_value)
@@ -267,14 +270,15 @@ class Session:
         """Positions kept free for a question and its answer."""
         return self._cfg.max_question_tokens + self._cfg.max_new_tokens + QUESTION_TEMPLATE_TOKENS
 
-    def append_frame(self, image, stamp=None) -> FrameStats:
+    def append_frame(self, image, stamp=None, *, cancel: CancelCheck | None = None) -> FrameStats:
         """Add a camera frame to the context (see the module docstring for the policy).
 
         `stamp`: None or a finite number of seconds, kept as given (newest_stamp, FrameStats.stamp).
+        `cancel`: asked at every layer boundary; true stops the append there (Cancelled).
         """
         check_stamp(stamp)
         image = as_frame_image(image)
-        with self._lock:
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             return self._append_frame(image, stamp)
 
@@ -343,16 +347,20 @@ class Session:
         self._context_ids = [self._prefix.input_ids] + [c.input_ids for c, _ in chunks if c is not self._prefix]
         self._prefixed = True
         self._frames = len(replay) + 1
-        self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
+        if replay:  # with max_frames 1 every frame starts a new context: nothing worth a log line
+            self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
         return prep_s
 
     # -- questions ----------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int | None = None, deadline: float | None = None,
-            should_stop: Callable[[], bool] | None = None) -> Answer:
+            should_stop: Callable[[], bool] | None = None, *,
+            on_token: Callable[[str, int], None] | None = None, cancel: CancelCheck | None = None) -> Answer:
         """Answer a question about the frames in context; the context is left as it was.
 
         Decoding stops before the next token once time.monotonic() reaches `deadline` or
         `should_stop()` is true: the Answer then holds the tokens so far, with `interrupted` True.
+        `on_token(answer so far, tokens generated)` follows every answer token but the stop token;
+        `cancel`: asked at every layer boundary, true stops the call there (Cancelled).
         """
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                      or not math.isfinite(deadline)):
@@ -369,7 +377,13 @@ class Session:
             raise ValueError("question is empty")
         n_new = self._cfg.max_new_tokens if max_new_tokens is None else positive_int(
             "max_new_tokens", max_new_tokens, MAX_NEW_TOKENS_LIMIT)
-        with self._lock:
+
+        def token_added(tokens: list[int]) -> None:
+            if on_token is not None and tokens[-1] not in self.stop_ids:
+                ids = [t for t in tokens if t not in self.stop_ids]
+                on_token(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids))
+
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             self._apply_pending()
             if self._frames == 0:
@@ -392,7 +406,8 @@ class Session:
                 self._flash.phase = "answer"
                 tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop,
                                           repetition_penalty=self.decoding.repetition_penalty,
-                                          context_ids=torch.cat([*self._context_ids, chunk.input_ids], dim=1))
+                                          context_ids=torch.cat([*self._context_ids, chunk.input_ids], dim=1),
+                                          on_token=token_added)
             finally:
                 truncate_cache(self._cache, length)
                 self._next_position = position
@@ -408,15 +423,15 @@ class Session:
                 **call_totals(self._flash.stats))
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def reset(self, keep_newest: bool = False) -> FrameStats | None:
+    def reset(self, keep_newest: bool = False, *, cancel: CancelCheck | None = None) -> FrameStats | None:
         """Forget the frames in context: all of them, or with `keep_newest` all but the newest one.
 
         keep_newest: the context restarts from the newest frame, re-encoded (as it was appended);
         returns that append's FrameStats, or None when there was nothing to do (no frame, or the
-        newest one alone in context). Later frames are appended after it. If re-encoding fails,
-        the context is empty and the error is raised.
+        newest one alone in context). Later frames are appended after it. If re-encoding fails (or
+        is cancelled), the context is empty and the error is raised.
         """
-        with self._lock:
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             newest = self._newest
             if keep_newest and (newest is None or self._frames <= 1):
