@@ -8,6 +8,8 @@ passed through unchanged; everything else is checked here (ValueError naming the
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import numpy as np
 import torch
@@ -25,6 +27,14 @@ def positive_int(name: str, value, upper: int | None = None) -> int:
     if upper is not None and value > upper:
         raise ValueError(f"{name} must be at most {upper}, got {value}")
     return int(value)
+
+
+def check_budget_ms(value) -> float:
+    """`value` as a float if it is a finite number >= 0 (a frame budget in ms; 0 = off)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value < 0):
+        raise ValueError(f"frame_budget_ms must be a number >= 0 (0 = off), got {value!r}")
+    return float(value)
 
 
 def check_selection(value) -> SelectionSettings:
@@ -47,6 +57,10 @@ class SessionConfig:
     profile_quick: bool = True  # quick drive profile if none is cached
     max_question_tokens: int = 256  # longer questions are refused
     frame_mode: str = "image"  # LLaVA-OneVision only: "image" (anyres) or "video" (pooled, 197 tokens)
+    # > 0: each frame's sparsity is chosen so that its estimated time fits this many ms (budget.py),
+    # from 0 up to budget_max_sparsity; selection.sparsity is then ignored for frames. 0: off.
+    frame_budget_ms: float = 0.0
+    budget_max_sparsity: float = 0.9
 
     def __post_init__(self):
         if not isinstance(self.device, str):
@@ -68,5 +82,11 @@ class SessionConfig:
         self.max_question_tokens = positive_int("max_question_tokens", self.max_question_tokens)
         if not isinstance(self.profile_quick, bool):
             raise ValueError(f"profile_quick must be True or False, got {self.profile_quick!r}")
+        self.frame_budget_ms = check_budget_ms(self.frame_budget_ms)
+        value = self.budget_max_sparsity
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or not 0.0 <= value < 1.0):
+            raise ValueError(f"budget_max_sparsity must be a number in [0, 1), got {value!r}")
+        self.budget_max_sparsity = float(value)
         if self.frame_mode not in ("image", "video"):
             raise ValueError(f"frame_mode must be 'image' or 'video', got {self.frame_mode!r}")

@@ -38,8 +38,13 @@ class FrameStats:
     frames_in_context: int
     rebuilt: bool  # the max_frames policy fired
     stamp: object  # the stamp given with the frame (None if none)
-    selection: SelectionSettings  # the selection settings this frame was appended with
+    selection: SelectionSettings  # the selection settings this frame was appended with (its sparsity
+    # is the one actually used: with a frame budget, the one the budget chose)
     max_frames: int  # the max_frames in force for this frame
+    frame_budget_ms: float = 0.0  # the frame budget in force (0: off)
+    budget_met: bool | None = None  # with a budget: whether the estimate fit it (False: even at
+    # budget_max_sparsity it did not); None without one
+    predicted_s: float = 0.0  # with a budget: the estimated frame time planned with
 
 
 @dataclasses.dataclass

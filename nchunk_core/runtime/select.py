@@ -33,6 +33,10 @@ import numpy as np
 from nchunk_core.io.latency import LatencyTable
 
 METHODS = ("dense", "magnitude", "chunking", "dp")
+# How the sparsity is spread over a model's matrices: "layerwise" follows the store's calibrated
+# allocation (store/allocation.py; uniform when the store has none), "uniform" gives every matrix
+# the same sparsity.
+ALLOCATIONS = ("layerwise", "uniform")
 
 
 class WindowRows(NamedTuple):
@@ -117,9 +121,10 @@ class SelectionSettings:
     (ValueError naming the field), and passed through unchanged.
     """
 
-    sparsity: float = 0.0  # fraction of each matrix's input rows NOT read, in [0, 1)
+    sparsity: float = 0.0  # fraction of the input rows NOT read, in [0, 1): the byte-weighted average
     method: str = "chunking"  # one of METHODS
     windows: ChunkParams | None = None  # chunking's candidate windows; None: default_params per matrix
+    allocation: str = "layerwise"  # one of ALLOCATIONS: how `sparsity` is spread over the matrices
 
     def __post_init__(self):
         value = self.sparsity
@@ -130,10 +135,13 @@ class SelectionSettings:
         check_method(self.method)
         if self.windows is not None and not isinstance(self.windows, ChunkParams):
             raise ValueError(f"windows must be a ChunkParams or None, got {type(self.windows).__name__}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
 
     @classmethod
     def from_kib(cls, sparsity: float, method: str, start_kib: float = 0.0, step_kib: float = 0.0,
-                 max_kib: float = 0.0, jump_cap_kib: float = 0.0) -> "SelectionSettings":
+                 max_kib: float = 0.0, jump_cap_kib: float = 0.0,
+                 allocation: str = "layerwise") -> "SelectionSettings":
         """From the node's flat parameters: window sizes in KiB where 0 means "the default".
 
         All four 0: windows None (per-matrix defaults). Otherwise explicit windows for every matrix,
@@ -147,12 +155,12 @@ class SelectionSettings:
                 raise ValueError(f"chunk_{name.removesuffix('_kib')}_kib must be a number >= 0, got {value!r}")
         explicit = {k: float(v) for k, v in fields.items() if v > 0}
         if not explicit:
-            return cls(sparsity, method, None)
+            return cls(sparsity, method, None, allocation)
         start = explicit.get("start_kib", ChunkParams.start_kib)
         if "max_kib" in explicit and explicit["max_kib"] < start:
             raise ValueError(f"chunk_max_kib ({explicit['max_kib']:g}) is below the smallest window "
                              f"({start:g} KiB): raise chunk_max_kib or set it to 0 (saturation size)")
-        return cls(sparsity, method, ChunkParams(**explicit))
+        return cls(sparsity, method, ChunkParams(**explicit), allocation)
 
     def budget(self, rows: int) -> int:
         """Rows to read for a matrix with `rows` input channels."""

@@ -60,22 +60,19 @@ from transformers import DynamicCache
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
 from nchunk_core.runtime.adapters import Chunk, adapter_class, greedy_decode
-from nchunk_core.runtime.config import MAX_NEW_TOKENS_LIMIT, SessionConfig, check_selection, positive_int
+from nchunk_core.runtime.budget import FrameBudget, io_estimator
+from nchunk_core.runtime.config import (MAX_NEW_TOKENS_LIMIT, SessionConfig, check_budget_ms, check_selection,
+                                        positive_int)
 from nchunk_core.runtime.flash_model import build_flash_model
 from nchunk_core.store.naming import torch_dtype
 from nchunk_core.runtime.frames import as_frame_image, check_stamp, kept_copy
+from nchunk_core.runtime.kv_cache import copy_cache, truncate_cache
 from nchunk_core.runtime.layers import Workspace
 from nchunk_core.runtime.processors import load_processor, stop_token_ids
 from nchunk_core.runtime.results import Answer, FrameStats, call_totals
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store
-
-def truncate_cache(cache: DynamicCache, length: int) -> None:
-    """Drop every cached token after the first `length`, in every layer."""
-    for layer in cache.layers:
-        n = layer.get_seq_length()
-        if n > length:
-            layer.crop(length - n)
+from nchunk_core.store.allocation import load_allocation
 
 
 class Session:
@@ -103,6 +100,7 @@ class Session:
         self._pending: dict = {}
         self._closed = False
         self._kept: collections.deque = collections.deque(maxlen=cfg.max_frames // 2)  # kept_copy images
+        self._budget = FrameBudget(io_estimator(flash, store))  # frame_budget_ms > 0 (budget.py)
         self._new_context()
 
     @classmethod
@@ -122,6 +120,10 @@ class Session:
         if not path.exists():
             raise FileNotFoundError(f"store {path} does not exist")
         store = Store.open(path)
+        allocation = load_allocation(store)
+        if allocation is None and cfg.selection.allocation == "layerwise":
+            log(f"{store.path} has no sparsity allocation: every matrix drops the same fraction of rows "
+                f"(`nchunk calibrate` measures one)")
         if table is None:
             from nchunk_core.io.profile import load_or_profile
 
@@ -129,7 +131,7 @@ class Session:
         reader = Reader(threads=cfg.reader_threads)
         try:
             flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device),
-                                      device=cfg.device, dtype=torch_dtype(cfg.dtype))
+                                      device=cfg.device, dtype=torch_dtype(cfg.dtype), allocation=allocation)
             processor = load_processor(store.path, flash.arch)
             session = cls(store, cfg, reader, flash, processor, log)
         except BaseException:
@@ -183,8 +185,10 @@ class Session:
             raise RuntimeError("session is closed")
 
     # -- settings -----------------------------------------------------------------------------------
-    def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None) -> None:
-        """Change the selection settings or max_frames; applied at the start of the next call.
+    def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None,
+               frame_budget_ms: float | None = None) -> None:
+        """Change the selection settings, max_frames or frame_budget_ms; applied at the start of the
+        next call.
 
         None leaves a setting unchanged. A refused value raises ValueError and changes nothing. A
         max_frames below the frames in context makes the next append rebuild the context.
@@ -194,6 +198,8 @@ class Session:
             change["max_frames"] = positive_int("max_frames", max_frames)
         if selection is not None:
             change["selection"] = check_selection(selection)
+        if frame_budget_ms is not None:
+            change["frame_budget_ms"] = check_budget_ms(frame_budget_ms)
         with self._pending_lock:
             self._pending.update(change)
 
@@ -206,11 +212,13 @@ class Session:
     def _apply_pending(self) -> None:
         with self._pending_lock:
             pending, self._pending = self._pending, {}
-        if not pending:
-            return
         old, self._cfg = self._cfg, dataclasses.replace(self._cfg, **pending)
         cfg = self._cfg
-        self._flash.selection = cfg.selection
+        self._flash.selection = cfg.selection  # also puts back what a budgeted frame chose
+        if not pending:
+            return
+        if old.frame_budget_ms != cfg.frame_budget_ms:
+            self._log(f"frame_budget_ms now {cfg.frame_budget_ms:g}" + (" (off)" if not cfg.frame_budget_ms else ""))
         if old.selection != cfg.selection:
             self._log(f"selection now {cfg.selection.method} at sparsity {cfg.selection.sparsity:g}")
         if old.max_frames != cfg.max_frames:
@@ -262,6 +270,11 @@ class Session:
         before = self._cache.get_seq_length()
         rebuilt = self._frames >= self._cfg.max_frames or (
             self._next_position + chunk.num_tokens + self._reserve() > self.max_positions)
+        plan = None
+        if self._cfg.frame_budget_ms:  # this frame's sparsity from the budget (budget.py)
+            chunks = (len(self._kept) + 1 if rebuilt else 1) + (0 if self._prefixed else 1)
+            plan = self._budget.plan_frame(self._cfg, chunks, self._log)
+            self._flash.selection = plan.selection
         if rebuilt:
             prep_s += self._rebuild(chunk)
         else:
@@ -283,20 +296,17 @@ class Session:
         calls = self._flash.stats
         totals = call_totals(calls)
         vision_s = prep_s + self._flash.vision_s
+        if plan is not None:
+            self._budget.observe(plan, total_s)
         return FrameStats(
             visual_tokens=chunk.num_visual_tokens, tokens=self._context_tokens - (0 if rebuilt else before),
             context_tokens=self._context_tokens, rows_read=sum(c.rows for c in calls),
             rows_total=sum(c.rows_total for c in calls), est_io_s=sum(c.est_io_s for c in calls),
             compute_s=max(0.0, total_s - vision_s - totals["io_s"] - totals["select_s"]),
             vision_s=vision_s, total_s=total_s, frames_in_context=self._frames, rebuilt=rebuilt, stamp=stamp,
-            selection=self._cfg.selection, max_frames=self._cfg.max_frames, **totals)
-
-    def _prefix_copy(self) -> DynamicCache:
-        """A new cache holding a copy of the current cache's prefix."""
-        n, cache = self._prefix.num_tokens, DynamicCache()
-        for i, layer in enumerate(self._cache.layers):
-            cache.update(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone(), i)
-        return cache
+            selection=self._flash.selection, max_frames=self._cfg.max_frames, frame_budget_ms=self._cfg.frame_budget_ms,
+            budget_met=None if plan is None else plan.met, predicted_s=0.0 if plan is None else plan.predicted_s,
+            **totals)
 
     def _rebuild(self, chunk: Chunk) -> float:
         """New cache: the prefix (copied), the kept frames re-encoded, then `chunk`. Returns encoding s."""
@@ -304,7 +314,7 @@ class Session:
         replay = [(self._encode(image), "replay") for image in self._kept]
         prep_s = time.perf_counter() - t0
         if self._prefixed:  # the prefix's keys and values are kept: it is the same text at the same place
-            cache, position = self._prefix_copy(), self._prefix.num_tokens
+            cache, position = copy_cache(self._cache, self._prefix.num_tokens), self._prefix.num_tokens
             chunks = [*replay, (chunk, "frame")]
         else:
             cache, position = DynamicCache(), 0
