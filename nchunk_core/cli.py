@@ -159,16 +159,20 @@ def _add_bench(sub):
     ac = bsub.add_parser("accuracy", help="accuracy vs I/O per frame on the trained built-in model",
                          description="Answers the held-out test questions of the shape scenes with the built-in "
                          "model through the real store and reader (one frame in context), at sparsity 0 and "
-                         "10-70% for magnitude and chunking on the hot-cold order, interleaved per frame. Prints "
+                         "10-70% for magnitude and chunking on the hot-cold order (sparsity spread uniformly and, "
+                         "with the store's allocation, layer-wise), and chunking in the latency-budget mode at three "
+                         "frame budgets, interleaved per frame. Prints "
                          "accuracy per question kind and the frame's I/O time, bytes and reads per setting, and the "
                          "I/O speedup of chunking over magnitude at matched accuracy (linear interpolation, the "
                          "paper's protocol); writes bench_accuracy.png and bench_accuracy.json to --out.")
     ac.add_argument("--store", default=None, help="store of a model trained on the shape scenes "
                     "(default: the built-in model)")
     ac.add_argument("--scenes", type=int, default=None, help="test scenes (default: the whole test set, 500, "
-                    "about 3.8 questions each; every scene runs 15 settings, about 6.5 s per scene on 2 CPU "
-                    "cores, so --scenes 120 takes about 13 min)")
+                    "about 3.8 questions each; every scene runs 32 settings, about 14 s per scene on 2 CPU "
+                    "cores, so --scenes 120 takes about 28 min)")
     ac.add_argument("--methods", default="magnitude,chunking", help="comma-separated (default magnitude,chunking)")
+    ac.add_argument("--budgets-ms", default="", help="comma-separated frame budgets in ms (default: 0.9, 1.2 and "
+                    "1.6 times the median dense frame time of a warm-up)")
     ac.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
     ac.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")
     ac.add_argument("--json", action="store_true", help="print one JSON object")
@@ -219,7 +223,8 @@ def cmd_bench_accuracy(args) -> int:
 
     res = accuracy_bench.run(args.store, scene_count=args.scenes or TEST_SCENES,
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                             threads=args.threads, log=_progress_log(args))
+                             threads=args.threads, log=_progress_log(args),
+                             budgets_ms=[float(b) for b in args.budgets_ms.split(",") if b.strip()] or None)
     res["plot"] = accuracy_bench.plot(res, args.out)
     return _report(args, "bench_accuracy.json", accuracy_bench.to_json(res),
                    accuracy_bench.format_table(res) + f"\nplot: {res['plot']}")

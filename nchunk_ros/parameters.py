@@ -16,7 +16,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.exceptions import InvalidTopicNameException
 from rclpy.validate_topic_name import validate_topic_name
 
-from nchunk_core.runtime.select import METHODS, SelectionSettings
+from nchunk_core.runtime.select import ALLOCATIONS, METHODS, SelectionSettings
 from nchunk_core.store.naming import DTYPES  # names only: a bad dtype is refused before torch loads
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -65,6 +65,10 @@ PARAMETERS = (
     ParamSpec("sparsity", 0.5, "fraction of the input rows of every projection NOT read from the drive",
               0.0, 0.99),
     ParamSpec("method", "chunking", "row selection: " + ", ".join(METHODS)),
+    ParamSpec("allocation", "layerwise", "how sparsity is spread over the matrices: " + ", ".join(ALLOCATIONS)
+              + " (layerwise: the store's calibrated allocation, uniform if it has none)"),
+    ParamSpec("frame_budget_ms", 0.0, "> 0: each frame's sparsity is chosen so that its estimated time fits "
+              "this many ms (sparsity then only applies to questions); 0 = off", 0.0, 600000.0),
     ParamSpec("chunk_start_kib", 0.0, "chunking: smallest candidate window in KiB (0 = default)", 0.0, 65536.0),
     ParamSpec("chunk_step_kib", 0.0, "chunking: window size step in KiB (0 = default)", 0.0, 65536.0),
     ParamSpec("chunk_max_kib", 0.0, "chunking: largest window in KiB (0 = the drive's saturation size)",
@@ -79,8 +83,9 @@ PARAMETERS = (
 SPECS = {spec.name: spec for spec in PARAMETERS}
 DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
-SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
-SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames")  # passed to Session.update
+SELECTION_PARAMETERS = ("sparsity", "method", "allocation", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib",
+                        "jump_cap_kib")
+SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "frame_budget_ms")  # passed to Session.update
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
 
 
@@ -91,7 +96,7 @@ def selection_from(values: dict) -> SelectionSettings:
     """
     return SelectionSettings.from_kib(values["sparsity"], values["method"], start_kib=values["chunk_start_kib"],
                                       step_kib=values["chunk_step_kib"], max_kib=values["chunk_max_kib"],
-                                      jump_cap_kib=values["jump_cap_kib"])
+                                      jump_cap_kib=values["jump_cap_kib"], allocation=values["allocation"])
 
 
 def _store_path_problem(value: str) -> str:

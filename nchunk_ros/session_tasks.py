@@ -73,9 +73,10 @@ class SessionTasks:
         return self._session.frames_in_context
 
     def update_session(self, values: dict) -> None:
-        """Hand the selection settings and max_frames of parameter `values` to the session (applied at
-        its next call)."""
-        self._session.update(selection=selection_from(values), max_frames=values["max_frames"])
+        """Hand the selection settings, max_frames and frame_budget_ms of parameter `values` to the
+        session (applied at its next call)."""
+        self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
+                             frame_budget_ms=values["frame_budget_ms"])
 
     # -- frames -------------------------------------------------------------------------------------
     def append(self, frame: Frame) -> None:

@@ -188,6 +188,7 @@ class VQANode(Node):
         try:
             cfg = SessionConfig(device=v["device"], dtype=v["dtype"], selection=selection_from(v),
                                 reader_threads=v["reader_threads"], max_frames=v["max_frames"],
+                                frame_budget_ms=v["frame_budget_ms"],
                                 max_new_tokens=v["max_new_tokens"], profile_quick=True)
         except ValueError as exc:
             raise StartupError(f"invalid configuration: {exc}") from exc

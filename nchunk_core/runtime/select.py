@@ -98,20 +98,30 @@ class ChunkParams:
                           _kib_to_rows(self.jump_cap_kib, row_bytes))
 
 
-# Chosen by the window sweep of nchunk_core/bench/select_sweep.py (table and method in
-# docs/selection.md): the best mean retained importance at 10-50 % of the dense read time whose
-# selection stays under half the 2 ms budget at 18 944 rows. Small rows (q+k+v, q, down of a 7B
-# model: 7-9 KiB) gave 32/32/32 KiB; large rows (gate+up: 74 KiB) gave one-row windows at every
-# row, which 32/32/32 KiB also converts to for any row above 64 KiB.
+# Chosen by the window sweeps (tables and method in docs/selection.md). select_sweep.py, on a 7B
+# model's rows: the best mean retained importance at 10-50 % of the dense read time whose selection
+# stays under half the 2 ms budget at 18 944 rows: 32/32/32 KiB for its small rows (q+k+v, q,
+# down: 7-9 KiB), one-row windows at every row for large rows (gate+up: 74 KiB; 32/32/32 KiB
+# converts to the same above 64 KiB). row_size_sweep.py, on the rows of smaller models (0.5-4
+# KiB; there a 32 KiB window is a large part of a matrix and, at the runtime's fixed row budget,
+# loses up to a tenth of magnitude's importance): among the settings never below magnitude at equal
+# estimated time, the one keeping the most importance at equal rows: windows of exactly 2 rows,
+# 3 rows for matrices of at most FEW_ROWS rows (there 2-row windows lose to magnitude's long runs).
 SMALL_ROWS = ChunkParams(start_kib=32.0, step_kib=32.0, max_kib=None, jump_cap_kib=32.0)
 LARGE_ROWS = ChunkParams(start_kib=4.0, step_kib=4.0, max_kib=None, jump_cap_kib=8.0)
 LARGE_ROW_BYTES = 32 * 1024  # rows above this use LARGE_ROWS
+FINE_ROW_BYTES = 6 * 1024  # rows below this use windows of a few rows
+FEW_ROWS = 256
 
 
 def default_params(row_bytes: int, rows: int) -> ChunkParams:
-    """Chunking windows for a matrix of `rows` rows of `row_bytes` bytes (see the sweep above)."""
-    del rows  # the sweep found no dependence on the row count beyond selection time
-    return LARGE_ROWS if row_bytes > LARGE_ROW_BYTES else SMALL_ROWS
+    """Chunking windows for a matrix of `rows` rows of `row_bytes` bytes (see the sweeps above)."""
+    if row_bytes > LARGE_ROW_BYTES:
+        return LARGE_ROWS
+    if row_bytes >= FINE_ROW_BYTES:
+        return SMALL_ROWS
+    kib = (3 if rows <= FEW_ROWS else 2) * row_bytes / 1024.0  # one window size, placed on its own grid
+    return ChunkParams(start_kib=kib, step_kib=kib, max_kib=kib, jump_cap_kib=kib)
 
 
 @dataclasses.dataclass(frozen=True)
