@@ -151,3 +151,18 @@ def test_store_without_allocation_runs_uniform_with_a_note(tiny_stores):
         fractions = {c.rows / c.rows_total for c in session._flash.stats}
     assert any("no sparsity allocation" in n for n in notes)
     assert all(f == pytest.approx(0.5, abs=1.0 / 64) for f in fractions)
+
+
+def test_convert_measures_an_allocation_and_calibrate_measures_it_again(tiny_checkpoints, calibration_frames,
+                                                                         tmp_path, capsys):
+    from nchunk_core import cli
+    from nchunk_core.convert.converter import convert
+
+    store = convert(tiny_checkpoints["smolvlm"], tmp_path / "store", calibration_frames, progress=False,
+                    allocation_frames=1)
+    alloc = load_allocation(Store.open(store))
+    assert alloc is not None and alloc.basis["frames"] == 1 and alloc.basis["source"] == str(calibration_frames)
+    assert cli.main(["calibrate", str(store), "--frames", str(calibration_frames), "--count", "2"]) == 0
+    assert "average 50%: layers.0.attn_in" in capsys.readouterr().out
+    assert load_allocation(Store.open(store)).basis["frames"] == 2
+    assert cli.main(["calibrate", str(store), "--frames", str(tmp_path / "none")]) == 1  # a clear error

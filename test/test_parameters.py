@@ -80,3 +80,13 @@ def test_config_file_documents_every_parameter():
         assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), f"{name} has no comment in {CONFIG.name}"
         value = Parameter.from_parameter_msg(values[name]).value
         assert value == DEFAULTS[name], f"{CONFIG.name} and the node disagree on {name}"
+
+
+def test_allocation_and_frame_budget_parameters():
+    assert DEFAULTS["allocation"] == "layerwise" and DEFAULTS["frame_budget_ms"] == 0.0
+    assert "allocation must be one of" in check_parameters({"allocation": "per-layer"}, DEFAULTS, True).reason
+    assert check_parameters({"allocation": "uniform", "frame_budget_ms": 250.0}, DEFAULTS, True).successful
+    assert selection_from({**DEFAULTS, "allocation": "uniform"}).allocation == "uniform"
+    budget = {spec.name: spec for spec in PARAMETERS}["frame_budget_ms"].descriptor()
+    assert budget.floating_point_range[0].from_value == 0.0  # negative budgets are refused by rclpy
+    assert {"allocation", "frame_budget_ms"} <= set(parameters.SESSION_PARAMETERS)  # no reload

@@ -8,7 +8,8 @@ non-persistent buffers (rotary frequencies, position ids), which are computed fr
 model's own initialiser. The key sets of the store and of the model must match exactly.
 
 Input, group and output names and the calibration prefix are shared with the converter
-(store/naming.py).
+(store/naming.py). A layer-wise selection takes each input's sparsity from the store's allocation
+(store/allocation.py): `FlashVLM.settings_for(input)` is what every flash layer selects with.
 
 The HF attention and MLP code calls q_proj(x), k_proj(x), v_proj(x) one after the other on the same
 tensor x. The views of one input share a `SharedProjections`: the first call runs the flash layer

@@ -6,6 +6,7 @@
     s.ask("What is on the table?")   # -> Answer
     s.ask("And now?", deadline=time.monotonic() + 2.0)   # partial answer if decoding runs past it
     s.update(selection=SelectionSettings(0.3, "chunking"))   # applied at the start of the next call
+    s.update(frame_budget_ms=300.0)  # each frame's sparsity chosen to fit 300 ms (budget.py)
     s.reset(keep_newest=True)        # the context restarts from the newest frame
     s.close()
 
