@@ -41,7 +41,7 @@ setup(
         *share_files("config"),
     ],
     # torch is deliberately absent: a Jetson keeps the torch that comes with JetPack.
-    install_requires=["setuptools", "numpy", "safetensors", "tqdm", "matplotlib", "pillow", "transformers>=5.23,<6",
+    install_requires=["setuptools", "numpy", "safetensors", "tqdm", "matplotlib", "pillow", "transformers>=5.24,<5.25",
                       "tokenizers"],
     zip_safe=False,
     maintainer="nchunk developers",

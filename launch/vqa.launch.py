@@ -1,10 +1,12 @@
 """Launch the nchunk VQA node with its parameters from a YAML file.
 
+    ros2 launch nchunk_ros vqa.launch.py                                  # the built-in demo model
     ros2 launch nchunk_ros vqa.launch.py params_file:=/path/to/my_vqa.yaml
 
-`params_file` defaults to the installed config/vqa.yaml, whose store_path is empty: copy it, set
-store_path (and the camera topics), and pass the copy. Without `launch` (ROS 2 from PyPI wheels)
-the same is:
+`params_file` defaults to the installed config/vqa.yaml, whose store_path is empty: the node then
+answers with the built-in demo model at that store's recommended settings, from /camera/image_raw.
+For your own model, copy the file, set store_path (and the camera topics), and pass the copy.
+Without `launch` (ROS 2 from PyPI wheels) the same is:
 
     vqa_node --ros-args --params-file /path/to/my_vqa.yaml
 """

@@ -121,13 +121,17 @@ def _add_bench(sub):
                          "sparsity 0-70% for magnitude and chunking, with and without hot-cold reordering, reading "
                          "every selection cold through the reader. Prints a table with measured and estimated I/O "
                          "time, retained importance, reads, mean run length and the physical limit; writes PNG "
-                         "plots; reports the speedup over magnitude at matched retained importance.")
+                         "plots; reports the speedup over magnitude at matched retained importance. Reads check "
+                         "every row's CRC-32C, as the runtime does; the cost of those checks is measured apart, "
+                         "reading the same selections with and without them, interleaved (verify_overhead).")
     io.add_argument("--dir", default=None, help="directory on the drive under test for the stores "
                     "(default: <system temp dir>/nchunk-bench); about 1 GB per layer")
     io.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     io.add_argument("--frames", type=int, default=10, help="test frames = repetitions per point (default 10)")
     io.add_argument("--methods", default="magnitude,chunking,dp",
                     help="comma-separated selection methods (default magnitude,chunking,dp; magnitude is the baseline)")
+    io.add_argument("--sparsities", default=None, help="comma-separated sparsities of the sweep (default "
+                    "0,0.1,...,0.7; magnitude also runs 0.8 and 0.9)")
     io.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
     io.add_argument("--out", default="out", help="folder for plots and the JSON result (default: out)")
     io.add_argument("--json", action="store_true", help="print one JSON object")
@@ -196,8 +200,9 @@ def cmd_bench_io(args) -> int:
 
     directory = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "nchunk-bench"
     log = _progress_log(args)
+    sparsities = [float(s) for s in args.sparsities.split(",")] if args.sparsities else None
     res = io_bench.run(directory, layers=args.layers, frames=args.frames, methods=tuple(args.methods.split(",")),
-                       threads=args.threads, progress=not args.json, log=log)
+                       threads=args.threads, progress=not args.json, log=log, sparsities=sparsities)
     res["plots"] = io_bench.plot(res, args.out)
     return _report(args, "bench_io.json", io_bench.to_json(res),
                    io_bench.format_table(res) + "\nplots: " + ", ".join(res["plots"]))
@@ -269,7 +274,7 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert a Hugging Face VLM checkpoint into a store",
                        description="Read a local Hugging Face checkpoint (safetensors, sharded or not) one tensor at a "
                        "time, check every key and shape against its architecture (LLaVA-OneVision, Qwen2.5-VL, "
-                       "SmolVLM), and write a store: the decoder projections as rows on the drive, everything else "
+                       "SmolVLM v1 (idefics3) and SmolVLM2), and write a store: the decoder projections as rows on the drive, everything else "
                        "resident, plus the config, tokenizer and processor files, so the store alone is the model. "
                        "Then calibrate on camera frames (the flash runtime, dense) and rewrite the rows in hot-cold "
                        "order. Needs about twice the backbone's size free next to STORE while it runs.")
@@ -291,6 +296,9 @@ def _add_convert(sub):
     p.add_argument("--calib-dtype", default="float32", choices=DTYPES,
                    help="compute dtype for calibration (default float32)")
     p.add_argument("--threads", type=int, default=6, help="reader threads for calibration (default 6)")
+    p.add_argument("--frame-tokens", default="auto", help="what a calibration frame costs, as the session's "
+                   "frame_tokens: auto (the cheapest mode the model was trained with), video, image, tiles, or "
+                   "a number of visual tokens (Qwen2.5-VL); use the mode the robot will run with (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at STORE")
     p.set_defaults(func=cmd_convert)
 
@@ -303,8 +311,8 @@ def cmd_convert(args) -> int:
         path = convert(args.model_dir, args.store, args.calib, bundle=not args.no_bundle, dtype=args.dtype,
                        reorder=not args.no_reorder, calib_frames=args.calib_frames, calib_device=args.calib_device,
                        calib_dtype=args.calib_dtype, threads=args.threads, overwrite=args.overwrite,
-                       allocation=not args.no_allocation,
-                       log=lambda m: print(m, file=sys.stderr))
+                       log=lambda m: print(m, file=sys.stderr), frame_tokens=args.frame_tokens,
+                       allocation=not args.no_allocation)
     except StoreError as exc:
         print(f"nchunk convert: {exc}", file=sys.stderr)
         return 1
@@ -365,13 +373,38 @@ def cmd_verify(args) -> int:
     return 0 if getattr(report, "ok", True) else 1
 
 
+def _add_upgrade(sub):
+    p = sub.add_parser("upgrade", help="bring a store of an older format version up to date, in place",
+                       description="Upgrade a store written by an older nchunk to the current format, in "
+                       "place. From version 1: read every weight block and check its CRC-32 (a damaged "
+                       "store is refused), compute the CRC-32C of every row from the same bytes, write them "
+                       "to row-crc32c.bin and rewrite manifest.json atomically, keeping every other field. "
+                       "A store already current is left alone. Exit code 0 when the store is current "
+                       "afterwards, 1 otherwise.")
+    p.add_argument("store", help="store directory (contains manifest.json)")
+    p.set_defaults(func=cmd_upgrade)
+
+
+def cmd_upgrade(args) -> int:
+    from nchunk_core.store import StoreError
+    from nchunk_core.store.upgrade import upgrade
+
+    try:
+        result = upgrade(args.store, progress=True)
+    except StoreError as exc:
+        print(f"nchunk upgrade: {exc}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0
+
+
 def build_parser(more_commands=()) -> argparse.ArgumentParser:
     """The `nchunk` parser with the core subcommands, then each of `more_commands` (a function that
     adds subcommands to the subparsers action)."""
     parser = argparse.ArgumentParser(prog="nchunk", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_profile, _add_bench, _add_convert, _add_calibrate, _add_train_demo, _add_verify,
+    for add in (_add_profile, _add_bench, _add_convert, _add_calibrate, _add_train_demo, _add_verify, _add_upgrade,
                 *more_commands):
         add(sub)
     return parser

@@ -5,6 +5,11 @@ node registers as its on-set-parameters callback, so start-up values and every l
 through it; `selection_from` builds the one `SelectionSettings` value from the flat parameters (the
 check builds it too, so a value it accepts always gives settings) and the node passes it to the
 session unchanged. config/vqa.yaml documents every parameter.
+
+A store may carry recommended settings (`Store.recommended`, nchunk_core/store/recommended.py) for
+the parameters in RECOMMENDED_PARAMETERS: `recommended_values` gives the value in effect for each
+of them that the user did not set (in a params file, with -p or with `ros2 param set`): the store's,
+else the node's default. An empty store_path means the built-in store (`builtin_store`).
 """
 from __future__ import annotations
 
@@ -48,13 +53,16 @@ class ParamSpec:
 
 
 PARAMETERS = (
-    ParamSpec("store_path", "", "store directory written by `nchunk convert` (required)", reload=True),
+    ParamSpec("store_path", "", "store directory written by `nchunk convert`; empty = the built-in demo "
+              "model's store", reload=True),
     ParamSpec("device", "cpu", "compute device: cpu, cuda or cuda:N", reload=True),
     ParamSpec("dtype", "float32", "compute dtype: float32, float16 or bfloat16", reload=True),
     ParamSpec("reader_threads", 6, "threads reading weight rows from the drive (the drive profile is "
               "measured and cached for this count)", 1, 256, reload=True),
     ParamSpec("max_frames", 8, "frames kept in context; when full, the context is rebuilt from the last "
               "max_frames/2 frames and the new one (a change applies from the next frame)", 1, 1024),
+    ParamSpec("ram_budget_mib", 0.0, "RAM in MiB for the hottest backbone rows, kept between frames and "
+              "never read again (0 = none; a change re-reads the cache before the next frame)", 0.0, 1048576.0),
     ParamSpec("image_topics", ["/camera/image_raw"], "camera topics; a name ending in /compressed is "
               "sensor_msgs/CompressedImage (JPEG/PNG), any other sensor_msgs/Image; the newest frame of "
               "any of them is appended"),
@@ -62,8 +70,9 @@ PARAMETERS = (
               "(sensor data) or reliable (needed by a reliable-only publisher); history depth is 1"),
     ParamSpec("max_append_rate_hz", 2.0, "most frames appended per second; the newest frame wins, the "
               "others are skipped (0 = as fast as the model goes)", 0.0, 1000.0),
-    ParamSpec("sparsity", 0.5, "fraction of the input rows of every projection NOT read from the drive",
-              0.0, 0.99),
+    ParamSpec("sparsity", 0.0, "fraction of the projections' weight rows NOT read from the drive, on average "
+              "over the model by bytes "
+              "(unset: the store's recommended value, else 0.0, the exact model)", 0.0, 0.99),
     ParamSpec("method", "chunking", "row selection: " + ", ".join(METHODS)),
     ParamSpec("allocation", "layerwise", "how sparsity is spread over the matrices: " + ", ".join(ALLOCATIONS)
               + " (layerwise: the store's calibrated allocation, uniform if it has none)"),
@@ -85,8 +94,38 @@ DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
 SELECTION_PARAMETERS = ("sparsity", "method", "allocation", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib",
                         "jump_cap_kib")
-SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "frame_budget_ms")  # passed to Session.update
+SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "ram_budget_mib", "frame_budget_ms")  # passed to Session.update
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
+RECOMMENDED_PARAMETERS = ("sparsity", "method", "max_frames", "max_new_tokens")  # a store may recommend them
+
+
+def builtin_store() -> Path:
+    """The store of the built-in demo model, inside the installed nchunk_core package (what an
+    empty store_path opens)."""
+    from nchunk_core.demo.model import shipped_store
+
+    return shipped_store()
+
+
+def store_directory(store_path: str) -> Path:
+    """The directory a store_path value names: empty = the built-in store."""
+    return Path(store_path).expanduser() if store_path else builtin_store()
+
+
+def recommended_values(recommended, user_set) -> dict:
+    """{name: value} for every RECOMMENDED_PARAMETERS name not in `user_set`: the store's value from
+    `recommended` (a store.Recommended, or None for a store without one), else the node's default.
+    A number outside the parameter's range is taken to the nearest end of it."""
+    values = {}
+    for name in RECOMMENDED_PARAMETERS:
+        if name in user_set:
+            continue
+        spec = SPECS[name]
+        value = type(spec.default)(spec.default if recommended is None else getattr(recommended, name))
+        if spec.low is not None:
+            value = type(spec.default)(min(max(value, spec.low), spec.high))
+        values[name] = value
+    return values
 
 
 def selection_from(values: dict) -> SelectionSettings:
@@ -100,9 +139,9 @@ def selection_from(values: dict) -> SelectionSettings:
 
 
 def _store_path_problem(value: str) -> str:
-    path = Path(value).expanduser()
     if not value:
-        return "store_path is empty: name a store directory written by `nchunk convert`"
+        return ""  # the built-in store
+    path = Path(value).expanduser()
     if not path.is_dir():
         return f"store {path} does not exist (store_path)"
     if not (path / "manifest.json").is_file():

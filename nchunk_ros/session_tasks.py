@@ -9,6 +9,10 @@ A reload opens a new session with the new values (as at start-up) and closes the
 the new one works; the context then restarts from the newest frame of the old one. When the new
 session cannot be opened, the old one keeps answering, and the parameters that asked for the reload
 are set back to the running session's values (a change back asks for no reload of its own).
+
+Every session call stops at its next layer boundary once the worker is stopping (the session's
+`cancel` check): a shutdown does not wait for a long frame append, and the question being answered
+gets "node shutting down".
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from fractions import Fraction
 
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticStatus
+from nchunk_core.runtime.cancel import Cancelled
 from nchunk_interfaces.srv import Ask
 from rclpy.executors import ExternalShutdownException
 from rclpy.parameter import Parameter
@@ -73,15 +78,22 @@ class SessionTasks:
         return self._session.frames_in_context
 
     def update_session(self, values: dict) -> None:
-        """Hand the selection settings, max_frames and frame_budget_ms of parameter `values` to the
-        session (applied at its next call)."""
+        """Hand the selection settings, max_frames, ram_budget_mib and frame_budget_ms of parameter
+        `values` to the session (applied at its next call)."""
         self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
-                             frame_budget_ms=values["frame_budget_ms"])
+                             ram_budget_mib=values["ram_budget_mib"], frame_budget_ms=values["frame_budget_ms"])
+
+    def _stopping(self) -> bool:
+        """The session's cancel check: true once the worker stops (node shutdown)."""
+        return self._worker.stopping
 
     # -- frames -------------------------------------------------------------------------------------
     def append(self, frame: Frame) -> None:
         try:
-            stats = self._session.append_frame(frame.image, stamp=frame.stamp)
+            stats = self._session.append_frame(frame.image, stamp=frame.stamp, cancel=self._stopping)
+        except Cancelled:
+            self._node.get_logger().info(f"frame from {frame.topic} not appended: the node is shutting down")
+            return
         except Exception as exc:  # ValueError: a frame the model cannot take; others: I/O or runtime failures
             self._append_failed(frame.topic, exc)
             return
@@ -115,7 +127,11 @@ class SessionTasks:
             if session.frames_in_context == 0:
                 raise ValueError(f"no camera frame yet (listening on {', '.join(values['image_topics'])})")
             answer = session.ask(request.question, max_new_tokens=n_new, deadline=job.deadline,
-                                 should_stop=lambda: self._worker.decoding(job))
+                                 should_stop=lambda: self._worker.decoding(job), on_token=job.on_token,
+                                 cancel=self._stopping)
+        except Cancelled:
+            self._finish(job, response, "node shutting down", "asks_failed")
+            return
         except ValueError as exc:
             self._finish(job, response, str(exc), "asks_failed")
             return
@@ -136,15 +152,22 @@ class SessionTasks:
         response.io_bytes = int(answer.bytes_read)
         response.io_reads = int(answer.reads)
         response.io_s = float(answer.io_s)
-        error = ""
+        error, counter = "", "asks_answered"
         if answer.interrupted:  # the partial answer stays in the response
-            error = "node shutting down" if self._worker.stopping else f"timed out after {job.timeout:g} s"
-        self._finish(job, response, error, "asks_timed_out" if error else "asks_answered")
+            if self._worker.stopping:
+                error, counter = "node shutting down", "asks_timed_out"
+            elif job.canceled:
+                error, counter = "canceled", "asks_canceled"
+            else:
+                error, counter = f"timed out after {job.timeout:g} s", "asks_timed_out"
+        self._finish(job, response, error, counter)
 
     def _restart_context(self, session) -> None:
         """reset_context: the context restarts from the newest frame (appended again, as a frame)."""
         try:
-            stats = session.reset(keep_newest=True)
+            stats = session.reset(keep_newest=True, cancel=self._stopping)
+        except Cancelled:
+            raise
         except Exception as exc:
             self._append_failed(self._newest_topic, exc)
             raise RuntimeError("the newest frame could not be appended again after the reset") from exc

@@ -1,7 +1,8 @@
 """The VQA node: camera frames go into a frame-appending session, questions are answered over /ask.
 
-    vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=/nvme/store
-    ros2 launch nchunk_ros vqa.launch.py params_file:=my.yaml          # the same, on a ROS 2 install
+    ros2 launch nchunk_ros vqa.launch.py                       # the built-in model, config/vqa.yaml
+    ros2 launch nchunk_ros vqa.launch.py params_file:=my.yaml  # your store and settings
+    vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=/nvme/store   # without `launch`
 
 Interfaces (node name `vqa_node`):
 
@@ -9,7 +10,8 @@ Interfaces (node name `vqa_node`):
   sensor_msgs/CompressedImage (image_transport's naming), any other sensor_msgs/Image. Depth-1
   sensor-data QoS, reliability from `qos_reliability`.
   A frame's stamp is its header.stamp, or its arrival time when the publisher left the stamp zero.
-- serves `/ask` (nchunk_interfaces/srv/Ask; every field is documented in Ask.srv).
+- serves `/ask` (nchunk_interfaces/srv/Ask; every field is documented in Ask.srv), and the `/ask`
+  action (nchunk_interfaces/action/Ask: feedback per answer token, cancel; ask_action.py).
 - publishes each successful answer's text on `~/answer` (std_msgs/String) and statistics on
   `~/statistics` (diagnostic_msgs/DiagnosticArray; names and keys in diagnostics.py): after every
   frame append, once a second (intake counters) and after a model reload.
@@ -36,10 +38,14 @@ profile for a new drive or reader_threads) and only then closes the old one. The
 again from the newest camera frame. When the new session cannot be opened, the old one keeps
 answering, the reason is logged and published, and the parameters are set back.
 
+An empty store_path opens the built-in demo model's store. sparsity, method, max_frames and
+max_new_tokens take the store's recommended value unless the user sets them (store_settings.py).
+
 Start-up opens the store, loads the drive profile of the store's drive from the cache or measures a
 quick one (progress in the log), and builds the model. A missing or bad store, or a bad parameter
 value, ends the process with exit code 1 and a one-line reason on stderr. SIGINT and SIGTERM stop it
-cleanly with exit code 0, also during start-up (a Ctrl-C while the module's imports load included).
+cleanly with exit code 0, also during start-up (a Ctrl-C while the module's imports load included);
+a frame append or an answer in progress stops at its next layer boundary (shutdown.py).
 """
 from __future__ import annotations
 
@@ -54,20 +60,24 @@ try:  # these take about half a second to load: a Ctrl-C meanwhile ends the vqa_
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
     from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-    from rclpy.exceptions import InvalidHandle, ParameterException
+    from rclpy.exceptions import ParameterException
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
     from rclpy.node import Node
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import CompressedImage, Image
     from std_msgs.msg import String
 
     from nchunk_interfaces.srv import Ask
 
     from nchunk_ros import diagnostics
+    from nchunk_ros.ask_action import AskActionServer
     from nchunk_ros.image_conversion import message_to_rgb
     from nchunk_ros.parameters import (PARAMETERS, RELOAD_PARAMETERS, SELECTION_PARAMETERS, SESSION_PARAMETERS,
-                                       SUBSCRIPTION_PARAMETERS, check_parameters, selection_from)
+                                       SUBSCRIPTION_PARAMETERS, check_parameters, selection_from, store_directory)
     from nchunk_ros.session_tasks import SessionTasks, StartupError, stamp_seconds
+    from nchunk_ros.shutdown import StopSignals, spin, stop_while_spinning
+    from nchunk_ros.store_settings import StoreSettings
     from nchunk_ros.worker import MAX_WAITING_ASKS, AskJob, Counters, Frame, Worker, failed
 except KeyboardInterrupt:
     if __name__ != "__main__" and Path(sys.argv[0]).name != "vqa_node":
@@ -77,7 +87,7 @@ except KeyboardInterrupt:
 NODE_NAME = "vqa_node"
 SERVICE = "/ask"
 MAX_QUESTION_CHARS = 4000  # longer questions are refused before they reach the tokenizer
-EXECUTOR_THREADS = MAX_WAITING_ASKS + 4  # waiting /ask callbacks + the running one + camera, timer, params
+EXECUTOR_THREADS = MAX_WAITING_ASKS + 6  # waiting /ask calls and goals + the running one + camera, timer, params, action
 STATS_PERIOD_S = 1.0
 MALFORMED_LOG_PERIOD_S = 5.0
 QOS_RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
@@ -93,6 +103,7 @@ class VQANode(Node):
 
     def __init__(self, **node_options):
         super().__init__(NODE_NAME, **node_options)
+        self._settings = StoreSettings(self._parameter_overrides)  # what was given at start-up
         self._running = False  # the session is open: parameter changes apply to it
         self._values: dict = {}
         self._tasks: SessionTasks | None = None
@@ -108,11 +119,11 @@ class VQANode(Node):
         self._worker.set_append_rate(self._values["max_append_rate_hz"])
         self._tasks = SessionTasks(self, self._worker, self.open_session(self._values), self._values)
         self._running = True
-        self._camera_group = MutuallyExclusiveCallbackGroup()
         self._answer_pub = self.create_publisher(String, "~/answer", 10)
         self._stats_pub = self.create_publisher(DiagnosticArray, "~/statistics", 10)
         self._subscribe()
         self._service = self.create_service(Ask, SERVICE, self._on_ask, callback_group=ReentrantCallbackGroup())
+        self._action = AskActionServer(self, self.resolve_service_name(SERVICE), self._worker)
         self._timer = self.create_timer(STATS_PERIOD_S, self._publish_intake,
                                         callback_group=MutuallyExclusiveCallbackGroup())
         self._worker.start(self._tasks)
@@ -152,6 +163,8 @@ class VQANode(Node):
         changed = {p.name for p in params if self._values.get(p.name) != p.value}
         for p in params:
             self._values[p.name] = p.value
+        if self._running:
+            self._settings.changed(p.name for p in params)
         if not self._running or not changed:
             return
         v = self._values
@@ -173,11 +186,13 @@ class VQANode(Node):
 
     # -- opening the store (start-up and reloads) ----------------------------------------------------
     def open_session(self, v: dict):
-        """A Session opened with the parameter values `v`; StartupError with the one-line reason."""
+        """A Session opened with the parameter values `v`, except that the parameters the user did not
+        set take the store's values (store_settings.py), which become the node's once it is open;
+        StartupError with the one-line reason."""
         log = self.get_logger()
+        path = store_directory(v["store_path"])
         if not v["store_path"]:
-            raise StartupError("store_path is not set: pass -p store_path:=/path/to/store or a params file")
-        path = Path(v["store_path"]).expanduser()
+            log.info(f"store_path is empty: the built-in demo model ({path}); set store_path to use your own store")
         if not path.is_dir():
             raise StartupError(f"store {path} does not exist (store_path)")
 
@@ -186,16 +201,18 @@ class VQANode(Node):
         from nchunk_core.store import Store, StoreError
 
         try:
+            recommended = Store.open(path).recommended  # fail fast, before profiling the drive
+        except (StoreError, OSError) as exc:
+            raise StartupError(f"cannot open store {path}: {exc}") from exc
+        from_store = self._settings.values_for(recommended)
+        v = {**v, **from_store}
+        try:
             cfg = SessionConfig(device=v["device"], dtype=v["dtype"], selection=selection_from(v),
                                 reader_threads=v["reader_threads"], max_frames=v["max_frames"],
-                                frame_budget_ms=v["frame_budget_ms"],
+                                ram_budget_mib=v["ram_budget_mib"], frame_budget_ms=v["frame_budget_ms"],
                                 max_new_tokens=v["max_new_tokens"], profile_quick=True)
         except ValueError as exc:
             raise StartupError(f"invalid configuration: {exc}") from exc
-        try:
-            Store.open(path)  # fail fast, before profiling the drive
-        except (StoreError, OSError) as exc:
-            raise StartupError(f"cannot open store {path}: {exc}") from exc
         shown = [-1]
 
         def progress(fraction: float, message: str) -> None:
@@ -219,13 +236,20 @@ class VQANode(Node):
         if not self.context.ok() or self._worker.stopping:  # a signal arrived while the model was being built
             session.close()
             raise ExternalShutdownException()
-        log.info(f"model ready on {v['device']} ({v['dtype']}): {v['method']} at sparsity {v['sparsity']:g}")
+        log.info(self._settings.describe(recommended, from_store, v))
+        result = self._settings.adopt(self, from_store)  # `ros2 param get` shows the values in effect
+        if not result.successful:
+            log.error(f"the store's settings could not be set as parameters: {result.reason}")
+        log.info(f"model ready on {v['device']} ({v['dtype']}): {v['method']} at sparsity {v['sparsity']:g}, "
+                 f"max_frames {v['max_frames']}, max_new_tokens {v['max_new_tokens']}")
         return session
 
     # -- camera -------------------------------------------------------------------------------------
     def _subscribe(self) -> None:
         for sub in self._camera_subscriptions:
             self.destroy_subscription(sub)
+        # a new group each time: rclpy can leave a group locked by an event of a destroyed subscription
+        self._camera_group = MutuallyExclusiveCallbackGroup()
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, durability=DurabilityPolicy.VOLATILE,
                          reliability=QOS_RELIABILITY[self._values["qos_reliability"]])
         self._camera_subscriptions = [
@@ -251,14 +275,22 @@ class VQANode(Node):
 
     # -- /ask ---------------------------------------------------------------------------------------
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
-        arrival = time.monotonic()
+        return self.serve(request, time.monotonic())
+
+    def serve(self, request: Ask.Request, arrival: float, on_token=None, queued=None) -> Ask.Response:
+        """Check `request`, queue it for the worker and wait for its response (the /ask service and
+        action). `on_token(answer so far, tokens)`: after every answer token; `queued(job)`: the job,
+        before it is queued (so that it can be canceled)."""
         try:
             error = self._check_request(request)
             if error:
                 self._worker.count("asks_refused")
-                return failed(response, error, arrival)
+                return failed(Ask.Response(), error, arrival)
             timeout = request.timeout_s if request.timeout_s > 0 else self._values["ask_timeout_s"]
-            return self._worker.ask(AskJob(request, arrival, arrival + timeout, timeout))
+            job = AskJob(request, arrival, arrival + timeout, timeout, on_token=on_token)
+            if queued is not None:
+                queued(job)
+            return self._worker.ask(job)
         except Exception as exc:  # a bug here must not take the node down with it
             self.get_logger().error("/ask failed:\n" + traceback.format_exc())
             self._worker.count("asks_failed")
@@ -290,7 +322,7 @@ class VQANode(Node):
         session = self.session
         msg = diagnostics.status_array(name, level, message, values, self.counters(),
                                        session.frames_in_context if session else 0,
-                                       self._tasks.session_values["store_path"] if self._tasks else "")
+                                       str(session.store.path) if session else "")
         msg.header.stamp = self.get_clock().now().to_msg()
         self._publish(self._stats_pub, msg)
 
@@ -320,22 +352,9 @@ class VQANode(Node):
 
     def destroy_node(self):
         self.stop()
+        if getattr(self, "_action", None) is not None:
+            self._action.destroy()
         return super().destroy_node()
-
-
-def spin(executor) -> None:
-    """`executor.spin()`, surviving rclpy's race after a subscription is destroyed at run time.
-
-    When the camera topics or their reliability change, the node destroys its subscriptions while
-    the executor may still be waiting on them; rclpy can then raise InvalidHandle ("destruction was
-    requested") out of spin_once (ros2/rclpy#1206), which would end spinning for the whole node.
-    That one error is harmless here: the next spin_once builds its wait set from the live entities.
-    """
-    while executor.context.ok() and not executor._is_shutdown:
-        try:
-            executor.spin_once()
-        except InvalidHandle:
-            continue
 
 
 def main(args=None) -> int:
@@ -351,14 +370,19 @@ def main(args=None) -> int:
 
 def run(args=None) -> int:
     """main without its KeyboardInterrupt guard."""
-    rclpy.init(args=args)
+    signals = StopSignals()
+    signals.install()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     node = executor = None
     code = 0
     try:
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         node = VQANode()
         executor.add_node(node)
-        spin(executor)
+        signals.node_running()
+        spin(executor, until=signals.requested.is_set)
+        node.get_logger().info("stopping: a frame append or answer in progress stops at its next layer")
+        stop_while_spinning(node, executor)
     except (StartupError, ParameterException) as exc:
         reason = " ".join(str(exc).split())
         print(f"{NODE_NAME}: {reason}", file=sys.stderr, flush=True)
@@ -377,6 +401,7 @@ def run(args=None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        signals.restore()
     return code
 
 

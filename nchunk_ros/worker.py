@@ -18,6 +18,9 @@ Deadlines: a question still waiting at its deadline gets "timed out" at once ("r
 timed out after N s" when a reload held it up); one whose answer is being decoded (`decoding`)
 stops before its next token and gets its partial answer; one in its question's prefill, which
 cannot be interrupted, gets "timed out after N s" at once and the worker's result is dropped.
+
+Cancel (the /ask action, `cancel`): a question still waiting gets "canceled" at once; one being
+answered stops decoding before its next token (its answer says "canceled").
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ class AskJob:
     started: float = 0.0  # time.monotonic() when the worker took it; 0 while waiting
     decoding: bool = False  # the worker is past the question's prefill (a deadline now gives a partial answer)
     abandoned: bool = False  # the caller stopped waiting (deadline)
+    canceled: bool = False  # the caller canceled it (the /ask action): decoding stops before the next token
+    on_token: Callable[[str, int], None] | None = None  # answer so far, tokens generated (the action's feedback)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Counters:
     asks_refused: int = 0
     asks_busy: int = 0
     asks_timed_out: int = 0
+    asks_canceled: int = 0
     asks_waiting: int = 0
     asks_in_progress: int = 0
 
@@ -163,6 +169,11 @@ class Worker:
         """Queue `job` and wait for its response, or for its deadline (module docstring)."""
         response = Ask.Response()
         with self._lock:
+            if job.canceled:  # before it was queued
+                self._counts["asks_canceled"] += 1
+                return failed(response, "canceled", job.arrival)
+            if self._stop:
+                return failed(response, "node shutting down", job.arrival)
             waiting = len(self._asks)  # queued jobs have not started yet
             if waiting >= self._max_waiting:
                 self._counts["asks_busy"] += 1
@@ -197,7 +208,18 @@ class Worker:
         """Asked by the answer before each token (so the prefill is over): whether to stop now."""
         with self._lock:
             job.decoding = True
-            return job.abandoned or self._stop
+            return job.abandoned or job.canceled or self._stop
+
+    def cancel(self, job: AskJob) -> None:
+        """The caller cancels `job` (module docstring)."""
+        with self._lock:
+            job.canceled = True
+            if job.started or job.done.is_set() or job not in self._asks:
+                return  # being answered (stops before its next token), or finished
+            self._asks.remove(job)
+            self._counts["asks_canceled"] += 1
+            job.response = failed(Ask.Response(), "canceled", job.arrival)
+            job.done.set()
 
     def deliver(self, job: AskJob, response: Ask.Response, counter: str) -> bool:
         """Hand `response` to the caller waiting for `job` and count it; False when the caller gave

@@ -120,12 +120,12 @@ def node_store(ros_env, tiny_stores):
 
 @pytest.fixture(scope="module")
 def start_rig(node_store, ros_env):
-    """start_rig(name="vqa_node", service="/ask", **parameter overrides) -> a running ros_rig.Rig
-    (stop it with .stop())."""
+    """start_rig(name="vqa_node", service="/ask", store=node_store, ros_args=(), **parameter overrides)
+    -> a running ros_rig.Rig (stop it with .stop())."""
     import ros_rig
 
-    def start(name="vqa_node", service="/ask", **overrides):
-        return ros_rig.Rig(node_store, int(ros_env["ROS_DOMAIN_ID"]), name, service, **overrides)
+    def start(name="vqa_node", service="/ask", store=None, ros_args=(), **overrides):
+        return ros_rig.Rig(store or node_store, int(ros_env["ROS_DOMAIN_ID"]), name, service, ros_args, **overrides)
 
     return start
 

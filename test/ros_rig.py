@@ -13,6 +13,7 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.action import ActionClient
 from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
@@ -23,6 +24,7 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
+from nchunk_interfaces.action import Ask as AskAction
 from nchunk_interfaces.srv import Ask
 from nchunk_ros import diagnostics, vqa_node
 from nchunk_ros.image_conversion import array_to_compressed, array_to_image
@@ -72,13 +74,15 @@ def feed(tester, node, frames=1, compressed=False, seed=0):
 
 
 class World(Node):
-    """The outside world: publishes camera frames, calls /ask, sets parameters, records statistics."""
+    """The outside world: publishes camera frames, calls /ask (service and action), sets parameters,
+    records statistics."""
 
     def __init__(self, context, service="/ask", node="vqa_node"):
         super().__init__("vqa_tester", context=context)
         self.raw = self.create_publisher(Image, RAW_TOPIC, qos_profile_sensor_data)
         self.compressed = self.create_publisher(CompressedImage, COMPRESSED_TOPIC, qos_profile_sensor_data)
         self.ask_client = self.create_client(Ask, service)
+        self.ask_action = ActionClient(self, AskAction, service)
         self.params = AsyncParameterClient(self, node)
         self.statuses = []
         self.reloads = []  # (level, message) of the reload statuses
@@ -116,6 +120,14 @@ class World(Node):
     def call_async(self, question="What is there?", **fields):
         return self.ask_client.call_async(Ask.Request(question=question, **fields))
 
+    def send_goal(self, question, on_feedback, **fields):
+        """Send an /ask action goal; its (accepted) goal handle. on_feedback(Ask.Feedback) per feedback."""
+        sent = self.ask_action.send_goal_async(AskAction.Goal(question=question, **fields),
+                                               feedback_callback=lambda m: on_feedback(m.feedback))
+        handle = response(sent)
+        assert handle.accepted
+        return handle
+
     def set_params(self, **values):
         future = self.params.set_parameters([v if isinstance(v, Parameter) else Parameter(k, value=v)
                                              for k, v in values.items()])
@@ -136,13 +148,15 @@ class World(Node):
 class Rig:
     """A running VQA node (`node`) and `tester`, each spun by its own executor thread."""
 
-    def __init__(self, store, domain_id: int, name="vqa_node", service="/ask", **overrides):
+    def __init__(self, store, domain_id: int, name="vqa_node", service="/ask", ros_args=(), **overrides):
+        """`overrides`: parameter values given to the node (as a launch file does); `ros_args`: more
+        command-line ROS arguments (such as "-p", "max_frames:=3")."""
         self._contexts = node_ctx, tester_ctx = Context(), Context()
         for ctx in self._contexts:
             rclpy.init(args=[], context=ctx, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
         values = {"store_path": str(store), "image_topics": [RAW_TOPIC, COMPRESSED_TOPIC],
                   "max_append_rate_hz": 50.0, "max_new_tokens": 4, "sparsity": 0.5, **overrides}
-        remap = ["--ros-args", "-r", f"__node:={name}", "-r", f"/ask:={service}"]
+        remap = ["--ros-args", "-r", f"__node:={name}", "-r", f"/ask:={service}", *ros_args]
         self.node = vqa_node.VQANode(context=node_ctx, cli_args=remap,
                                      parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
         node_exec = MultiThreadedExecutor(num_threads=vqa_node.EXECUTOR_THREADS, context=node_ctx)
@@ -156,11 +170,13 @@ class Rig:
             t.start()
         tester = self.tester
         assert tester.ask_client.wait_for_service(timeout_sec=TIMEOUT_S), "no /ask service"
+        assert tester.ask_action.wait_for_server(timeout_sec=TIMEOUT_S), "no /ask action server"
         assert tester.params.wait_for_services(timeout_sec=TIMEOUT_S), "no parameter services"
         wait_for(lambda: tester.raw.get_subscription_count() and tester.compressed.get_subscription_count(),
                  what="the node's camera subscriptions")
 
     def stop(self):
+        self.tester.ask_action.destroy()
         for e in self._executors:
             e.shutdown()
         self.tester.destroy_node()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "transformers"}
 ROS = {"rclpy", "nchunk_interfaces", "nchunk_ros.ask_client"}
 HELPS = [[], ["profile"], ["bench"], ["bench", "reader"], ["bench", "io"], ["bench", "session"],
-         ["bench", "accuracy"], ["convert"], ["train-demo"], ["verify"], ["ask"], ["demo"], ["soak"]]
+         ["bench", "accuracy"], ["convert"], ["train-demo"], ["verify"], ["upgrade"], ["ask"], ["demo"], ["soak"]]
 
 
 def test_nchunk_ask_help_imports_no_torch():
@@ -39,7 +39,7 @@ def test_every_help_imports_no_torch():
     for argv, text in zip(HELPS, helps):
         assert text.startswith(f"usage: nchunk {' '.join(argv)}".rstrip()), (argv, text[:200])
     assert re.search(r"\{profile,bench,convert,train-demo,verify,ask,demo,soak\}|COMMAND", helps[0])
-    for command in ("profile", "bench", "convert", "train-demo", "verify", "ask", "demo", "soak"):
+    for command in ("profile", "bench", "convert", "train-demo", "verify", "upgrade", "ask", "demo", "soak"):
         assert f"\n    {command}" in helps[0], command
     assert not (HEAVY | ROS) & modules, sorted((HEAVY | ROS) & modules)
 

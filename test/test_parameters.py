@@ -10,7 +10,8 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from nchunk_core.runtime.select import ChunkParams, SelectionSettings  # noqa: E402
 from nchunk_ros import parameters  # noqa: E402
-from nchunk_ros.parameters import DEFAULTS, PARAMETERS, check_parameters, selection_from  # noqa: E402
+from nchunk_ros.parameters import (DEFAULTS, PARAMETERS, RECOMMENDED_PARAMETERS, check_parameters,  # noqa: E402
+                                   recommended_values, selection_from, store_directory)
 from nchunk_ros.vqa_node import topic_type  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def test_check_parameters_reasons():
     assert reason(reader_threads=2, device="cpu", dtype="bfloat16", max_frames=3) == ""  # all apply at run time
     assert "store /elsewhere does not exist" in reason(store_path="/elsewhere")
     assert "not an nchunk store: no manifest.json" in reason(store_path=str(ROOT))
-    assert "store_path is empty" in reason(store_path="")
+    assert reason(store_path="") == ""  # empty: the built-in store
     assert reason(running=False, store_path="/elsewhere") == ""  # at start-up, opening the store reports it
     assert "method must be one of" in reason(method="topk")
     assert "qos_reliability must be" in reason(qos_reliability="sometimes")
@@ -73,13 +74,45 @@ def test_topic_types_follow_image_transport_names():
 def test_config_file_documents_every_parameter():
     text = CONFIG.read_text()
     values = parameter_dict_from_yaml_file(str(CONFIG), target_nodes=["vqa_node"])
-    assert set(values) == set(DEFAULTS)
+    # the ones a store recommends are left unset (commented out), so that the store's values apply
+    assert set(values) == set(DEFAULTS) - set(RECOMMENDED_PARAMETERS)
     lines = text.splitlines()
     for name in DEFAULTS:
-        i = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
+        unset = name in RECOMMENDED_PARAMETERS
+        prefix = f"# {name}:" if unset else f"{name}:"
+        i = next(i for i, line in enumerate(lines) if line.strip().startswith(prefix))
         assert "#" in lines[i] or lines[i - 1].strip().startswith("#"), f"{name} has no comment in {CONFIG.name}"
-        value = Parameter.from_parameter_msg(values[name]).value
+        if unset:
+            assert "store's recommended value" in lines[i - 1] + lines[i - 2], f"{name}: say why it is unset"
+            value = type(DEFAULTS[name])(lines[i].split(":", 1)[1].strip())
+        else:
+            value = Parameter.from_parameter_msg(values[name]).value
         assert value == DEFAULTS[name], f"{CONFIG.name} and the node disagree on {name}"
+    assert "sparsity: 0.5" not in text  # nonsense on the built-in model
+
+
+def test_recommended_values_fill_what_the_user_did_not_set():
+    from nchunk_core.store import Recommended
+
+    store = Recommended(sparsity=0.1, method="magnitude", max_frames=1, max_new_tokens=4)
+    assert recommended_values(store, set()) == {"sparsity": 0.1, "method": "magnitude", "max_frames": 1,
+                                                "max_new_tokens": 4}
+    assert recommended_values(store, {"sparsity", "max_frames"}) == {"method": "magnitude", "max_new_tokens": 4}
+    assert recommended_values(None, {"method"}) == {k: DEFAULTS[k] for k in ("sparsity", "max_frames",
+                                                                             "max_new_tokens")}
+    assert DEFAULTS["sparsity"] == 0.0  # a store without recommendations runs the exact model
+    assert recommended_values(store, set(RECOMMENDED_PARAMETERS)) == {}
+    huge = Recommended(sparsity=0.0, method="dense", max_frames=5000, max_new_tokens=10**6)
+    clamped = recommended_values(huge, set())  # into the parameters' ranges
+    assert (clamped["max_frames"], clamped["max_new_tokens"]) == (1024, 4096)
+    assert all(isinstance(v, type(DEFAULTS[k])) for k, v in recommended_values(store, set()).items())
+
+
+def test_an_empty_store_path_is_the_built_in_store():
+    from nchunk_core.demo.model import shipped_store
+
+    assert store_directory("") == shipped_store() and (store_directory("") / "manifest.json").is_file()
+    assert store_directory("~/s") == Path("~/s").expanduser()
 
 
 def test_allocation_and_frame_budget_parameters():

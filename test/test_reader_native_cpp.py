@@ -11,10 +11,11 @@ FLAGS = ["g++", "-std=c++17", "-O1", "-pthread", "-I", CSRC]
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 def test_reader_core_cpp(tmp_path):
-    sources = [os.path.join(CSRC, "tests", "test_reader.cpp"), os.path.join(CSRC, "reader.cpp")]
+    sources = [os.path.join(CSRC, "tests", "test_reader.cpp"), os.path.join(CSRC, "reader.cpp"),
+               os.path.join(CSRC, "crc32c.cpp")]
     objects = [str(tmp_path / (os.path.basename(s) + ".o")) for s in sources]
     compiles = [subprocess.Popen([*FLAGS, "-c", s, "-o", o], stderr=subprocess.PIPE, text=True)
-                for s, o in zip(sources, objects)]  # compile both files in parallel
+                for s, o in zip(sources, objects)]  # compile the files in parallel
     for c in compiles:
         _, errors = c.communicate(timeout=120)
         assert c.returncode == 0, errors

@@ -19,8 +19,10 @@ from transformers import DynamicCache
 
 from nchunk_core import cli
 from nchunk_core.convert.converter import convert
+from nchunk_core.runtime.cancel import Cancelled
 from nchunk_core.runtime.flash_model import ProjectionView
-from nchunk_core.runtime.adapters import adapter_for, greedy_decode
+from nchunk_core.runtime.adapters import adapter_for
+from nchunk_core.runtime.decoding import greedy_decode
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.select import ChunkParams, SelectionSettings
 from nchunk_core.runtime.session import Answer, FrameStats, Session, SessionConfig
@@ -33,7 +35,7 @@ TABLE = LatencyTable.synthetic()
 # case -> (checkpoint arch, store (conftest.tiny_stores), session options)
 CASES = {
     "llava_onevision": ("llava_onevision", "llava_onevision", {}),
-    "llava_onevision-video": ("llava_onevision", "llava_onevision", {"frame_mode": "video"}),
+    "llava_onevision-video": ("llava_onevision", "llava_onevision", {"frame_tokens": "video"}),
     "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl", {}),
     "qwen2_5_vl-unbundled": ("qwen2_5_vl", "qwen2_5_vl-unbundled", {}),
     "smolvlm": ("smolvlm", "smolvlm", {}),
@@ -73,7 +75,7 @@ def dense_reference(built, case, frame_seeds, stop_ids, n_new=NEW_TOKENS):
     try:
         chunks = [adapter.encode_text(adapter.prompt_prefix)]
         chunks += [adapter.encode_frame(make_frame(seed=s)) for s in frame_seeds]
-        chunks.append(adapter.encode_text(adapter.question_prompt(QUESTION)))
+        chunks.append(adapter.encode_question(QUESTION))
         cache, pos = DynamicCache(), 0
         for c in chunks:
             logits, pos = adapter.append(c, cache, pos)
@@ -236,6 +238,65 @@ def test_deadline_and_should_stop_give_a_partial_answer(built):
     session.close()
 
 
+def counting_check(stop_at=None):
+    """A cancel check that counts how often it is asked and says stop at call `stop_at` (1-based)."""
+    calls = []
+
+    def check():
+        calls.append(1)
+        return stop_at is not None and len(calls) >= stop_at
+
+    return check, calls
+
+
+def test_cancel_stops_at_a_layer_boundary_and_leaves_the_context_as_it_was(built):
+    session = open_session(built, "smolvlm", max_new_tokens=NEW_TOKENS)
+    check, calls = counting_check()
+    session.append_frame(make_frame(seed=1), cancel=check)
+    first = len(calls)  # prefix and frame: every decoder layer and vision-tower layer asked once
+    assert first >= 2 * session.model.config.text_config.num_hidden_layers
+    books = (session.frames_in_context, session.context_tokens, session.newest_stamp)
+    answer = session.ask(QUESTION)
+
+    check, calls = counting_check()
+    session.append_frame(make_frame(seed=2), cancel=check)
+    per_frame = len(calls)
+    session.reset(keep_newest=False)
+    session.append_frame(make_frame(seed=1))
+    assert session.ask(QUESTION).token_ids == answer.token_ids
+
+    for stop_at in (1, per_frame):  # before the vision tower, and before the frame's last decoder layer
+        check, calls = counting_check(stop_at)
+        with pytest.raises(Cancelled):
+            session.append_frame(make_frame(seed=2), stamp=5.0, cancel=check)
+        assert len(calls) == stop_at
+        assert (session.frames_in_context, session.context_tokens, session.newest_stamp) == books
+        assert session._cache.get_seq_length() == session.context_tokens  # cropped back
+    check, calls = counting_check(3)
+    with pytest.raises(Cancelled):
+        session.ask(QUESTION, cancel=check)  # stopped in the question's prefill
+    assert session.ask(QUESTION).token_ids == answer.token_ids  # the context is what it was
+    stats = session.append_frame(make_frame(seed=2), cancel=lambda: False)
+    assert stats.frames_in_context == 2
+    with pytest.raises(Cancelled):
+        session.reset(keep_newest=True, cancel=lambda: True)
+    assert session.frames_in_context == 0 and session.context_tokens == 0  # as documented: empty
+    session.close()
+
+
+def test_on_token_reports_the_answer_as_it_grows(built):
+    session = open_session(built, "smolvlm", max_new_tokens=NEW_TOKENS)
+    session.append_frame(make_frame(seed=1))
+    seen = []
+    answer = session.ask(QUESTION, on_token=lambda text, n: seen.append((text, n)))
+    ids = [t for t in answer.token_ids if t not in session.stop_ids]
+    assert [n for _, n in seen] == list(range(1, len(ids) + 1))
+    assert seen[-1] == (answer.text, answer.tokens_generated)
+    for text, n in seen:
+        assert text == session.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+    session.close()
+
+
 def test_the_session_keeps_its_books(built):
     """Tokens in the cache, the newest stamp, what each frame used, and the answer's counts."""
     session = open_session(built, "smolvlm", max_new_tokens=NEW_TOKENS)
@@ -348,7 +409,7 @@ def test_bad_frames_are_refused_and_the_session_goes_on(built):
 @pytest.mark.parametrize("field,value", [
     ("device", "tpu"), ("device", 3), ("dtype", "int8"), ("selection", {"sparsity": 0.5}), ("selection", None),
     ("reader_threads", 0), ("max_frames", 0), ("max_new_tokens", 1.5), ("profile_quick", "yes"),
-    ("frame_mode", "tiles"),
+    ("frame_tokens", "tile"), ("frame_tokens", 0), ("decoding", "beam"),
 ])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):

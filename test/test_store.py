@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nchunk_core.store import Store, StoreCorruptError, StoreError, StoreFormatError, StoreWriter
+from nchunk_core.store import VERSION, Store, StoreCorruptError, StoreError, StoreFormatError, StoreWriter
 from nchunk_core.store import group_rows_to_torch
 
 RNG = np.random.default_rng(0)
@@ -213,7 +213,11 @@ def first_group(m):
     (lambda m: m["groups"][1].update(offset=0), "overlap"),
     (lambda m: m["groups"][1].update(name=first_group(m)["name"]), "duplicate group name"),
     (lambda m: first_group(m).update(file="../etc/passwd"), "not a plain file name"),
-    (lambda m: m.update(version=2), "version 2 is newer"),
+    (lambda m: m.update(version=VERSION + 1), f"version {VERSION + 1} is newer"),
+    (lambda m: first_group(m).update(row_checksum_index=10**6), "lie outside the"),
+    (lambda m: m["groups"][1].update(row_checksum_index=first_group(m)["row_checksum_index"]),
+     "share row checksum entries"),
+    (lambda m: m["row_checksums"].update(algo="crc64"), "unknown row checksum algorithm"),
     (lambda m: m.update(format="something"), "not an nchunk store"),
     (lambda m: first_group(m).update(offset=1 << 30), "lie beyond the end of weights-00000.bin"),
 ])
@@ -279,7 +283,8 @@ def test_writer_does_not_overwrite_by_accident(store_dir, tmp_path):
         w.add_group("only", "in", [("o", matrix(8, 8, "float32"))])
     store = Store.open(store_dir)
     assert list(store.groups) == ["only"] and store.resident_names() == []
-    assert sorted(p.name for p in store_dir.iterdir()) == ["manifest.json", "weights-00000.bin"]
+    assert sorted(p.name for p in store_dir.iterdir()) == ["manifest.json", "row-crc32c.bin",
+                                                           "weights-00000.bin"]
 
 
 def test_exception_inside_writer_leaves_no_manifest(tmp_path):

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from nchunk_core.runtime.adapters import PROJECTIONS, adapter_for, greedy_decode
+from nchunk_core.runtime.adapters import PROJECTIONS, adapter_for
+from nchunk_core.runtime.decoding import greedy_decode
 from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def loaded(saved):
 # (arch, adapter options): every way of turning a frame into tokens.
 CASES = [
     ("llava_onevision", {}),
-    ("llava_onevision", {"frame_mode": "video"}),
+    ("llava_onevision", {"frame_tokens": "video"}),
     ("qwen2_5_vl", {}),
     ("smolvlm", {}),
 ]
@@ -52,7 +53,7 @@ def prompt_chunks(adapter, with_prefix):
     """[prefix text]? [frame 1] [frame 2] [question] as chunks."""
     chunks = [adapter.encode_text(adapter.prompt_prefix)] if with_prefix else []
     chunks += [adapter.encode_frame(make_frame(seed=1)), adapter.encode_frame(make_frame(seed=2))]
-    chunks.append(adapter.encode_text(adapter.question_prompt(QUESTION)))
+    chunks.append(adapter.encode_question(QUESTION))
     return chunks
 
 
@@ -61,12 +62,13 @@ def one_shot_inputs(arch, chunks):
 
     Vision tensors of the frames are stacked as the model expects several images of one sample:
     on dim 1 for SmolVLM ([B, images, 3, H, W]), on dim 0 otherwise. LLaVA-OneVision gets no
-    batch_num_images, so every image takes the single-image (anyres) path, as when appended.
+    batch_num_images, so every image takes the single-image (anyres) path, as when appended; its
+    video frames are the frames of one video ([1, frames, 3, H, W]).
     """
     ids = torch.cat([c.input_ids for c in chunks], dim=1)
     frames = [c.vision for c in chunks if c.vision]
-    dim = 1 if arch == "smolvlm" else 0
-    return ids, {k: torch.cat([f[k] for f in frames], dim=dim) for k in frames[0]}
+    return ids, {k: torch.cat([f[k] for f in frames], dim=1 if arch == "smolvlm" or k == "pixel_values_videos" else 0)
+                 for k in frames[0]}
 
 
 @torch.no_grad()
@@ -123,13 +125,13 @@ def test_qwen_needs_mrope_offsets(loaded):
     cache = DynamicCache()
     with torch.no_grad():
         for c in chunks:
-            out = model(input_ids=c.input_ids, past_key_values=cache, use_cache=True, **c.vision)
+            out = model(input_ids=c.input_ids, cache=cache, use_cache=True, **c.vision)
     assert (out.logits[:, -1] - ref).abs().max().item() > 1e-3
 
 
 EXPECTED_VISUAL_TOKENS = {  # for a 48×64 frame (see tiny_models for the geometry)
     "llava_onevision": 44,  # 16 base + 2 tiles unpadded to 4×6 + 4 row newlines
-    "llava_onevision-video": 5,  # 4×4 patches pooled to 2×2 + 1 newline
+    "llava_onevision-video": 4,  # 4×4 patches pooled to 2×2 (one newline closes all frames, in the question)
     "qwen2_5_vl": 12,  # 6×8 patches merged 2×2
     "smolvlm": 20,  # 2×2 tiles + 1 global view, 4 tokens each
 }

@@ -408,8 +408,10 @@ def test_params_file_start_and_clean_exit_on_signal(node_store, ros_env, sig):
     assert proc.returncode == 0, log
     assert "terminate called" not in log and "Traceback" not in log
     yaml_values = parameter_dict_from_yaml_file(str(CONFIG), target_nodes=["vqa_node"])
-    sparsity = Parameter.from_parameter_msg(yaml_values["sparsity"]).value
-    assert f"chunking at sparsity {sparsity:g}" in log  # the file's values were used
+    topic = Parameter.from_parameter_msg(yaml_values["image_topics"]).value[0]
+    reliability = Parameter.from_parameter_msg(yaml_values["qos_reliability"]).value
+    assert f"camera: {topic} (Image, {reliability})" in log  # the file's values were used
+    assert "sparsity" not in yaml_values and "chunking at sparsity 0," in log  # unset: the store's value
 
 
 # Child programs that send the process a real SIGINT at one moment of vqa_node's start-up, then run it.

@@ -190,3 +190,30 @@ def test_counters_are_a_typed_snapshot(worker):
     assert w.counters().frames_received == 2
     with pytest.raises(KeyError):
         w.count("asks_waiting")  # measured, not counted
+
+
+def test_cancel_takes_a_waiting_question_out_and_stops_one_being_answered(worker):
+    w, tasks = worker
+    busy_with(w, tasks)
+    arrival = time.monotonic()
+    waiting = AskJob(Ask.Request(question="waiting"), arrival, arrival + WAIT_S, WAIT_S)
+    out = []
+    thread = threading.Thread(target=lambda: out.append(w.ask(waiting)))
+    thread.start()
+    wait_for(lambda: w.counters().asks_waiting == 1, "the question in the queue")
+    w.cancel(waiting)
+    thread.join(WAIT_S)
+    assert not out[0].success and out[0].error == "canceled"  # at once, while the frame still runs
+    assert w.counters().asks_waiting == 0 and w.counters().asks_canceled == 1
+
+    early = AskJob(Ask.Request(question="early"), arrival, arrival + WAIT_S, WAIT_S)
+    w.cancel(early)  # canceled before it was queued
+    assert w.ask(early).error == "canceled" and w.counters().asks_canceled == 2
+
+    answering = AskJob(Ask.Request(question="answering"), arrival, arrival + WAIT_S, WAIT_S)
+    assert not w.decoding(answering)  # asked before each token: go on
+    w.cancel(answering)
+    assert w.decoding(answering)  # stop before the next token
+    tasks.gate.set()
+    wait_for(lambda: tasks.done == [("frame", "first")], "the frame")
+    assert [name for kind, name in tasks.done if kind == "ask"] == []  # the canceled ones never ran

@@ -13,15 +13,21 @@ exactly that of a store written in hot–cold order.
 
 The paper's comparison: the speedup of a method over magnitude at matched retained importance, with
 magnitude's time interpolated linearly along its retained-importance curve.
+
+Reads check every row's CRC-32C, as the runtime does. What that costs is measured on its own: for
+chunking + reorder on the bundled store at a few sparsities, every frame's selections are read twice,
+with and without the checks, in alternating order, and the ratio of the summed I/O times is reported.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
+from nchunk_core.io import checksum
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.layers import combined_table, read_runs
 from nchunk_core.io.reader import Reader
@@ -33,6 +39,7 @@ from nchunk_core.bench.importance import ImportanceModel, cv
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 3584, 28, 4, 128, 18944
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 EXTRA_MAGNITUDE = [0.8, 0.9]  # extends magnitude's curve so matched-importance interpolation has support
+VERIFY_SPARSITIES = [0.0, 0.3, 0.5, 0.7]  # where the cost of the row checks is measured
 STORE_VERSION = 1
 RUN_BINS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1 << 30]  # run-length histogram bins, in rows
 
@@ -100,9 +107,60 @@ class Matrix:
         self.handles = [reader.open(str(g.file)) for g in self.groups]
 
 
+def crc32c_throughput(row_bytes: int = 2 * (HIDDEN + 2 * KV_HEADS * HEAD_DIM + HEADS * HEAD_DIM),
+                      nbytes: int = 64 << 20) -> float:
+    """Bytes per second of the row CRC-32C on one core, in memory (best of 5), on q|k|v-sized rows."""
+    data = np.random.default_rng(0).integers(0, 256, nbytes // row_bytes * row_bytes, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        checksum.crc32c_rows(data, row_bytes)
+        best = min(best, time.perf_counter() - t0)
+    return data.size / best
+
+
+def verify_cost(reader: Reader, mats: dict, names: list, test_v: dict, perms: dict, frames: int, buf,
+                method: str = "chunking", progress: bool = True) -> dict:
+    """I/O time of the same reads with and without the row checks, interleaved.
+
+    Each matrix's selection is read twice, one right after the other, in alternating order over
+    frames and matrices (so a drive or host cache that favours the second read favours neither). The
+    two times form a pair; ratios are medians of the paired ratios, which a stall of the shared
+    machine during one read does not sway. Times per frame are sums over the matrices. For scale,
+    `crc_cpu_ms` is the CPU time the checks of a frame take on one idle core (bytes / throughput).
+    """
+    from tqdm import tqdm
+
+    throughput = crc32c_throughput()
+    points, ratios = [], []
+    for s in tqdm(VERIFY_SPARSITIES, desc="bench io: row checks on/off", disable=not progress):
+        on, off, paired, nbytes = [], [], [], []
+        for f in range(frames):
+            t = {True: 0.0, False: 0.0}
+            nbytes.append(0)
+            for k, key in enumerate(names):
+                m = mats[key]
+                imp = test_v[key][f][perms[key]]  # stored order of a hot–cold store
+                sel = select(imp, m.rows - int(round(s * m.rows)), method, m.table, m.row_bytes)
+                nbytes[-1] += sel.rows * m.row_bytes
+                pair = {}
+                for verify in ((True, False) if (f + k) % 2 == 0 else (False, True)):
+                    pair[verify] = read_runs(reader, m.handles, m.groups, sel.runs, buf, verify=verify)
+                    t[verify] += pair[verify]
+                paired.append(pair[True] / pair[False])
+            on.append(t[True])
+            off.append(t[False])
+        ratios.extend(paired)
+        points.append({"sparsity": s, "io_ms_verified": float(np.median(on)) * 1e3,
+                       "io_ms_unverified": float(np.median(off)) * 1e3, "ratio": float(np.median(paired)),
+                       "crc_cpu_ms": float(np.median(nbytes)) / throughput * 1e3, "ratio_pairs": paired})
+    return {"label": f"{method} + reorder (bundled)", "points": points, "ratio": float(np.median(ratios)),
+            "crc32c": checksum.hardware() or "table", "crc32c_gb_per_s": throughput / 1e9}
+
+
 def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, methods=("magnitude", "chunking", "dp"),
         threads: int = 6, table: LatencyTable | None = None, model: ImportanceModel | None = None,
-        progress: bool = True, log=print) -> dict:
+        progress: bool = True, log=print, sparsities=None) -> dict:
     """Run the sweep; returns the JSON-able result (points, summary)."""
     from tqdm import tqdm
 
@@ -125,13 +183,16 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
         cvs.extend(cv(test_v[(layer, inp)]).tolist())
 
     variants = [Variant(m, r, b) for b in (True, False) for m in methods for r in (False, True)]
+    sweep = SPARSITIES if sparsities is None else [float(s) for s in sparsities]
     points = []
     with Reader(threads=threads) as reader:
         mats = {b: {(layer, inp): Matrix(stores[b], reader, f"layers.{layer}.{inp}", table) for layer, inp in names}
                 for b in stores}
         largest = max(sum(g.nbytes for g in m.groups) for m in mats[True].values())
         buf = reader.empty(largest)
-        jobs = [(v, s) for v in variants for s in SPARSITIES + (EXTRA_MAGNITUDE if v.method == "magnitude" else [])]
+        verification = verify_cost(reader, mats[True], names, test_v, perms, frames, buf,
+                                   "chunking" if "chunking" in methods else methods[0], progress)
+        jobs = [(v, s) for v in variants for s in sweep + (EXTRA_MAGNITUDE if v.method == "magnitude" else [])]
         for v, s in tqdm(jobs, desc="bench io", disable=not progress):
             per_frame = []
             for f in range(frames):
@@ -170,7 +231,8 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
                 "runlen_hist": np.histogram(runlens, bins=RUN_BINS, weights=runlens)[0].tolist()
                 if abs(s - 0.5) < 1e-9 else None,  # selected rows per run-length bin
             })
-    return summarize(points, table, cvs, layers=layers, frames=frames, calib_frames=calib_frames, model=model)
+    return summarize(points, table, cvs, layers=layers, frames=frames, calib_frames=calib_frames, model=model,
+                     verification=verification)
 
 
 def matched_speedup(points: list[dict], label: str, baseline: str, envelope: bool = False) -> dict[float, float]:
@@ -182,6 +244,8 @@ def matched_speedup(points: list[dict], label: str, baseline: str, envelope: boo
     so a baseline point slower than reading more rows (for magnitude: slower than dense) never counts.
     """
     base = sorted((p for p in points if p["label"] == baseline), key=lambda p: p["retained"])
+    if not base:
+        return {}  # the baseline method was not run
     r = np.array([p["retained"] for p in base])
     t = np.array([p["io_ms"] for p in base])
     if envelope:
@@ -251,6 +315,15 @@ def format_table(res: dict) -> str:
             f"{p['retained']:>9.3f}{p['reads']:>9.0f}{p['mean_run_rows']:>9.1f}{p['mib']:>8.1f}{p['select_ms']:>8.1f}"
             f"{(f'{sp:.2f}x' if sp else '-'):>8}")
     fmt = lambda v: f"{v:.2f}x" if v is not None else "n/a"  # noqa: E731
+    ver = res["verification"]
+    lines += ["", f"row CRC-32C checks ({ver['crc32c']}, {ver['crc32c_gb_per_s']:.1f} GB/s on one core), {ver['label']}, "
+              f"interleaved: I/O time with / without",
+              f"{'sparsity':>10}{'with ms':>10}{'without ms':>12}{'ratio':>8}{'crc cpu ms':>12}"]
+    for p in ver["points"]:
+        lines.append(f"{p['sparsity']:>10.1f}{p['io_ms_verified']:>10.1f}{p['io_ms_unverified']:>12.1f}{p['ratio']:>8.3f}"
+                     f"{p['crc_cpu_ms']:>12.1f}")
+    lines.append(f"verify_overhead: {100 * (ver['ratio'] - 1):+.1f} % of I/O time (median of paired ratios "
+                 f"{ver['ratio']:.3f}; goal at most +5 %)")
     lines += ["", f"{'mean speedup over magnitude, sparsity 30-70 %':<48}{'paper protocol':>16}{'vs best of magnitude/dense':>28}"]
     for label, v in res["mean_speedup_30_70_by_method"].items():
         lines.append(f"{label:<48}{fmt(v):>16}{fmt(res['mean_speedup_30_70_vs_envelope'][label]):>28}")

@@ -14,6 +14,10 @@ mapped file pages too) is its own:
 - ``in_ram``: the checkpoint loaded whole with transformers (fp32 compute), the reference;
 - ``dense``, ``magnitude``, ``chunking``: the nchunk session (fp32 compute, the drive's profiled
   latency table), dense reading every row, the others at --sparsity;
+- with ``chunking``, three more rows at --sparsity: ``+ overlap`` (reads in pieces multiplied as they
+  land, the next input's rows read ahead, overlap.py), ``+ cache`` (and the hottest rows in RAM, 25 %
+  of the backbone's bytes, row_cache.py), and ``in RAM`` (every row cached: the same selection size
+  with no read, the reference for exposed I/O = frame time minus this row's);
 - ``accelerate``: what one would reach for today, transformers' `device_map` with every decoder
   layer on "disk" (accelerate hooks load each layer's weights from the memory-mapped safetensors
   before it runs); the page cache of the checkpoint is dropped before every frame
@@ -50,6 +54,7 @@ MODEL_VERSION = 1
 FLASH_METHODS = ("dense", "magnitude", "chunking", "dp")
 METHODS = ("floor", "in_ram", *FLASH_METHODS, "accelerate")
 DEFAULT_METHODS = ("in_ram", "dense", "magnitude", "chunking", "accelerate")
+CACHE_FRACTION = 0.25  # of the backbone's bytes, the "+ cache" row
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -170,14 +175,17 @@ def _run_flash(spec: dict) -> list[dict]:
     from nchunk_core.runtime.session import Session, SessionConfig
 
     cfg = SessionConfig(selection=SelectionSettings(spec["sparsity"], spec["method"]), reader_threads=spec["threads"],
-                        max_frames=spec["frames"] + 1)
+                        max_frames=spec["frames"] + 1, overlap=spec.get("overlap", False),
+                        ram_budget_mib=spec.get("ram_budget_mib", 0.0))
     out = []
     with Session.open(spec["store"], cfg) as session:
         for frame in bench_frames(spec["frames"]):
             s = session.append_frame(frame)
             out.append({"total_s": s.total_s, "vision_s": s.vision_s, "select_s": s.select_s, "io_s": s.io_s,
                         "compute_s": s.compute_s, "bytes_read": s.bytes_read, "est_io_s": s.est_io_s,
-                        "retained": s.retained, "tokens": s.tokens, "visual_tokens": s.visual_tokens})
+                        "retained": s.retained, "tokens": s.tokens, "visual_tokens": s.visual_tokens,
+                        "io_wait_s": s.io_wait_s, "cached_bytes": s.cached_bytes,
+                        "prefetch_hit_bytes": s.prefetch_hit_bytes, "prefetch_wasted_bytes": s.prefetch_wasted_bytes})
         steady = _steady_memory()
     return out, steady
 
@@ -267,7 +275,8 @@ def _summary(rounds: list[list[dict]]) -> dict:
     """Medians over every frame of every round but each round's first (it warms caches and threads)."""
     measured = [f for frames in rounds for f in (frames[1:] if len(frames) > 1 else frames)]
     out = {}
-    for key in ("total_s", "vision_s", "select_s", "io_s", "compute_s", "est_io_s", "bytes_read", "retained"):
+    for key in ("total_s", "vision_s", "select_s", "io_s", "compute_s", "est_io_s", "bytes_read", "retained",
+                "io_wait_s", "cached_bytes", "prefetch_hit_bytes", "prefetch_wasted_bytes"):
         values = [f[key] for f in measured if f.get(key) is not None]
         out[key] = float(np.median(values)) if values else None
     out["visual_tokens"] = measured[0]["visual_tokens"] if measured else None
@@ -275,8 +284,8 @@ def _summary(rounds: list[list[dict]]) -> dict:
     return out
 
 
-def _variants(methods, sparsity: float, sweep) -> list[tuple[str, str, float]]:
-    """(label, method, sparsity) of every process to run; a process with nothing loaded comes first."""
+def _variants(methods, sparsity: float, sweep) -> list[tuple[str, str, float, dict]]:
+    """(label, method, sparsity, extra spec) of every process to run; one with nothing loaded first."""
     out = [("floor", "floor", 0.0)]
     for method in methods:
         if method == "floor":
@@ -286,6 +295,12 @@ def _variants(methods, sparsity: float, sweep) -> list[tuple[str, str, float]]:
             out += [(f"{method} {s:.0%}", method, s) for s in points]
         else:
             out.append((method, method, 0.0))
+    out = [(*v, {}) for v in out]
+    if "chunking" in methods:
+        label = f"chunking {sparsity:.0%}"
+        out += [(f"{label} + overlap", "chunking", sparsity, {"overlap": True}),
+                (f"{label} + cache", "chunking", sparsity, {"overlap": True, "cache": CACHE_FRACTION}),
+                (f"{label} in RAM", "chunking", sparsity, {"overlap": True, "cache": 1.0})]
     return out
 
 
@@ -312,13 +327,15 @@ def run(directory, frames: int = 4, sparsity: float = 0.5, sweep=(), methods=DEF
     model_dir, store_dir = Path(prepared["model"]), Path(prepared["store"])
     table = load_or_profile(store_dir, threads=threads, quick=True, log=log)  # cached for the children
 
-    runs = {label: {"label": label, "method": method, "sparsity": s, "rounds": []}
-            for label, method, s in _variants(methods, sparsity, sweep)}
+    store_bytes = sum(f.stat().st_size for f in store_dir.glob("weights-*.bin"))
+    runs = {label: {"label": label, "method": method, "sparsity": s, "rounds": [], **extra}
+            for label, method, s, extra in _variants(methods, sparsity, sweep)}
     for r in range(rounds):
         for label, entry in runs.items():
             spec = {"method": entry["method"], "sparsity": entry["sparsity"], "store": str(store_dir),
                     "model": str(model_dir), "frames": frames, "threads": threads,
-                    "offload_folder": str(directory / "offload")}
+                    "offload_folder": str(directory / "offload"), "overlap": entry.get("overlap", False),
+                    "ram_budget_mib": entry.get("cache", 0.0) * store_bytes / 2**20}
             log(f"round {r + 1}/{rounds}: {label} in a fresh process")
             result = _spawn(spec, timeout)
             entry["rounds"].append(result)
@@ -338,17 +355,58 @@ def run(directory, frames: int = 4, sparsity: float = 0.5, sweep=(), methods=DEF
     for r in out:
         if ref is not None and "peak_rss_mib" in r:
             r["rss_vs_in_ram"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
-    store_bytes = sum(f.stat().st_size for f in store_dir.glob("weights-*.bin"))
-    return {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "model": model_settings(layers),
+    return {**ratios(out, sparsity), "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "model": model_settings(layers),
             "store_dir": str(store_dir), "backbone_bytes_on_drive": store_bytes, "frames": frames, "rounds": rounds,
             "sparsity": sparsity, "threads": threads,
             "drive": {"peak_mb_per_s": table.peak_bytes_per_s / 1e6, "saturation_kib": table.saturation_bytes // 1024},
             "runs": out}
 
 
+def _drive_bytes(s: dict) -> float:
+    return (s["bytes_read"] or 0.0) + (s.get("prefetch_wasted_bytes") or 0.0)
+
+
+def ratios(out: list[dict], sparsity: float) -> dict:
+    """Per row exposed I/O, cache and prefetch hit rates; the headline ratios of the run (None where a row
+    they need is missing or failed)."""
+    rows = {r["label"]: r for r in out if r.get("summary")}
+    label = f"chunking {sparsity:.0%}"
+    ref = rows.get(f"{label} in RAM")
+    for r in rows.values():
+        s = r["summary"]
+        drive = _drive_bytes(s)
+        if r["method"] in FLASH_METHODS:
+            served = drive + (s.get("cached_bytes") or 0.0)
+            s["cache_hit_rate"] = (s.get("cached_bytes") or 0.0) / served if served else 0.0
+            hits = s.get("prefetch_hit_bytes") or 0.0
+            s["prefetch_hit_rate"] = hits / s["bytes_read"] if s["bytes_read"] else 0.0
+            s["drive_bytes"] = drive
+        if ref is not None and r["label"].startswith(label):
+            s["exposed_io_s"] = max(0.0, s["total_s"] - ref["summary"]["total_s"])
+    in_ram = rows.get("in_ram")
+    flash = [r for r in rows.values() if r["method"] in FLASH_METHODS and r is not ref]
+    best = min(flash, key=lambda r: r["summary"]["total_s"]) if flash else None
+    plain, overlap, cached = rows.get(label), rows.get(f"{label} + overlap"), rows.get(f"{label} + cache")
+    acc = rows.get("accelerate")
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    return {
+        "best_flash_row": best["label"] if best else None,
+        "best_frame_ratio_vs_in_ram": ratio(best and best["summary"]["total_s"], in_ram and in_ram["summary"]["total_s"]),
+        "best_peak_rss_ratio_vs_in_ram": ratio(best and best["peak_rss_mib"], in_ram and in_ram["peak_rss_mib"]),
+        "exposed_io_fraction": ratio(overlap and overlap["summary"].get("exposed_io_s"), plain and plain["summary"]["io_s"]),
+        "cache_bytes_reduction": ratio(overlap and _drive_bytes(overlap["summary"]), cached and _drive_bytes(cached["summary"])),
+        "cache_retained": [r and r["summary"]["retained"] for r in (overlap, cached)],
+        "accelerate_ratio": ratio(acc and acc["summary"]["total_s"], best and best["summary"]["total_s"]),
+    }
+
+
 def format_table(res: dict) -> str:
     head = (f"{'method':<16} {'frame ms':>9} {'vision':>7} {'select':>7} {'I/O':>7} {'compute':>8} "
-            f"{'MB read':>8} {'retained':>8} {'RSS MiB':>8} {'peak RSS MiB':>13} {'vs in RAM':>9}")
+            f"{'MB read':>8} {'retained':>8} {'RSS MiB':>8} {'peak RSS MiB':>13} {'vs in RAM':>9} {'exposed':>8} "
+            f"{'cache hit':>9} {'prefetch hit':>12}")
     lines = [f"Frame append on {res['machine']}: Qwen2.5-VL, Qwen2-0.5B-shaped backbone "
              f"({res['model']['backbone']['num_hidden_layers']} layers, {res['backbone_bytes_on_drive'] / 2**20:.0f} MiB "
              f"fp16 on the drive), {res['rounds']} x {res['frames']} frames (first of each = warm-up), medians; drive peak "
@@ -357,6 +415,9 @@ def format_table(res: dict) -> str:
 
     def ms(v):
         return f"{v * 1e3:.0f}" if v is not None else "-"
+
+    def pct(v):
+        return f"{v:.0%}" if v is not None else "-"
 
     for r in res["runs"]:
         if "error" in r:
@@ -371,8 +432,14 @@ def format_table(res: dict) -> str:
         io = ms(s["io_s"]) if s["io_s"] is not None else "in comp"
         retained = f"{s['retained']:.3f}" if s["retained"] is not None else "-"
         lines.append(f"{r['label']:<16} {ms(s['total_s']):>9} {ms(s['vision_s']):>7} {ms(s['select_s']):>7} {io:>7} "
-                     f"{ms(s['compute_s']):>8} {s['bytes_read'] / 1e6:>8.0f} {retained:>8} "
-                     f"{r['steady_rss_mib'] or 0:>8.0f} {r['peak_rss_mib']:>13.0f} {ratio:>9}")
+                     f"{ms(s['compute_s']):>8} {s.get('drive_bytes', s['bytes_read']) / 1e6:>8.0f} {retained:>8} "
+                     f"{r['steady_rss_mib'] or 0:>8.0f} {r['peak_rss_mib']:>13.0f} {ratio:>9} "
+                     f"{ms(s.get('exposed_io_s')):>8} {pct(s.get('cache_hit_rate')):>9} "
+                     f"{pct(s.get('prefetch_hit_rate')):>12}")
+    keys = ("best_flash_row", "best_frame_ratio_vs_in_ram", "best_peak_rss_ratio_vs_in_ram", "exposed_io_fraction",
+            "cache_bytes_reduction", "accelerate_ratio")
+    lines.append("; ".join(f"{k} {res[k]:.3f}" if isinstance(res.get(k), float) else f"{k} {res.get(k)}"
+                           for k in keys))
     return "\n".join(lines)
 
 

@@ -43,6 +43,7 @@ LEGACY_KEYS = {
         (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
     ],
     "smolvlm": [],
+    "idefics3": [],  # SmolVLM v1 checkpoints already use the model's own names
 }
 # Keys some checkpoints carry that the model computes itself.
 IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")

@@ -27,8 +27,10 @@ resident part, which the runtime keeps in RAM anyway, is held until each store i
 1. check the checkpoint against its architecture (checkpoint.py) before writing anything;
 2. write an unpermuted store, group by group, into a work directory next to the destination;
 3. calibrate: open that store with the flash runtime, dense (every row read from the drive), append
-   the calibration frames and record each input's per-frame importance (mean |x| over the frame's
-   tokens) in an ActivationCounter;
+   the calibration frames (in the `frame_tokens` mode the robot will use) and record each input's
+   per-frame importance (mean |x| over the frame's tokens) in an ActivationCounter; each frame is a
+   full dense forward, so the time of the first one is logged as an estimate of the rest, and a
+   progress bar follows them;
 4. rewrite the store permuted hot–cold, group by group from the first store, then delete the first;
 5. measure each input's sensitivity on the new store and write the sparsity allocation.
 
@@ -39,6 +41,7 @@ The work directory needs about twice the backbone's size on the drive while step
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -49,6 +52,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from nchunk_core.convert.checkpoint import INDEX, Checkpoint
+from nchunk_core.runtime.adapters import adapter_class
+from nchunk_core.runtime.config import frame_tokens_value
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.convert.reorder import ActivationCounter
 from nchunk_core.store import Recommended, Store, StoreError, StoreWriter, set_recommended
@@ -174,18 +179,36 @@ class ImportanceRecorder:
         return out
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = "float32", threads: int = 6,
-              progress: bool = True, log: Log | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """Append `frames` through the store's flash runtime, dense, and record importance per input."""
+              progress: bool = True, log: Log | None = None,
+              frame_tokens="auto") -> dict[str, dict[str, np.ndarray]]:
+    """Append `frames` through the store's flash runtime, dense, and record importance per input.
+
+    Every frame is a full dense forward (every row read): the time of the first one, logged before
+    the others run, gives the estimate of the whole calibration; a progress bar follows the rest.
+    """
     from nchunk_core.runtime.select import SelectionSettings
     from nchunk_core.runtime.session import Session, SessionConfig
 
-    cfg = SessionConfig(device=device, dtype=dtype, selection=SelectionSettings(0.0, "dense"), reader_threads=threads)
+    log = log or (lambda message: None)
+    cfg = SessionConfig(device=device, dtype=dtype, selection=SelectionSettings(0.0, "dense"), reader_threads=threads,
+                        frame_tokens=frame_tokens)
     recorder = ImportanceRecorder()
     # dense selection reads every row and never consults the drive's latency table
     with Session.open(store_path, cfg, log=log, table=LatencyTable.synthetic()) as session:
         session.set_observer(recorder)
-        for frame in tqdm(frames, desc="calibrating", unit="frame", disable=not progress):
+        t0 = time.perf_counter()
+        first = session.append_frame(load_frame(frames[0]))
+        first_s = time.perf_counter() - t0
+        log(f"calibrating on {len(frames)} frame(s): the first ({first.visual_tokens} visual tokens) took "
+            f"{first_s:.1f} s, so about {_duration(first_s * (len(frames) - 1))} for the other "
+            f"{len(frames) - 1}")
+        for frame in tqdm(frames[1:], desc="calibrating", unit="frame", initial=1, total=len(frames),
+                          disable=not progress):
             session.append_frame(load_frame(frame))
     return recorder.results()
 
@@ -233,7 +256,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             reorder: bool = True, calib_frames: int = 32, calib_device: str = "cpu",
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
             recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
-            allocation: bool = True, allocation_frames: int = 8) -> Path:
+            frame_tokens="auto", allocation: bool = True, allocation_frames: int = 8) -> Path:
     """Convert the checkpoint in `model_dir` into a store at `store_dir` (see the module docstring)."""
     log = log or (lambda message: None)
     if recommended is not None and not isinstance(recommended, Recommended):
@@ -245,7 +268,9 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     dst = Path(store_dir).absolute()
     _prepare_destination(dst, overwrite)
+    frame_tokens = frame_tokens_value(frame_tokens)
     with Checkpoint(model_dir) as ck:
+        adapter_class(ck.arch).frame_mode_for(frame_tokens)  # a mode the architecture has
         log(f"{ck.path}: {ck.arch}, {ck.text_layers} decoder layers, {len(ck.refs)} tensors, "
             f"{ck.nbytes / 2**30:.2f} GiB ({ck.dtype()} projections)")
         frames_source, frames = calibration_frames(calib, calib_frames, log) if reorder else (None, [])
@@ -268,8 +293,8 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
     try:
         final = first
         if reorder:
-            calibration = calibrate(first, frames, calib_device, calib_dtype, threads, progress, log)
-            info["calibration"] = {"frames": len(frames), "source": frames_source,
+            calibration = calibrate(first, frames, calib_device, calib_dtype, threads, progress, log, frame_tokens)
+            info["calibration"] = {"frames": len(frames), "source": frames_source, "frame_tokens": frame_tokens,
                                    "synthetic": calib is None, "active_fraction": 0.5,
                                    "importance": "mean |x| over a frame's tokens, per input channel"}
             final = work / "store"
@@ -282,7 +307,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
                 picks = np.linspace(0, len(frames) - 1, min(allocation_frames, len(frames))).round().astype(int)
                 calibrate_allocation(final, [load_frame(frames[i]) for i in picks], device=calib_device,
                                      dtype=calib_dtype, threads=threads, source=frames_source, progress=progress,
-                                     log=log)
+                                     log=log, frame_tokens=frame_tokens)
         set_recommended(final, recommended or CONVERTED)
         Store.open(final)  # the result opens and validates before it replaces anything
         if dst.exists():

@@ -56,10 +56,10 @@ def _relative_error2(h: torch.Tensor, ref: torch.Tensor) -> float:
 
 def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
             threads: int = 6, progress: bool = True, log: Log | None = None, method: str = "magnitude",
-            table: LatencyTable | None = None) -> dict:
+            table: LatencyTable | None = None, frame_tokens="auto") -> dict:
     """Output error per input and level (see the module docstring).
 
-    frames: PIL images or uint8 [H, W, 3] arrays. Returns {"inputs": [N names], "error": float64
+    frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode. Returns {"inputs": [N names], "error": float64
     [N, L], "levels": [L], "frames": n, "seconds": s}.
     """
     log = log or (lambda message: None)
@@ -75,7 +75,8 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
         # dense and magnitude selections never consult the drive's latency table
         flash = build_flash_model(store, table or LatencyTable.synthetic(), SelectionSettings(0.0, "dense"),
                                   Workspace(reader, device), device=device, dtype=torch_dtype(dtype))
-        adapter = adapter_class(flash.arch)(flash.model, load_processor(store.path, flash.arch))
+        adapter = adapter_class(flash.arch)(flash.model, load_processor(store.path, flash.arch),
+                                            frame_tokens=frame_tokens)
         inputs = list(flash.layers)
         outputs: list[torch.Tensor] = []
 
@@ -167,11 +168,16 @@ def allocate(inputs: list[str], weights, levels, error, grid_step: float = GRID_
 
 def calibrate_allocation(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
                          threads: int = 6, source: str = "", progress: bool = True, log: Log | None = None,
-                         write: bool = True) -> SparsityAllocation:
-    """Measure the store's sensitivity on `frames`, allocate, and (with `write`) store the result."""
-    sens = measure(store_path, frames, levels, device, dtype, threads, progress, log)
-    sizes = input_bytes(Store.open(store_path, check_alignment=False))
-    basis = {"frames": sens["frames"], "source": source, "levels": sens["levels"],
+                         write: bool = True, frame_tokens=None) -> SparsityAllocation:
+    """Measure the store's sensitivity on `frames`, allocate, and (with `write`) store the result.
+
+    frame_tokens None: the mode the store was calibrated in (its manifest), else "auto"."""
+    store = Store.open(store_path, check_alignment=False)
+    if frame_tokens is None:
+        frame_tokens = (store.model_info.get("calibration") or {}).get("frame_tokens", "auto")
+    sens = measure(store_path, frames, levels, device, dtype, threads, progress, log, frame_tokens=frame_tokens)
+    sizes = input_bytes(store)
+    basis = {"frames": sens["frames"], "source": source, "levels": sens["levels"], "frame_tokens": frame_tokens,
              "selection": "magnitude", "seconds": sens["seconds"],
              "error": "squared relative error of the last decoder layer's output over a frame's tokens",
              "sensitivity": {name: [round(float(e), 8) for e in row]

@@ -7,13 +7,17 @@
 namespace py = pybind11;
 
 // ---- reader section (begin) ----
-// Binds reader.hpp. The Python wrapper (nchunk_core/reader.py) passes the destination as an address
-// and a byte count plus the object owning that memory, which the request keeps alive until done.
+// Binds reader.hpp and crc32c.hpp. The Python wrapper (nchunk_core/io/reader.py) passes the
+// destination as an address and a byte count plus the object owning that memory, and the row checksum
+// table as an array; the request keeps both alive until done. Errors become the exception classes of
+// nchunk_core/io/errors.py, built there from the fields of the C++ error.
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "crc32c.hpp"
 #include "reader.hpp"
 
 namespace {
@@ -22,8 +26,8 @@ namespace {
 // over. Destroying it unwaited waits (with the GIL released) before letting go of that reference.
 class PyReadRequest {
  public:
-  PyReadRequest(nchunk::ReadRequest request, py::object owner)
-      : request_(std::move(request)), owner_(std::move(owner)) {}
+  PyReadRequest(nchunk::ReadRequest request, py::object owner, py::object table)
+      : request_(std::move(request)), owner_(std::move(owner)), table_(std::move(table)) {}
   PyReadRequest(PyReadRequest&&) = default;
   ~PyReadRequest() {
     if (!request_.done()) {
@@ -40,10 +44,11 @@ class PyReadRequest {
  private:
   nchunk::ReadRequest request_;
   py::object owner_;
+  py::object table_;  // the row checksum table the workers compare with
 };
 
 py::tuple stats_tuple(const nchunk::ReadStats& s) {
-  return py::make_tuple(s.bytes, s.bytes_read, s.requests, s.tasks, s.wall_s);
+  return py::make_tuple(s.bytes, s.bytes_read, s.requests, s.tasks, s.wall_s, s.rows_checked);
 }
 
 py::tuple alignment_tuple(const nchunk::DioAlignment& a) {
@@ -61,23 +66,103 @@ std::vector<nchunk::Extent> to_extents(const py::array_t<int64_t, py::array::c_s
 }
 static_assert(sizeof(nchunk::Extent) == 3 * sizeof(int64_t), "Extent is three packed int64");
 
+using Table = py::array_t<uint32_t, py::array::c_style | py::array::forcecast>;
+using Checks = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+// Row checks of a request and the table array they point into, which the request must keep alive.
+struct RowChecksArgs {
+  nchunk::RowChecksums checks;
+  py::object table = py::none();
+};
+
+// From a uint32 [rows] table and an int64 [n, 2] array of (row_bytes, first_row) per extent; nothing
+// is checked when `row_checks` is None. Runs with the GIL held.
+RowChecksArgs to_row_checks(const py::object& row_table, const py::object& row_checks) {
+  RowChecksArgs out;
+  if (row_checks.is_none()) return out;
+  Table table = Table::ensure(row_table);
+  Checks rows = Checks::ensure(row_checks);
+  if (!table || !rows) throw py::error_already_set();
+  if (table.ndim() != 1) throw py::value_error("the row checksum table must be 1-D");
+  if (rows.ndim() != 2 || rows.shape(1) != 2) {
+    throw py::value_error("row checks must have shape [n, 2] (row_bytes, first_row)");
+  }
+  out.checks.table = table.data();
+  out.checks.table_rows = table.shape(0);
+  out.checks.extents.resize(static_cast<size_t>(rows.shape(0)));
+  if (!out.checks.extents.empty()) {
+    std::memcpy(out.checks.extents.data(), rows.data(), out.checks.extents.size() * sizeof(nchunk::RowCheck));
+  }
+  out.table = std::move(table);
+  return out;
+}
+static_assert(sizeof(nchunk::RowCheck) == 2 * sizeof(int64_t), "RowCheck is two packed int64");
+
+// Raises the Python exception that nchunk_core.io.errors builds from the fields of a C++ I/O error.
+void set_io_error(const nchunk::IoError& e, const char* kind, py::object row = py::none(),
+                  py::object expected = py::none(), py::object actual = py::none()) {
+  py::object build = py::module_::import("nchunk_core.io.errors").attr("from_native");
+  py::object error = build(kind, e.error_code(), std::string(e.what()), e.detail(), e.path(), e.offset(),
+                           e.length(), row, expected, actual);
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(error.ptr())), error.ptr());
+}
+
 void translate_reader_errors(std::exception_ptr p) {
   try {
     if (p) std::rethrow_exception(p);
-  } catch (const nchunk::IoError& e) {
-    // OSError(errno, ...) builds the matching subclass: FileNotFoundError, PermissionError, ...
-    std::string message = std::string(std::strerror(e.error_code())) + " (" + e.detail() + ")";
-    py::object error = py::handle(PyExc_OSError)(e.error_code(), message, e.path());
-    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(error.ptr())), error.ptr());
+  } catch (const nchunk::ChecksumError& e) {
+    set_io_error(e, "checksum", py::int_(e.row()), py::int_(e.expected()), py::int_(e.actual()));
   } catch (const nchunk::EndOfFileError& e) {
-    PyErr_SetString(PyExc_EOFError, e.what());
+    set_io_error(e, "end_of_file");
+  } catch (const nchunk::IoError& e) {
+    set_io_error(e, "errno");
   }
 }
+
+nchunk::Crc32cPath crc32c_path(const std::string& name) {
+  if (name == "auto") return nchunk::Crc32cPath::automatic;
+  if (name == "table") return nchunk::Crc32cPath::table;
+  if (name == "hardware") return nchunk::Crc32cPath::hardware;
+  throw py::value_error("path must be 'auto', 'table' or 'hardware', got '" + name + "'");
+}
+
+using Bytes = py::array_t<uint8_t, py::array::c_style>;
 
 }  // namespace
 
 static void bind_reader(py::module_& m) {
   py::register_exception_translator(&translate_reader_errors);
+
+  m.def("crc32c_hardware", &nchunk::crc32c_hardware,
+        "The CRC-32C instruction used on this CPU: 'sse4.2', 'armv8-crc', or '' (table only).");
+  m.def(
+      "crc32c",
+      [](const Bytes& data, uint32_t crc, const std::string& path) {
+        const nchunk::Crc32cPath p = crc32c_path(path);
+        py::gil_scoped_release release;
+        return nchunk::crc32c(crc, data.data(), static_cast<size_t>(data.size()), p);
+      },
+      py::arg("data"), py::arg("crc") = 0, py::arg("path") = "auto",
+      "CRC-32C of a uint8 array, continuing from crc; path 'auto', 'table' or 'hardware'.");
+  m.def(
+      "crc32c_rows",
+      [](const Bytes& data, int64_t row_bytes, const std::string& path) {
+        const nchunk::Crc32cPath p = crc32c_path(path);
+        if (row_bytes <= 0 || data.size() % row_bytes != 0) {
+          throw py::value_error(std::to_string(data.size()) + " bytes are not whole rows of " +
+                                std::to_string(row_bytes) + " bytes");
+        }
+        const int64_t rows = data.size() / row_bytes;
+        py::array_t<uint32_t> out(rows);
+        uint32_t* dst = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          nchunk::crc32c_rows(data.data(), static_cast<size_t>(row_bytes), static_cast<size_t>(rows), dst, p);
+        }
+        return out;
+      },
+      py::arg("data"), py::arg("row_bytes"), py::arg("path") = "auto",
+      "CRC-32C of each row of row_bytes bytes of a uint8 array: uint32 [rows].");
 
   m.def(
       "dio_alignment",
@@ -123,34 +208,40 @@ static void bind_reader(py::module_& m) {
           "submit",
           [](nchunk::Reader& r, std::shared_ptr<nchunk::File> file,
              const py::array_t<int64_t, py::array::c_style>& extents, uintptr_t dest_address,
-             size_t dest_bytes, py::object owner) {
+             size_t dest_bytes, py::object owner, py::object row_table, py::object row_checks) {
             std::vector<nchunk::Extent> rows = to_extents(extents);
+            RowChecksArgs checks = to_row_checks(row_table, row_checks);
             void* dest = reinterpret_cast<void*>(dest_address);
             nchunk::ReadRequest request = [&] {
               py::gil_scoped_release release;
-              return r.submit(std::move(file), std::move(rows), dest, dest_bytes);
+              return r.submit(std::move(file), std::move(rows), dest, dest_bytes, std::move(checks.checks));
             }();
-            return PyReadRequest(std::move(request), std::move(owner));
+            return PyReadRequest(std::move(request), std::move(owner), std::move(checks.table));
           },
           py::arg("file"), py::arg("extents"), py::arg("dest_address"), py::arg("dest_bytes"),
-          py::arg("owner"),
-          "Queue a read of extents into dest_bytes bytes at dest_address; owner is kept alive.")
+          py::arg("owner"), py::arg("row_table") = py::none(), py::arg("row_checks") = py::none(),
+          "Queue a read of extents into dest_bytes bytes at dest_address; owner is kept alive.\n"
+          "row_checks int64 [n, 2] (row_bytes, first_row) per extent index the uint32 row_table of\n"
+          "expected CRC-32C values; a mismatching row raises ChecksumError from wait().")
       .def(
           "read",
           [](nchunk::Reader& r, std::shared_ptr<nchunk::File> file,
              const py::array_t<int64_t, py::array::c_style>& extents, uintptr_t dest_address,
-             size_t dest_bytes) {
+             size_t dest_bytes, py::object row_table, py::object row_checks) {
             std::vector<nchunk::Extent> rows = to_extents(extents);
+            RowChecksArgs checks = to_row_checks(row_table, row_checks);
             void* dest = reinterpret_cast<void*>(dest_address);
             nchunk::ReadStats stats;
             {
               py::gil_scoped_release release;
-              stats = r.read(std::move(file), std::move(rows), dest, dest_bytes);
+              stats = r.read(std::move(file), std::move(rows), dest, dest_bytes, std::move(checks.checks));
             }
             return stats_tuple(stats);
           },
           py::arg("file"), py::arg("extents"), py::arg("dest_address"), py::arg("dest_bytes"),
-          "Read extents into dest_bytes bytes at dest_address and wait; returns the statistics.")
+          py::arg("row_table") = py::none(), py::arg("row_checks") = py::none(),
+          "Read extents into dest_bytes bytes at dest_address and wait; returns the statistics\n"
+          "(bytes, bytes_read, requests, tasks, wall_s, rows_checked). Row checks as for submit().")
       .def(
           "close",
           [](nchunk::Reader& r) {
@@ -266,7 +357,7 @@ static void bind_select(py::module_& m) {
 // ---- select section (end) ----
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "nchunk native core: threaded direct-I/O reader and chunk selection.";
+  m.doc() = "nchunk native core: threaded direct-I/O reader with row checksums, and chunk selection.";
   bind_reader(m);
   bind_select(m);
 }

@@ -1,5 +1,5 @@
 // Implementation of the threaded direct-I/O reader declared in reader.hpp: alignment queries, file
-// opening with the buffered fallback, the per-task read strategy, and the worker pool.
+// opening with the buffered fallback, the per-task read strategy, the row checks, and the worker pool.
 #include "reader.hpp"
 
 #include <fcntl.h>
@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -20,6 +21,8 @@
 #include <new>
 #include <thread>
 #include <utility>
+
+#include "crc32c.hpp"
 
 namespace nchunk {
 namespace {
@@ -189,12 +192,26 @@ std::string describe(const std::string& path, size_t index, const Extent& e) {
          std::to_string(e.dest_offset) + ")";
 }
 
-// One piece of an extent, read by one worker.
+// One piece of an extent, read by one worker. A checked task is whole rows of `row_bytes`, the first
+// of them row `first_row` of the request's checksum table.
 struct Task {
   int64_t offset;
   int64_t length;
   char* dest;
+  int64_t row_bytes;  // 0: not checked
+  int64_t first_row;
 };
+
+// Workers beyond `threads`: while a worker checks the rows it read, a spare one keeps its read slot
+// busy, so checking does not lower the number of reads in flight.
+int spare_workers(int threads) { return (threads + 3) / 4; }
+
+// Bytes per task of an extent: max_task_bytes, or for a checked extent the whole rows that fit in it
+// (at least one).
+int64_t task_step(int64_t max_task_bytes, int64_t row_bytes) {
+  if (row_bytes <= 0) return max_task_bytes;
+  return std::max<int64_t>(1, max_task_bytes / row_bytes) * row_bytes;
+}
 
 // Reads up to `n` bytes at `offset`, looping over short reads; fewer come back only at end of file.
 // Errors name the task (the caller's byte range), not the aligned span actually asked of the kernel.
@@ -217,8 +234,9 @@ int64_t pread_full(const File& f, const Task& task, char* buf, int64_t n, int64_
 void require_bytes(const File& f, const Task& task, int64_t got, int64_t needed) {
   if (got >= needed) return;
   throw EndOfFileError("'" + f.path() + "': file ended early while reading " +
-                       std::to_string(task.length) + " bytes at offset " + std::to_string(task.offset) +
-                       " (it was " + std::to_string(f.size()) + " bytes when opened; truncated since?)");
+                           std::to_string(task.length) + " bytes at offset " + std::to_string(task.offset) +
+                           " (it was " + std::to_string(f.size()) + " bytes when opened; truncated since?)",
+                       f.path(), task.offset, task.length);
 }
 
 // Reads the aligned span [begin, begin + n) into the bounce buffer and copies `length` bytes starting
@@ -270,6 +288,28 @@ int64_t read_task(const File& f, const Task& t, AlignedBuffer& bounce) {
   return got;
 }
 
+// Checks the CRC-32C of every row of a task that has been read; throws ChecksumError for the first
+// row that differs. `crcs` is the worker's scratch space. Returns the rows checked.
+int64_t check_rows(const File& f, const Task& t, const uint32_t* table, std::vector<uint32_t>& crcs) {
+  const int64_t rows = t.length / t.row_bytes;
+  crcs.resize(static_cast<size_t>(rows));
+  crc32c_rows(t.dest, static_cast<size_t>(t.row_bytes), static_cast<size_t>(rows), crcs.data());
+  const uint32_t* expected = table + t.first_row;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (crcs[r] != expected[r]) {
+      throw ChecksumError(f.path(), t.offset + r * t.row_bytes, t.row_bytes, t.first_row + r, expected[r],
+                          crcs[r]);
+    }
+  }
+  return rows;
+}
+
+std::string hex32(uint32_t v) {
+  char text[9];
+  std::snprintf(text, sizeof text, "%08x", v);
+  return text;
+}
+
 }  // namespace
 
 // ---- errors ----
@@ -282,6 +322,29 @@ IoError::IoError(int error_code, const std::string& path, const std::string& det
       detail_(detail + " failed"),
       offset_(offset),
       length_(length) {}
+
+IoError::IoError(const std::string& message, int error_code, const std::string& path,
+                 const std::string& detail, int64_t offset, int64_t length)
+    : std::runtime_error(message),
+      error_code_(error_code),
+      path_(path),
+      detail_(detail),
+      offset_(offset),
+      length_(length) {}
+
+EndOfFileError::EndOfFileError(const std::string& message, const std::string& path, int64_t offset,
+                               int64_t length)
+    : IoError(message, 0, path, "read past the end of the file", offset, length) {}
+
+ChecksumError::ChecksumError(const std::string& path, int64_t offset, int64_t length, int64_t row,
+                             uint32_t expected, uint32_t actual)
+    : IoError("'" + path + "': CRC-32C mismatch in row " + std::to_string(row) + " (" +
+                  std::to_string(length) + " bytes at offset " + std::to_string(offset) + "): expected " +
+                  hex32(expected) + ", read " + hex32(actual),
+              EBADMSG, path, "CRC-32C check of row " + std::to_string(row), offset, length),
+      row_(row),
+      expected_(expected),
+      actual_(actual) {}
 
 // ---- alignment ----
 
@@ -344,6 +407,7 @@ File::~File() {
 struct RequestState {
   std::shared_ptr<File> file;
   std::vector<Extent> extents;
+  RowChecksums checks;  // empty `extents`: nothing checked
   char* dest = nullptr;
   int64_t max_task_bytes = 0;
   Clock::time_point start;
@@ -375,17 +439,20 @@ struct RequestState {
   bool next_task(Task* t) {
     if (exhausted()) return false;
     const Extent& e = extents[next_extent];
-    int64_t n = std::min(max_task_bytes, e.length - next_pos);
-    *t = Task{e.file_offset + next_pos, n, dest + e.dest_offset + next_pos};
+    const RowCheck check = checks.extents.empty() ? RowCheck{0, 0} : checks.extents[next_extent];
+    int64_t n = std::min(task_step(max_task_bytes, check.row_bytes), e.length - next_pos);
+    const int64_t first_row = check.row_bytes > 0 ? check.first_row + next_pos / check.row_bytes : 0;
+    *t = Task{e.file_offset + next_pos, n, dest + e.dest_offset + next_pos, check.row_bytes, first_row};
     next_pos += n;
     ++dispatched;
     return true;
   }
 
-  void finish_tasks(uint64_t count, int64_t bytes_read, std::exception_ptr err) {
+  void finish_tasks(uint64_t count, int64_t bytes_read, int64_t rows_checked, std::exception_ptr err) {
     if (err) failed.store(true, std::memory_order_relaxed);
     std::lock_guard<std::mutex> lock(mu);
     stats.bytes_read += static_cast<uint64_t>(bytes_read);
+    stats.rows_checked += static_cast<uint64_t>(rows_checked);
     if (err && !error) error = err;
     unfinished -= count;
     if (unfinished == 0) {
@@ -432,12 +499,13 @@ bool ReadRequest::done() const {
 // ---- reader ----
 
 struct Reader::Impl {
-  int threads = 0;
+  int threads = 0;  // reads in flight at most
   int64_t max_task_bytes = 0;
   size_t max_queued = 0;
 
-  std::mutex mu;  // guards the queue, `closing` and every request's dispatch cursor
-  std::condition_variable work_cv;   // a request was queued, or the reader is closing
+  std::mutex mu;  // guards the queue, `closing`, `reading` and every request's dispatch cursor
+  int reading = 0;  // workers inside read_task
+  std::condition_variable work_cv;   // a request was queued, a read slot freed, or the reader is closing
   std::condition_variable space_cv;  // a request left the queue, or the reader is closing
   std::deque<std::shared_ptr<RequestState>> queue;
   bool closing = false;
@@ -452,6 +520,7 @@ struct Reader::Impl {
 
 void Reader::Impl::worker_main() {
   AlignedBuffer bounce;
+  std::vector<uint32_t> crcs;  // row checksums of the current task
   for (;;) {
     std::shared_ptr<RequestState> request;
     Task task{};
@@ -459,26 +528,42 @@ void Reader::Impl::worker_main() {
     uint64_t abandoned = 0;
     {
       std::unique_lock<std::mutex> lock(mu);
-      work_cv.wait(lock, [this] { return closing || !queue.empty(); });
-      if (queue.empty()) return;  // closing, and all queued work is handed out
+      work_cv.wait(lock, [this] { return (closing && queue.empty()) || (!queue.empty() && reading < threads); });
+      if (queue.empty()) {  // closing, and all queued work is handed out: wake the others to leave too
+        work_cv.notify_all();
+        return;
+      }
       request = queue.front();
       if (!request->failed.load(std::memory_order_relaxed)) have_task = request->next_task(&task);
+      if (have_task) ++reading;
       if (!have_task || request->exhausted()) {
         queue.pop_front();
         abandoned = request->total_tasks - request->dispatched;  // tasks skipped after an error
         space_cv.notify_one();
       }
     }
-    if (abandoned > 0) request->finish_tasks(abandoned, 0, nullptr);
+    if (abandoned > 0) request->finish_tasks(abandoned, 0, 0, nullptr);
     if (!have_task) continue;
-    int64_t got = 0;
+    int64_t got = 0, rows = 0;
     std::exception_ptr error;
     try {
       got = read_task(*request->file, task, bounce);
     } catch (...) {
       error = std::current_exception();
     }
-    request->finish_tasks(1, got, error);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      --reading;
+    }
+    if (task.row_bytes > 0) {
+      work_cv.notify_one();  // a spare worker takes the read slot while this one checks the rows
+      try {
+        if (!error) rows = check_rows(*request->file, task, request->checks.table, crcs);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
+    request->finish_tasks(1, got, rows, error);
   }
 }
 
@@ -524,7 +609,8 @@ Reader::Reader(int threads, int64_t max_task_bytes, int max_queued_requests) : i
   impl_->max_task_bytes = max_task_bytes;
   impl_->max_queued = static_cast<size_t>(max_queued_requests);
   try {
-    for (int i = 0; i < threads; ++i) impl_->workers.emplace_back([this] { impl_->worker_main(); });
+    const int workers = threads + spare_workers(threads);
+    for (int i = 0; i < workers; ++i) impl_->workers.emplace_back([this] { impl_->worker_main(); });
   } catch (...) {
     impl_->stop();
     throw;
@@ -542,13 +628,21 @@ int64_t Reader::max_task_bytes() const { return impl_->max_task_bytes; }
 std::shared_ptr<File> Reader::open(const std::string& path) const { return File::open(path); }
 
 ReadRequest Reader::submit(std::shared_ptr<File> file, std::vector<Extent> extents, void* dest,
-                           size_t dest_bytes) {
+                           size_t dest_bytes, RowChecksums checks) {
   const Clock::time_point start = Clock::now();
   if (!file) throw std::invalid_argument("submit() needs an open file");
   if (dest == nullptr && dest_bytes > 0) throw std::invalid_argument("null destination buffer");
   const int64_t size = file->size();
   const int64_t capacity = static_cast<int64_t>(dest_bytes);
   const int64_t step = impl_->max_task_bytes;
+  const bool checked = !checks.extents.empty();
+  if (checked && checks.extents.size() != extents.size()) {
+    throw ExtentError("'" + file->path() + "': " + std::to_string(checks.extents.size()) + " row checks for " +
+                      std::to_string(extents.size()) + " extents; give one per extent, or none");
+  }
+  if (checked && (checks.table_rows < 0 || (checks.table == nullptr && checks.table_rows > 0))) {
+    throw ExtentError("'" + file->path() + "': invalid checksum table");
+  }
   uint64_t tasks = 0, bytes = 0;
   for (size_t i = 0; i < extents.size(); ++i) {
     const Extent& e = extents[i];
@@ -557,13 +651,28 @@ ReadRequest Reader::submit(std::shared_ptr<File> file, std::vector<Extent> exten
     }
     if (e.file_offset > size || e.length > size - e.file_offset) {
       throw EndOfFileError(describe(file->path(), i, e) + ": reads past the end of the file (" +
-                           std::to_string(size) + " bytes)");
+                               std::to_string(size) + " bytes)",
+                           file->path(), e.file_offset, e.length);
     }
     if (e.dest_offset > capacity || e.length > capacity - e.dest_offset) {
       throw ExtentError(describe(file->path(), i, e) + ": destination range ends beyond the " +
                         std::to_string(dest_bytes) + "-byte buffer");
     }
-    tasks += static_cast<uint64_t>((e.length + step - 1) / step);
+    const RowCheck check = checked ? checks.extents[i] : RowCheck{0, 0};
+    if (check.row_bytes < 0 || check.first_row < 0) {
+      throw ExtentError(describe(file->path(), i, e) + ": negative row size or first row");
+    }
+    if (check.row_bytes > 0 && e.length % check.row_bytes != 0) {
+      throw ExtentError(describe(file->path(), i, e) + ": not a whole number of " +
+                        std::to_string(check.row_bytes) + "-byte rows");
+    }
+    if (check.row_bytes > 0 && (check.first_row > checks.table_rows ||
+                                e.length / check.row_bytes > checks.table_rows - check.first_row)) {
+      throw ExtentError(describe(file->path(), i, e) + ": rows from " + std::to_string(check.first_row) +
+                        " run past the " + std::to_string(checks.table_rows) + "-row checksum table");
+    }
+    const int64_t extent_step = task_step(step, check.row_bytes);
+    tasks += static_cast<uint64_t>((e.length + extent_step - 1) / extent_step);
     bytes += static_cast<uint64_t>(e.length);
   }
 
@@ -578,6 +687,7 @@ ReadRequest Reader::submit(std::shared_ptr<File> file, std::vector<Extent> exten
   state->stats.requests = extents.size();
   state->stats.tasks = tasks;
   state->extents = std::move(extents);
+  state->checks = std::move(checks);
   if (tasks == 0) {
     std::lock_guard<std::mutex> lock(impl_->mu);
     if (impl_->closing) throw std::runtime_error("the reader is closed");
@@ -590,8 +700,8 @@ ReadRequest Reader::submit(std::shared_ptr<File> file, std::vector<Extent> exten
 }
 
 ReadStats Reader::read(std::shared_ptr<File> file, std::vector<Extent> extents, void* dest,
-                       size_t dest_bytes) {
-  return submit(std::move(file), std::move(extents), dest, dest_bytes).wait();
+                       size_t dest_bytes, RowChecksums checks) {
+  return submit(std::move(file), std::move(extents), dest, dest_bytes, std::move(checks)).wait();
 }
 
 }  // namespace nchunk

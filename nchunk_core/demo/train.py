@@ -66,11 +66,11 @@ def forward_hidden(model, encoder: Encoder, pixels, owners, ids, attention: bool
     context = embed(encoder.context)[None].repeat(len(pixels), 1, 1)  # [B, C, hidden]
     context[:, encoder.image_slice] = visual.to(context.dtype)
     cache = DynamicCache()
-    text(inputs_embeds=context, past_key_values=cache, use_cache=True)
+    text(inputs_embeds=context, cache=cache, use_cache=True)
     cache.reorder_cache(owners)  # [B, …] → [N, …]: one copy per question
     c, t = len(encoder.context), ids.shape[1]
     positions = torch.arange(c, c + t)[None].expand(len(ids), -1)  # [N, T]
-    out = text(inputs_embeds=embed(ids), position_ids=positions, past_key_values=cache, use_cache=True,
+    out = text(inputs_embeds=embed(ids), position_ids=positions, cache=cache, use_cache=True,
                output_attentions=attention)
     seen = (torch.stack([out.attentions[layer][:, head, :, encoder.image_slice] for layer, head, _ in HINTS], 1)
             if attention else None)  # [N, len(HINTS), T, 16]

@@ -8,6 +8,7 @@ A thin wrapper over the C++ reader (``nchunk_core/csrc/reader.hpp``)::
         stats = r.read(f, extents, out)       # extents: int64 [n, 3] = (file_offset, length, dest_offset)
         req = r.submit(f, more_extents, out2) # returns at once; overlap I/O with compute
         stats = req.wait()
+        r.read(f, extents, out, checksums=RowChecksums(table, first_row, row_bytes))  # rows checked
 
 Offsets and lengths are in bytes, whatever the dtype of ``out``. Zero-length extents are allowed and
 read nothing. Destination ranges of one request must not overlap (not checked).
@@ -16,10 +17,16 @@ A span goes straight from the drive into ``out`` when its file offset and its de
 agree with the alignment (``f.alignment``), e.g. 4096-aligned offsets into ``r.empty()``; anything else
 goes through a per-thread aligned buffer and a copy, which costs memory bandwidth.
 
-Errors: an errno from open or read raises ``OSError`` of the matching subclass (``FileNotFoundError``,
-``PermissionError``, ``IsADirectoryError``...) with ``.errno``, ``.filename`` = path and a message naming
-the offset and length; an extent past the end of the file (or a file that shrank while being read)
-raises ``EOFError``; a malformed extent or a destination range outside ``out`` raises ``ValueError``.
+Row checksums: with ``checksums`` (a :class:`RowChecksums`), the thread that read a piece of an extent
+computes the CRC-32C of every row in it (the CPU's instruction where present) and compares it with the
+table; a mismatch raises :class:`ChecksumError` naming the file, row and offset. ``Reader(verify=False)``
+or ``verify=False`` on one call skips the checks (for measuring what they cost).
+
+Errors (nchunk_core/io/errors.py): every failed open or read raises an :class:`IoError`, an ``OSError``
+with ``.path``, ``.offset``, ``.length`` and ``.errno``, which is also of the built-in subclass for its
+errno (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``...; ``.filename`` = path); an
+extent past the end of the file (or a file that shrank while being read) raises :class:`EndOfFileError`,
+also an ``EOFError``; a malformed extent or a destination range outside ``out`` raises ``ValueError``.
 Where the file system refuses O_DIRECT (e.g. ramfs) the file is read with buffered I/O, ``f.direct``
 is False, and a ``RuntimeWarning`` is issued once per process.
 """
@@ -34,8 +41,10 @@ from typing import NamedTuple
 import numpy as np
 
 from nchunk_core import _native
+from nchunk_core.io.errors import ChecksumError, EndOfFileError, IoError
 
-__all__ = ["DioAlignment", "OpenFile", "ReadRequest", "ReadStats", "Reader", "dio_alignment"]
+__all__ = ["ChecksumError", "DioAlignment", "EndOfFileError", "IoError", "OpenFile", "ReadRequest",
+           "ReadStats", "Reader", "RowChecksums", "dio_alignment"]
 
 BUFFER_ALIGNMENT = 4096
 
@@ -60,8 +69,30 @@ class ReadStats:
     bytes: int
     bytes_read: int
     reads: int  # extents, each one contiguous read
-    tasks: int  # pieces of at most max_task_bytes handed to the threads
+    tasks: int  # pieces of at most max_task_bytes (whole rows when checked) handed to the threads
     wall_s: float
+    rows_checked: int = 0  # rows whose CRC-32C was checked
+
+
+@dataclass(frozen=True)
+class RowChecksums:
+    """The expected CRC-32C of the rows a request's extents read.
+
+    Extent i is whole rows of ``row_bytes[i]`` bytes, whose CRCs are ``table[first_row[i]]``,
+    ``table[first_row[i] + 1]``, ...; ``row_bytes`` may be one size for every extent, and a size of 0
+    leaves that extent unchecked.
+    """
+
+    table: np.ndarray  # uint32 [rows]
+    first_row: np.ndarray  # int64 [n]
+    row_bytes: np.ndarray | int  # int64 [n], or one size
+
+    def checks(self, n: int) -> np.ndarray:
+        """int64 [n, 2] of (row_bytes, first_row) per extent, as the native reader takes them."""
+        out = np.empty((n, 2), dtype=np.int64)
+        out[:, 0] = self.row_bytes
+        out[:, 1] = self.first_row
+        return out
 
 
 def dio_alignment(path) -> DioAlignment:
@@ -138,11 +169,26 @@ def _extent_array(extents) -> np.ndarray:
     return np.ascontiguousarray(rows, dtype=np.int64)
 
 
-class Reader:
-    """A fixed pool of threads reading extents of files into caller buffers (see module docstring)."""
+def _check_args(extents: np.ndarray, checksums: RowChecksums | None, verify: bool) -> dict:
+    """Keyword arguments of the native read for the row checks of a request (none when not verifying)."""
+    if checksums is None or not verify:
+        return {}
+    table = np.ascontiguousarray(checksums.table, dtype=np.uint32)
+    if table.ndim != 1:
+        raise ValueError(f"the row checksum table must be 1-D, got shape {table.shape}")
+    return {"row_table": table, "row_checks": checksums.checks(len(extents))}
 
-    def __init__(self, threads: int = 6, max_task_bytes: int = 1 << 20):
+
+class Reader:
+    """A fixed pool of threads reading extents of files into caller buffers (see module docstring).
+
+    ``verify`` (default True) is whether reads given row checksums check them; a call's own
+    ``verify`` overrides it.
+    """
+
+    def __init__(self, threads: int = 6, max_task_bytes: int = 1 << 20, verify: bool = True):
         self._native = _native.Reader(threads, max_task_bytes)
+        self.verify = bool(verify)
 
     @property
     def threads(self) -> int:
@@ -161,15 +207,21 @@ class Reader:
                           "(said once per process)", RuntimeWarning, stacklevel=2)
         return f
 
-    def read(self, f: OpenFile, extents, out) -> ReadStats:
-        """Read ``extents`` of ``f`` into ``out`` and wait for them."""
+    def read(self, f: OpenFile, extents, out, checksums: RowChecksums | None = None,
+             verify: bool | None = None) -> ReadStats:
+        """Read ``extents`` of ``f`` into ``out`` (checking rows against ``checksums``) and wait."""
         address, nbytes, _ = _destination(out)
-        return ReadStats(*self._native.read(f._native, _extent_array(extents), address, nbytes))
+        rows = _extent_array(extents)
+        checks = _check_args(rows, checksums, self.verify if verify is None else verify)
+        return ReadStats(*self._native.read(f._native, rows, address, nbytes, **checks))
 
-    def submit(self, f: OpenFile, extents, out) -> ReadRequest:
+    def submit(self, f: OpenFile, extents, out, checksums: RowChecksums | None = None,
+               verify: bool | None = None) -> ReadRequest:
         """Queue a read and return at once; ``out`` is kept alive until the read is over."""
         address, nbytes, owner = _destination(out)
-        return ReadRequest(self._native.submit(f._native, _extent_array(extents), address, nbytes, owner))
+        rows = _extent_array(extents)
+        checks = _check_args(rows, checksums, self.verify if verify is None else verify)
+        return ReadRequest(self._native.submit(f._native, rows, address, nbytes, owner, **checks))
 
     @staticmethod
     def empty(nbytes: int) -> np.ndarray:

@@ -13,6 +13,11 @@ max + 1, which is *less* than the cache length; so the adapter tracks it, never 
 model's own `rope_deltas` bookkeeping assumes a single vision prefill and is bypassed by always
 passing `position_ids`).
 
+What a frame costs is the adapter's frame mode (`frame_tokens`, see config.FRAME_TOKENS_HELP): the model's
+video mode where it has one, a single view or tiles, or a pixel budget; "auto" is the cheapest mode
+the model was trained with. Several frames take the layout the real processor gives several images
+(or the frames of one video). The prompt pieces come from the checkpoint's chat template (prompts.py).
+
 The adapter also names the decoder's projections for the flash runtime, which swaps each of them
 for a streamed module: `projection_groups(model)` lists, per decoder layer, the projections sharing
 one input: {"attn_in": [q, k, v], "attn_out": [o], "mlp_in": [gate, up], "mlp_out": [down]}, as
@@ -22,13 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from nchunk_core.runtime.config import frame_tokens_value
+from nchunk_core.runtime.prompts import PromptPieces, prompt_pieces, template_of
 
 PROJECTIONS = {
     "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -36,8 +44,6 @@ PROJECTIONS = {
     "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp_out": ("mlp.down_proj",),
 }
-
-
 @dataclasses.dataclass
 class Chunk:
     """One piece of context to append: token ids plus the vision inputs of its image (if any)."""
@@ -45,6 +51,7 @@ class Chunk:
     input_ids: torch.Tensor  # [1, T] int64
     vision: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # forward kwargs; {} for text
     num_visual_tokens: int = 0
+    question: bool = False  # the chunk after the frames that asks the question
 
     @property
     def num_tokens(self) -> int:
@@ -57,17 +64,28 @@ class VLMAdapter:
     arch: str = ""
     layers_path: str = ""  # module path of the decoder's nn.ModuleList
     vision_keys: tuple[str, ...] = ()  # processor outputs the model forward needs for an image
-    # Prompt pieces, mirroring the architecture's chat template: a conversation is
+    # Built-in prompt pieces, used when the checkpoint has no chat template: a conversation is
     # prompt_prefix, then one frame_prompt per frame (the image placeholder expands to visual
-    # tokens), then question_prompt(question), after which the model answers.
+    # tokens), then question_template with the question, after which the model answers.
     prompt_prefix: str = ""
     frame_prompt: str = ""
     question_template: str = "{question}"
+    # Frame modes (mode -> what a frame becomes). frame_tokens="auto" picks cheapest_mode for a
+    # checkpoint with a chat template (a published one), builtin_mode for one without (test and
+    # demo models, trained with their processor's own layout).
+    frame_modes: dict[str, str] = {}
+    cheapest_mode: str = ""
+    builtin_mode: str = ""
+    pixel_budget: bool = False  # frame_tokens may be a number: at most that many visual tokens
 
-    def __init__(self, model: nn.Module, processor=None):
+    def __init__(self, model: nn.Module, processor=None, frame_tokens="auto"):
         self.model = model
         self.processor = processor
         self.image_token_id = int(model.config.image_token_id)
+        has_template = processor is not None and template_of(processor) is not None
+        self.frame_mode, self.token_budget = self.frame_mode_for(frame_tokens_value(frame_tokens), has_template)
+        self.prompt = self._prompt_pieces()
+        self.prompt_prefix, self.frame_prompt = self.prompt.prefix, self.prompt.frame
 
     # ------------------------------------------------------------ structure (for the flash runtime)
 
@@ -84,15 +102,57 @@ class VLMAdapter:
             for i in range(n)
         ]
 
+    # ------------------------------------------------------------ settings
+
+    @classmethod
+    def frame_mode_for(cls, value, has_template: bool = True) -> tuple[str, int | None]:
+        """(frame mode, token budget or None) for a frame_tokens value checked by frame_tokens_value;
+        ValueError if this architecture has no such mode."""
+        choices = f"auto, {', '.join(cls.frame_modes)}" + (" or a number of tokens" if cls.pixel_budget else "")
+        if isinstance(value, int):
+            if not cls.pixel_budget:
+                raise ValueError(f"frame_tokens={value}: {cls.arch} has no pixel budget; choose {choices}")
+            return cls.cheapest_mode, value
+        if value == "auto":
+            return (cls.cheapest_mode if has_template else cls.builtin_mode), None
+        if value not in cls.frame_modes:
+            raise ValueError(f"frame_tokens={value!r} is not a frame mode of {cls.arch}; choose {choices}")
+        return value, None
+
+    def builtin_prompt(self) -> PromptPieces:
+        cls = type(self)
+        before, after = cls.question_template.split("{question}")
+        return PromptPieces(cls.prompt_prefix, cls.frame_prompt, before, after, "built-in")
+
+    def _prompt_pieces(self) -> PromptPieces:
+        if self.processor is None:
+            return self.builtin_prompt()
+        return prompt_pieces(self.processor, self.builtin_prompt())
+
+    def describe(self) -> str:
+        """One line for the log: the frame mode and where the prompt comes from."""
+        budget = f", at most {self.token_budget} tokens" if self.token_budget else ""
+        source = ("the checkpoint's chat template" if self.prompt.source == "chat template"
+                  else "built-in strings (the checkpoint has no chat template)")
+        return f"frames: {self.frame_mode} ({self.frame_modes[self.frame_mode]}{budget}); prompt from {source}"
+
     # ------------------------------------------------------------ encoding
 
     def question_prompt(self, question: str) -> str:
-        return self.question_template.format(question=question)
+        return self.prompt.question(question)
+
+    def encode_question(self, question: str) -> Chunk:
+        """The chunk after the frames: the question in its turn, then the generation prompt."""
+        return dataclasses.replace(self.encode_text(self.question_prompt(question)), question=True)
+
+    def processor_options(self) -> dict:
+        """Keyword arguments of the processor call that give the frame mode."""
+        return {}
 
     def encode_frame(self, image) -> Chunk:
         """A frame (PIL image or uint8 array [H, W, 3]) → its chunk: frame_prompt with visual tokens."""
         image = self._frame_image(image)
-        out = self.processor(images=[image], text=[self.frame_prompt], return_tensors="pt")
+        out = self.processor(images=[image], text=[self.frame_prompt], return_tensors="pt", **self.processor_options())
         input_ids = out["input_ids"]
         vision = {k: out[k] for k in self.vision_keys if k in out}
         n_visual = int((input_ids == self.image_token_id).sum())
@@ -109,6 +169,14 @@ class VLMAdapter:
             raise ValueError(f"a frame array must be uint8 [H, W, 3] RGB, got {image.dtype} {image.shape}")
         return Image.fromarray(image)
 
+    def _expanded_ids(self, text: str, token: str, count: int, token_id: int) -> torch.Tensor:
+        """Token ids [1, T] of `text` with its one `token` repeated `count` times."""
+        ids = self.processor.tokenizer(text.replace(token, token * count), add_special_tokens=False,
+                                       return_tensors="pt")["input_ids"]
+        if int((ids == token_id).sum()) != count:
+            raise RuntimeError(f"{token!r} does not encode to the model's token id {token_id}")
+        return ids
+
     def encode_text(self, text: str) -> Chunk:
         if self.processor is None:
             raise ValueError("encode_text needs the model's processor")
@@ -123,6 +191,10 @@ class VLMAdapter:
         pos = torch.arange(next_position, next_position + t, device=chunk.input_ids.device)[None]
         return pos, next_position + t
 
+    def model_inputs(self, chunk: Chunk) -> dict:
+        """The forward's inputs for the chunk (token ids and vision inputs)."""
+        return {"input_ids": chunk.input_ids, **chunk.vision}
+
     @torch.no_grad()
     def append(self, chunk: Chunk, cache: DynamicCache, next_position: int) -> tuple[torch.Tensor, int]:
         """Run the chunk through the model on top of `cache` (grown in place).
@@ -133,14 +205,8 @@ class VLMAdapter:
             raise ValueError("cannot append an empty chunk")
         chunk = self._on_model_device(chunk)
         position_ids, next_position = self.positions(chunk, next_position)
-        out = self.model(
-            input_ids=chunk.input_ids,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **chunk.vision,
-        )
+        out = self.model(**self.model_inputs(chunk), position_ids=position_ids, cache=cache, use_cache=True,
+                         logits_to_keep=1)
         return out.logits[:, -1].float(), next_position
 
     def _on_model_device(self, chunk: Chunk) -> Chunk:
@@ -158,51 +224,98 @@ class VLMAdapter:
 
 
 class LlavaOnevisionAdapter(VLMAdapter):
-    """LLaVA-OneVision (SigLIP + Qwen2), 1-D positions. Two ways to turn a frame into tokens:
+    """LLaVA-OneVision (SigLIP + Qwen2), 1-D positions. Frames in three modes (counts for the
+    published 384-px model, whose processor has num_image_tokens 729 = 27²):
 
-    - frame_mode="image": the single-image anyres path (base view + tiles + row newlines); a 384-px
-      model gives 729 tokens for the base view alone, several times that with tiles.
-    - frame_mode="video": the frame as a one-frame video: the base view only, 2×2 bilinear pooling of
-      the patch grid, one newline (⌈27/2⌉² + 1 = 197 tokens on a 384-px model, the paper's setting).
-      Pixels come from the image processor (its first tile is the whole frame resized to the vision
-      input, as the video processor does), so no video processor (torchvision) is needed.
+    - "video" (auto): the frames of one video, as the video processor and the model make them: each
+      frame's base view, 2×2 bilinear pooling of the patch grid (⌈27/2⌉² = 196 tokens), and one
+      newline after the last frame, which opens the question chunk (the template puts the video
+      before the question text);
+    - "image": one of several images, as the processor does for several images in a turn: the frame
+      padded to a square and resized, and one newline (729 + 1 = 730 tokens);
+    - "tiles": each frame a lone high-resolution image (anyres: base view, tiles, row newlines;
+      2929 tokens for 640×480), as the processor does for a single image.
+
+    Pixels of the video mode are the base view from the image processor (the whole frame resized to
+    the vision input, as the video processor does), so no video processor (torchvision) is needed.
     """
 
     arch = "llava_onevision"
     layers_path = "model.language_model.layers"
-    # batch_num_images is left out: with it = 1 the model takes the same single-image (anyres) path.
     vision_keys = ("pixel_values", "image_sizes")
     prompt_prefix = "<|im_start|>user "
     frame_prompt = "<image>\n"
     question_template = "{question}<|im_end|>\n<|im_start|>assistant\n"
+    frame_modes = {
+        "video": "a frame of one video: the base view pooled 2x2 (196 tokens at 384 px), one newline after all",
+        "image": "one of several images: padded to a square, and a newline (730 tokens at 384 px)",
+        "tiles": "a lone image at full resolution: base view and anyres tiles (2929 tokens for 640x480)",
+    }
+    cheapest_mode = "video"
+    builtin_mode = "tiles"
 
-    def __init__(self, model: nn.Module, processor=None, frame_mode: str = "image"):
-        super().__init__(model, processor)
-        if frame_mode not in ("image", "video"):
-            raise ValueError(f"frame_mode must be 'image' or 'video', not {frame_mode!r}")
-        self.frame_mode = frame_mode
+    def __init__(self, model: nn.Module, processor=None, frame_tokens="auto"):
         self.video_token_id = int(model.config.video_token_id)
+        super().__init__(model, processor, frame_tokens)
+
+    def _prompt_pieces(self) -> PromptPieces:
+        if self.frame_mode != "video" or self.processor is None:
+            return super()._prompt_pieces()
+        video = self.processor.video_token
+        builtin = self.builtin_prompt()
+        builtin = dataclasses.replace(builtin, frame=builtin.frame.replace(self.processor.image_token, video))
+        return prompt_pieces(self.processor, builtin, video_placeholder=video)
+
+    def question_prompt(self, question: str) -> str:
+        text = super().question_prompt(question)
+        if self.frame_mode == "video":  # the newline that closes the video: one video token first
+            return self.processor.video_token + text
+        return text
 
     def encode_frame(self, image) -> Chunk:
-        if self.frame_mode == "image":
+        if self.frame_mode == "tiles":
             return super().encode_frame(image)
         image = self._frame_image(image)
-        vision = self.model.config.vision_config
-        side = vision.image_size
-        pixels = self.processor.image_processor(
-            images=[image], image_grid_pinpoints=[[side, side]], return_tensors="pt"
-        )["pixel_values"][:, :1]  # [1, 1 frame, 3, side, side]: the base view
-        pooled = math.ceil(side // vision.patch_size / 2)
-        n_visual = pooled * pooled + 1  # pooled patch grid + one newline
-        text = self.frame_prompt.replace(self.processor.image_token, self.processor.video_token * n_visual)
-        ids = self.processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        if int((ids == self.video_token_id).sum()) != n_visual:
-            raise RuntimeError("video token does not encode to the model's video_token_id")
-        return Chunk(input_ids=ids, vision={"pixel_values_videos": pixels}, num_visual_tokens=n_visual)
+        processor, side = self.processor, self.model.config.vision_config.image_size
+        if self.frame_mode == "video":  # the base view: the whole frame resized to the vision input
+            out = processor.image_processor(images=[image], image_grid_pinpoints=[[side, side]], return_tensors="pt")
+            n_visual = math.ceil(int(math.sqrt(processor.num_image_tokens)) / 2) ** 2  # pooled patch grid
+            ids = self._expanded_ids(self.frame_prompt, processor.video_token, n_visual, self.video_token_id)
+            vision = {"pixel_values_videos": out["pixel_values"][:, :1]}  # [1, 1 frame, 3, side, side]
+            return Chunk(input_ids=ids, vision=vision, num_visual_tokens=n_visual)
+        # One of several images is padded to a square, then resized: the image processor does so for
+        # an image of a sample with two; the first of the pair is this frame's view.
+        out = processor.image_processor(images=[[image, image]], return_tensors="pt")
+        base = out["pixel_values"][:1]  # [1, 1, 3, side, side]
+        n_visual = self.processor.num_image_tokens + 1  # + the newline
+        if self.processor.vision_feature_select_strategy == "default":
+            n_visual -= 1  # the class token is dropped
+        ids = self._expanded_ids(self.frame_prompt, self.processor.image_token, n_visual, self.image_token_id)
+        # batch_num_images above 1 tells the model that the image is one of several (base view only)
+        vision = {"pixel_values": base, "image_sizes": out["image_sizes"][:1], "batch_num_images": torch.tensor([2])}
+        return Chunk(input_ids=ids, vision=vision, num_visual_tokens=n_visual)
+
+    def model_inputs(self, chunk: Chunk) -> dict:
+        if self.frame_mode != "video" or not (chunk.question or "pixel_values_videos" in chunk.vision):
+            return super().model_inputs(chunk)
+        if chunk.question:  # its first token is the video's closing newline
+            if int(chunk.input_ids[0, 0]) != self.video_token_id:
+                raise ValueError("a question after video frames must start with the video token")
+            newline = self.model.model.image_newline.to(self.model.dtype)
+            features = BaseModelOutputWithPooling(pooler_output=newline[None, None])  # [1, 1, D]
+        else:  # a frame: the model's video features of one frame, less the newline that closes them
+            features = self.model.get_video_features(chunk.vision["pixel_values_videos"], return_dict=True)
+            features.pooler_output = features.pooler_output[:, :-1]  # [1, 196, D]
+        return {"input_ids": chunk.input_ids, "mm_encoder_outputs": {"video": features}}
 
 
 class Qwen2_5_VLAdapter(VLMAdapter):
-    """Qwen2.5-VL: native-resolution vision tower, 3-D mrope positions tracked by the adapter."""
+    """Qwen2.5-VL: native-resolution vision tower, 3-D mrope positions tracked by the adapter.
+
+    One frame mode, "image": the frame at its own resolution within the processor's pixel limits
+    (391 tokens for 640×480 with the published limits); a number as frame_tokens lowers the pixel
+    limit so that a frame has at most that many visual tokens (28×28 pixels each).
+    """
 
     arch = "qwen2_5_vl"
     layers_path = "model.language_model.layers"
@@ -210,6 +323,16 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     prompt_prefix = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     frame_prompt = "<|vision_start|><|image_pad|><|vision_end|>"
     question_template = "{question}<|im_end|>\n<|im_start|>assistant\n"
+    frame_modes = {"image": "the frame at its own resolution within the processor's pixel limits"}
+    cheapest_mode = builtin_mode = "image"
+    pixel_budget = True
+
+    def processor_options(self) -> dict:
+        if self.token_budget is None:
+            return {}
+        ip = self.processor.image_processor
+        pixels = self.token_budget * (ip.patch_size * ip.merge_size) ** 2  # one token per merged patch
+        return {"size": {"shortest_edge": min(ip.size["shortest_edge"], pixels), "longest_edge": pixels}}
 
     def positions(self, chunk: Chunk, next_position: int) -> tuple[torch.Tensor, int]:
         """mrope position ids [3, 1, T]: get_rope_index on the chunk alone, shifted to next_position."""
@@ -225,7 +348,9 @@ class Qwen2_5_VLAdapter(VLMAdapter):
 
 
 class SmolVLMAdapter(VLMAdapter):
-    """SmolVLM (SigLIP + pixel shuffle + Llama): image split into tiles + a global view, 1-D positions."""
+    """SmolVLM2 (SigLIP + pixel shuffle + Llama), 1-D positions. Frames as one view ("image",
+    auto: 64 tokens on the published 512-px models, as SmolVLM2 takes video frames) or split into
+    tiles of the vision input plus a global view ("tiles": 13 × 64 = 832 tokens for 640×480)."""
 
     arch = "smolvlm"
     layers_path = "model.text_model.layers"
@@ -233,9 +358,25 @@ class SmolVLMAdapter(VLMAdapter):
     prompt_prefix = "<|im_start|>User:"
     frame_prompt = "<image>"
     question_template = "{question}<end_of_utterance>\nAssistant:"
+    frame_modes = {
+        "image": "the frame as one view, not split (64 tokens at 512 px)",
+        "tiles": "tiles of the vision input and a global view (832 tokens for 640x480 at 512 px)",
+    }
+    cheapest_mode = "image"
+    builtin_mode = "tiles"
+
+    def processor_options(self) -> dict:
+        return {"do_image_splitting": self.frame_mode == "tiles"}
 
 
-ADAPTERS = {cls.arch: cls for cls in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter)}
+class Idefics3Adapter(SmolVLMAdapter):
+    """SmolVLM v1 (SmolVLM-256M/500M/2B-Instruct): model_type idefics3, the same layout as SmolVLM2,
+    with the real Idefics3Processor (which needs no video processor)."""
+
+    arch = "idefics3"
+
+
+ADAPTERS = {cls.arch: cls for cls in (LlavaOnevisionAdapter, Qwen2_5_VLAdapter, SmolVLMAdapter, Idefics3Adapter)}
 
 
 def adapter_class(model_type: str) -> type[VLMAdapter]:
@@ -248,33 +389,3 @@ def adapter_class(model_type: str) -> type[VLMAdapter]:
 def adapter_for(model: nn.Module, processor=None, **options) -> VLMAdapter:
     """The adapter for a loaded VLM (by `model.config.model_type`); options go to its constructor."""
     return adapter_class(model.config.model_type)(model, processor, **options)
-
-
-@torch.no_grad()
-def greedy_decode(
-    adapter: VLMAdapter,
-    logits: torch.Tensor,
-    cache: DynamicCache,
-    next_position: int,
-    max_new_tokens: int,
-    stop_ids: tuple[int, ...] = (),
-    should_stop: Callable[[], bool] | None = None,
-) -> tuple[list[int], int]:
-    """Greedy tokens after the context in `cache` (logits [1, V] of its last token).
-
-    Each generated token but the last is appended as a one-token text chunk; stops after a stop id
-    (included), after max_new_tokens, or when `should_stop()`, asked before each new token, is true
-    (a deadline, a cancelled request: the tokens so far are returned). The last token is not in the
-    cache yet: a caller that continues the conversation appends it (with whatever follows). Returns
-    (token ids, next free position).
-    """
-    tokens: list[int] = []
-    for _ in range(max_new_tokens):
-        if should_stop is not None and should_stop():
-            break
-        token = int(logits[0].argmax())
-        tokens.append(token)
-        if token in stop_ids or len(tokens) == max_new_tokens:
-            break
-        logits, next_position = adapter.append_text([token], cache, next_position)
-    return tokens, next_position

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from nchunk_core.runtime.select import SelectionSettings, select
+from nchunk_core.runtime.select import SelectionSettings
 
 STEP = 0.05  # grid of sparsities the plan chooses from
 HISTORY = 16  # frames whose base time is remembered
@@ -52,16 +52,13 @@ class FrameBudget:
     def __init__(self, io_estimate: Callable[[SelectionSettings], float], history: int = HISTORY,
                  quantile: float = QUANTILE):
         self._io_estimate = io_estimate
-        self._io_cache: dict[SelectionSettings, float] = {}
         self._base: collections.deque = collections.deque(maxlen=history)  # seconds per chunk
         self._quantile = quantile
         self._met = True  # the last plan's outcome, for logging changes only
 
     def io(self, selection: SelectionSettings) -> float:
-        """Estimated read seconds of one chunk with `selection` (cached per settings)."""
-        if selection not in self._io_cache:
-            self._io_cache[selection] = float(self._io_estimate(selection))
-        return self._io_cache[selection]
+        """Estimated read seconds of one chunk with `selection`."""
+        return float(self._io_estimate(selection))
 
     @property
     def base_s(self) -> float:
@@ -114,10 +111,14 @@ class FrameBudget:
 
 def io_estimator(flash, store) -> Callable[[SelectionSettings], float]:
     """io(selection) for a FlashVLM: Σ over its inputs of the table's estimate of the rows that
-    input would select on its calibration importance (mean |x| per channel over the calibration
-    frames, in stored order; equal importance when the store has none)."""
+    input would read on its calibration importance (mean |x| per channel over the calibration
+    frames, in stored order; equal importance when the store has none), rows in the row cache
+    free. Memoised per settings and cache plan."""
     from nchunk_core.runtime.flash_model import per_input_settings
+    from nchunk_core.runtime.row_cache import select_cached
     from nchunk_core.store.naming import CALIBRATION_PREFIX
+
+    memo: dict[tuple, float] = {}
 
     importance: dict[str, np.ndarray] = {}  # input -> float32 [rows] in stored order, read at first use
 
@@ -132,14 +133,19 @@ def io_estimator(flash, store) -> Callable[[SelectionSettings], float]:
                 importance[name] = np.ones(layer.rows, dtype=np.float32)
 
     def estimate(selection: SelectionSettings) -> float:
+        cached = tuple(layer.workspace.cache.rows(name) for name, layer in flash.layers.items())
+        key = (selection, cached)
+        if key in memo:
+            return memo[key]
         if not importance:
             load()
         per_input = per_input_settings(selection, flash.allocation)
         total = 0.0
-        for name, layer in flash.layers.items():
+        for (name, layer), c in zip(flash.layers.items(), cached):
             s = per_input.get(name, selection)
-            total += select(importance[name], s.budget(layer.rows), s.method, layer.table, layer.row_bytes,
-                            s.windows).est_latency_s
+            total += select_cached(importance[name], s.budget(layer.rows), c, s.method, layer.table,
+                                   layer.row_bytes, s.windows).est_latency_s
+        memo[key] = total
         return total
 
     return estimate

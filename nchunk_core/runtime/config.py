@@ -15,9 +15,27 @@ import numpy as np
 import torch
 
 from nchunk_core.store.naming import DTYPES
+from nchunk_core.runtime.decoding import decoding_value
 from nchunk_core.runtime.select import SelectionSettings
 
 MAX_NEW_TOKENS_LIMIT = 4096
+
+FRAME_MODES = ("video", "image", "tiles")
+FRAME_TOKENS_HELP = ("auto (the cheapest mode the model was trained with), video, image, tiles, or a number "
+                     "of visual tokens per frame (models with a pixel budget: qwen2_5_vl)")
+
+
+def frame_tokens_value(value) -> str | int:
+    """A frame_tokens setting checked for form: "auto", a mode name, or a positive number of tokens
+    (a string of digits, as a ROS parameter may give, is a number). Whether the model has that mode
+    is checked by its adapter."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    if isinstance(value, str) and (value == "auto" or value in FRAME_MODES):
+        return value
+    raise ValueError(f"frame_tokens must be {FRAME_TOKENS_HELP}; got {value!r}")
 
 
 def positive_int(name: str, value, upper: int | None = None) -> int:
@@ -34,6 +52,13 @@ def check_budget_ms(value) -> float:
     if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
             or value < 0):
         raise ValueError(f"frame_budget_ms must be a number >= 0 (0 = off), got {value!r}")
+    return float(value)
+
+
+def ram_budget_value(value) -> float:
+    """`value` as a float if it is a finite number of MiB >= 0 (0: no row cache); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"ram_budget_mib must be a number of MiB >= 0 (0: no row cache), got {value!r}")
     return float(value)
 
 
@@ -56,7 +81,10 @@ class SessionConfig:
     max_new_tokens: int = 32  # default answer length limit
     profile_quick: bool = True  # quick drive profile if none is cached
     max_question_tokens: int = 256  # longer questions are refused
-    frame_mode: str = "image"  # LLaVA-OneVision only: "image" (anyres) or "video" (pooled, 197 tokens)
+    frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP; the mode is checked per model at open
+    decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
+    ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
+    overlap: bool = True  # read in pieces and prefetch the next input's rows while computing (overlap.py)
     # > 0: each frame's sparsity is chosen so that its estimated time fits this many ms (budget.py),
     # from 0 up to budget_max_sparsity; selection.sparsity is then ignored for frames. 0: off.
     frame_budget_ms: float = 0.0
@@ -82,11 +110,14 @@ class SessionConfig:
         self.max_question_tokens = positive_int("max_question_tokens", self.max_question_tokens)
         if not isinstance(self.profile_quick, bool):
             raise ValueError(f"profile_quick must be True or False, got {self.profile_quick!r}")
+        self.frame_tokens = frame_tokens_value(self.frame_tokens)
+        decoding_value(self.decoding)
+        self.ram_budget_mib = ram_budget_value(self.ram_budget_mib)
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {self.overlap!r}")
         self.frame_budget_ms = check_budget_ms(self.frame_budget_ms)
         value = self.budget_max_sparsity
         if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
                 or not 0.0 <= value < 1.0):
             raise ValueError(f"budget_max_sparsity must be a number in [0, 1), got {value!r}")
         self.budget_max_sparsity = float(value)
-        if self.frame_mode not in ("image", "video"):
-            raise ValueError(f"frame_mode must be 'image' or 'video', got {self.frame_mode!r}")

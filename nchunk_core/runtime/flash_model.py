@@ -15,6 +15,10 @@ The HF attention and MLP code calls q_proj(x), k_proj(x), v_proj(x) one after th
 tensor x. The views of one input share a `SharedProjections`: the first call runs the flash layer
 once for all projections, the others take their output from it (same tensor object and version
 only; anything else recomputes, so results are always right).
+
+Cancellation (cancel.py): before every decoder layer and every layer of the vision tower the model
+asks `FlashVLM.cancel` (set by the session for the duration of one call); when it says stop, the
+layer raises `Cancelled` instead of running.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ from torch import nn
 
 from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.io.latency import LatencyTable
+from nchunk_core.runtime.cancel import CancelCheck, Cancelled
 from nchunk_core.runtime.layers import FlashProjections, Workspace
+from nchunk_core.runtime.row_cache import RowCache, build_cache
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store, StoreFormatError
 from nchunk_core.store.allocation import SparsityAllocation
@@ -39,6 +45,7 @@ VISION_MODULES = {
     "llava_onevision": ("model.vision_tower", "model.multi_modal_projector"),
     "qwen2_5_vl": ("model.visual",),
     "smolvlm": ("model.vision_model", "model.connector"),
+    "idefics3": ("model.vision_model", "model.connector"),
 }
 
 # observer(phase, input_name, x [..., in]) sees every flash layer input (original channel order)
@@ -134,8 +141,11 @@ class FlashVLM:
     inputs by the store's allocation), per-call statistics and vision timing."""
 
     def __init__(self, model: nn.Module, arch: str, layers: dict[str, FlashProjections],
-                 stats: list, selection: SelectionSettings, allocation: SparsityAllocation | None = None):
+                 stats: list, selection: SelectionSettings, store: Store | None = None,
+                 workspace: Workspace | None = None, allocation: SparsityAllocation | None = None):
         self.model = model
+        self.store = store
+        self.workspace = workspace  # reader, row stream and row cache shared by the layers
         self.arch = arch
         self.layers = layers  # input name -> FlashProjections
         self.stats = stats  # CallStats of every flash call since the last clear
@@ -147,10 +157,31 @@ class FlashVLM:
         self.phase = ""  # what the session is appending (passed to the observer)
         self.vision_s = 0.0
         self._vision_t0 = 0.0
+        self.cancel: CancelCheck | None = None  # asked before every layer (the session sets it per call)
+        layer_lists = [adapter_class(arch).decoder_layers(model)]
         for path in VISION_MODULES.get(arch, ()):
             module = model.get_submodule(path)
             module.register_forward_pre_hook(self._vision_start)
             module.register_forward_hook(self._vision_stop)
+            layer_lists += [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+        for layers in layer_lists:
+            for layer in layers:
+                layer.register_forward_pre_hook(self._check_cancel)
+
+    def _check_cancel(self, module, args):
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("stopped at a layer boundary")
+
+    def set_ram_budget(self, budget_bytes: int) -> RowCache:
+        """Replace the row cache by one planned for `budget_bytes` (0: none); the old one is freed first."""
+        ws = self.workspace
+        with ws.lock:
+            ws.cache = RowCache()
+            ws.stream.forget()  # remembered selections may hold rows that become cached
+            if budget_bytes > 0:
+                inputs = {name: (layer.groups, layer.handles) for name, layer in self.layers.items()}
+                ws.cache = build_cache(self.store, ws.reader, inputs, ws.device, budget_bytes)
+            return ws.cache
 
     @property
     def selection(self) -> SelectionSettings:
@@ -267,7 +298,8 @@ def build_flash_model(store: Store, table: LatencyTable, selection: SelectionSet
                                f"says {config.model_type!r}")
     model = meta_model(config)
     tied = tied_keys(model)
-    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, selection, allocation)
+    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, selection, store, workspace,
+                           allocation)
     names = {n for n in store.resident_names() if not n.startswith(CALIBRATION_PREFIX)}
     paths = [p for layer in adapter_class(config.model_type).projection_groups(model)
              for group in layer.values() for p in group]

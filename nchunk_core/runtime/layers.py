@@ -6,11 +6,13 @@ For every call it
 1. gathers the input into stored-row order (the hot–cold permutation) and computes the importance
    of each input channel, the mean of |x| over the call's tokens (a whole frame shares one selection),
 2. selects rows with the configured method and sparsity (select.py),
-3. reads exactly those rows of every group of this input through the direct-I/O reader into a
-   reusable buffer (the `Workspace`), and
-4. computes y = x[..., S] @ Wᵀ[S] (+ bias) for each projection.
+3. takes the selected rows that are cached in RAM (row_cache.py) and reads the others through the
+   direct-I/O reader into reusable buffers, in pieces (overlap.py), the reader checking each row
+   against its CRC-32C, and
+4. computes y = Σ_pieces x[..., piece] @ Wᵀ[piece] (+ bias) for each projection, multiplying each
+   piece as soon as it has landed while the rest are still in flight.
 
-No backbone weight is held in RAM between calls. Every call asks its `selection` source for the
+No backbone weight is held in RAM between calls beyond the row cache's budget. Every call asks its `selection` source for the
 current `SelectionSettings` (the flash model's, flash_model.py), so a change takes effect on the next
 call.
 """
@@ -26,8 +28,10 @@ import torch
 from torch import nn
 
 from nchunk_core.io.latency import LatencyTable
-from nchunk_core.io.reader import Reader
-from nchunk_core.runtime.select import Selection, SelectionSettings, select
+from nchunk_core.io.reader import ChecksumError, IoError, Reader, RowChecksums
+from nchunk_core.runtime.overlap import Block, RowStream, run_rows
+from nchunk_core.runtime.row_cache import RowCache, select_cached
+from nchunk_core.runtime.select import Selection, SelectionSettings
 from nchunk_core.store import GroupInfo, Store
 from nchunk_core.store.naming import torch_dtype
 
@@ -47,30 +51,46 @@ class CallStats:
     select_s: float
     compute_s: float
     retained: float  # fraction of importance covered by the selected rows
+    wait_s: float = 0.0  # blocked waiting for reads (the part of the I/O that compute did not hide)
+    cached_bytes: int = 0  # selected rows served from the row cache
+    hit_bytes: int = 0  # selected rows that were prefetched
+    wasted_bytes: int = 0  # prefetched rows the selection did not use (read on top of `bytes`)
 
 
 class Workspace:
-    """Reusable read buffers shared by the layers of one model (grown on demand, never shrunk).
+    """What the layers of one model share: the reader, the row stream (read buffers, pieces,
+    prefetch; overlap.py), the row cache (row_cache.py) and conversion scratch (grown on demand).
 
-    On CUDA the host buffer is pinned so the copy to the device can be asynchronous.
+    On CUDA the host buffers are pinned so the copies to the device are asynchronous.
     """
 
-    def __init__(self, reader: Reader, device: torch.device):
+    def __init__(self, reader: Reader, device: torch.device, overlap: bool = True):
         self.reader = reader
         self.device = torch.device(device)
-        self._buf: torch.Tensor | None = None  # [nbytes] uint8 host buffer
         self.lock = threading.Lock()
+        self.stream = RowStream(reader, self.device, overlap)
+        self.cache = RowCache()
+        self._scratch: dict[tuple, torch.Tensor] = {}  # (dtype, slot) -> flat buffer on the device
 
-    def host(self, nbytes: int) -> torch.Tensor:
-        if self._buf is None or self._buf.numel() < nbytes:
-            size = max(nbytes, int(1.25 * (self._buf.numel() if self._buf is not None else 0)))
-            size = (size + 4095) // 4096 * 4096
-            if self.device.type == "cuda":
-                self._buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            else:
-                self._buf = torch.from_numpy(self.reader.empty(size))
-        return self._buf[:nbytes]
+    def compute_weights(self, w: torch.Tensor, dtype: torch.dtype, slot: int) -> torch.Tensor:
+        """w [n, out] (storage dtype, host or device) in `dtype` on the device, in a reused buffer."""
+        if w.dtype == dtype and w.device == self.device:
+            return w
+        if w.device != self.device:  # pinned host rows: asynchronous copy, then convert on the device
+            staged = self._flat((w.dtype, "stage", slot), w.numel()).view(w.shape)
+            staged.copy_(w, non_blocking=True)
+            w = staged
+            if w.dtype == dtype:
+                return w
+        out = self._flat((dtype, slot), w.numel()).view(w.shape)
+        return out.copy_(w)
 
+    def _flat(self, key: tuple, numel: int) -> torch.Tensor:
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=key[0], device=self.device)
+            self._scratch[key] = buf
+        return buf[:numel]
 
 def combined_table(table: LatencyTable, row_bytes: list[int]) -> LatencyTable:
     """Cost of reading r rows from each of several groups, as a table over bytes of all groups.
@@ -106,12 +126,32 @@ def run_extents(groups: list[GroupInfo], runs: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def read_runs(reader: Reader, handles, groups: list[GroupInfo], runs: np.ndarray, buf) -> float:
-    """Read the runs of every group (all requests in flight together); returns the wall seconds."""
+def run_checksums(groups: list[GroupInfo], runs: np.ndarray) -> list[RowChecksums | None]:
+    """Per group, the expected CRC-32C of the rows `run_extents` reads (None: the group has none)."""
+    return [None if g.row_checksums is None else RowChecksums(g.row_checksums, runs[:, 0], g.row_bytes)
+            for g in groups]
+
+
+def read_runs(reader: Reader, handles, groups: list[GroupInfo], runs: np.ndarray, buf,
+              verify: bool | None = None) -> float:
+    """Read the runs of every group (all requests in flight together); returns the wall seconds.
+
+    Rows are checked against their CRC-32C unless `verify` (default: the reader's) is False. Every
+    request finishes before an error is raised, so `buf` is free again; a ChecksumError names the group.
+    """
     t0 = time.perf_counter()
-    requests = [reader.submit(h, e, buf) for h, e in zip(handles, run_extents(groups, runs))]
-    for r in requests:
-        r.wait()
+    requests = [reader.submit(h, e, buf, checksums=c, verify=verify)
+                for h, e, c in zip(handles, run_extents(groups, runs), run_checksums(groups, runs))]
+    error = None
+    for g, r in zip(groups, requests):
+        try:
+            r.wait()
+        except IoError as exc:
+            if isinstance(exc, ChecksumError):
+                exc.group = g.name
+            error = error or exc
+    if error is not None:
+        raise error
     return time.perf_counter() - t0
 
 
@@ -139,6 +179,7 @@ class FlashProjections(nn.Module):
         self.row_bytes = int(sum(g.row_bytes for g in self.groups))
         self.table = combined_table(table, [g.row_bytes for g in self.groups])
         self.handles = [workspace.reader.open(str(g.file)) for g in self.groups]
+        workspace.stream.register(input_name, self.groups, self.handles)
         perm = store.permutation(input_name)
         self.register_buffer("perm", None if perm is None else torch.as_tensor(perm, dtype=torch.long),
                              persistent=False)
@@ -150,21 +191,8 @@ class FlashProjections(nn.Module):
         """xs: [N, rows] input already in stored-row order."""
         importance = xs.abs().float().mean(dim=0).cpu().numpy()  # [rows]
         settings = self.selection()
-        return select(importance, settings.budget(self.rows), settings.method, self.table, self.row_bytes,
-                      settings.windows)
-
-    def read(self, sel: Selection) -> tuple[list[torch.Tensor], float, int]:
-        """Rows of every group for the selection: list of [R, out_g] tensors, I/O seconds, bytes."""
-        rows = sel.rows if len(sel.runs) else 0
-        total = rows * self.row_bytes
-        buf = self.workspace.host(total)
-        io_s = read_runs(self.workspace.reader, self.handles, self.groups, sel.runs, buf)
-        views, base = [], 0
-        for g in self.groups:
-            raw = buf[base:base + rows * g.row_bytes]
-            views.append(raw.view(torch_dtype(g.dtype)).view(rows, g.row_bytes // g.itemsize))  # [R, out_g]
-            base += rows * g.row_bytes
-        return views, io_s, total
+        return select_cached(importance, settings.budget(self.rows), self.workspace.cache.rows(self.input_name),
+                             settings.method, self.table, self.row_bytes, settings.windows)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: [..., rows] -> one tensor [..., out_j] per projection, in `self.outputs` order."""
@@ -172,22 +200,60 @@ class FlashProjections(nn.Module):
         xf = x.reshape(-1, self.rows)  # [N, rows]
         xs = xf if self.perm is None else xf.index_select(1, self.perm.to(x.device))  # stored-row order
         sel = self.select(xs)
-        with self.workspace.lock:
-            weights, io_s, nbytes = self.read(sel)
+        ws = self.workspace
+        with ws.lock:
+            c = ws.cache.rows(self.input_name)
+            cached, uncached = split_at(sel.runs, c)
+            fetched = ws.stream.fetch(self.input_name, uncached)
             t0 = time.perf_counter()
-            idx = torch.as_tensor(sel.row_indices(), device=x.device)
-            xsel = xs.index_select(1, idx).to(self.compute_dtype)  # [N, R]
-            w = torch.cat(weights, dim=1) if len(weights) > 1 else weights[0]  # [R, Σout]
-            w = w.to(device=x.device, dtype=self.compute_dtype, non_blocking=True)
-            y = xsel @ w  # [N, Σout]
+            xc = xs.to(self.compute_dtype)  # [N, rows]
+            ys = [torch.zeros(xc.shape[0], g.row_width, dtype=self.compute_dtype, device=x.device)
+                  for g in self.groups]  # [N, out_g] per group
+            blocks = fetched.blocks
+            if len(cached):
+                rows = run_rows(cached)
+                use = None if len(rows) == c else np.isin(np.arange(c), rows)
+                blocks = [Block(np.arange(c), ws.cache.weights(self.input_name), use)] + blocks
+            wait_s, io_end = 0.0, fetched.first_submit
+            for slot, block in enumerate(blocks):
+                waited, done = block.wait()
+                wait_s, io_end = wait_s + waited, max(io_end, done)
+                xb = xc.index_select(1, torch.as_tensor(block.rows, device=x.device))  # [N, n]
+                if block.use is not None:
+                    xb = xb * torch.as_tensor(block.use, device=x.device, dtype=xb.dtype)  # unused rows: 0
+                for y, w in zip(ys, block.weights):
+                    y.addmm_(xb, ws.compute_weights(w, self.compute_dtype, slot % 2))
+            for inflight in fetched.owned:
+                wait_s += inflight.settle()
+            ws.stream.release(fetched.owned)
+        y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]  # [N, Σout]
         outs = []
         for name, part in zip(self.outputs, torch.split(y, self.out_features, dim=1)):
             if name in self.biases:
                 part = part + self.biases[name].to(part.device)
             outs.append(part.reshape(*lead, part.shape[-1]).to(x.dtype))
-        compute_s = time.perf_counter() - t0
-        self.last_stats = CallStats(self.input_name, xf.shape[0], sel.rows, self.rows, len(sel.runs), nbytes,
-                                    sel.est_latency_s, io_s, sel.select_s, compute_s, sel.retained)
+        compute_s = time.perf_counter() - t0 - wait_s
+        io_s = max(0.0, io_end - fetched.first_submit) if fetched.bytes_read else 0.0
+        cached_bytes = int(cached[:, 1].sum()) * self.row_bytes if len(cached) else 0
+        self.last_stats = CallStats(self.input_name, xf.shape[0], sel.rows, self.rows, len(sel.runs),
+                                    fetched.bytes_read, sel.est_latency_s, io_s, sel.select_s, compute_s,
+                                    sel.retained, wait_s, cached_bytes, fetched.hit_bytes, fetched.wasted_bytes)
         if self.stats_sink is not None:
             self.stats_sink.append(self.last_stats)
         return tuple(outs)
+
+
+def split_at(runs: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs [k, 2] split into those below row `c` (cached) and from `c` on."""
+    if c <= 0 or len(runs) == 0:
+        return runs[:0], runs
+    below, above = [], []
+    for start, length in runs.tolist():
+        if start + length <= c:
+            below.append((start, length))
+        elif start >= c:
+            above.append((start, length))
+        else:
+            below.append((start, c - start))
+            above.append((c, start + length - c))
+    return (np.array(below, dtype=np.int64).reshape(-1, 2), np.array(above, dtype=np.int64).reshape(-1, 2))

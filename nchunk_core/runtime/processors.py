@@ -1,10 +1,11 @@
 """Image-only processors of the supported architectures, and the stop tokens of a store.
 
-The real processor classes of all three architectures require a video processor, and every video
-processor in transformers requires torchvision, which is not installed everywhere (not on every
-Jetson image). Frames are still images, so each architecture gets an image-only subclass of its
-real processor (same image-token expansion, no video processor); the image processors themselves
-fall back to their PIL implementations without torchvision. The SmolVLM subclass also skips the
+The real processor classes of LLaVA-OneVision, Qwen2.5-VL and SmolVLM2 require a video processor,
+and every video processor in transformers requires torchvision, which is not installed everywhere
+(not on every Jetson image). Frames are still images, so each of them gets an image-only subclass
+of its real processor (same image-token expansion, no video processor); the image processors
+themselves fall back to their PIL implementations without torchvision. SmolVLM v1 (idefics3) uses
+the real Idefics3Processor, which has no video processor. The SmolVLM subclass also skips the
 real class's `num2words` requirement, which only video prompts use.
 
 Importing this module registers the subclasses with `AutoProcessor`, so that
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from transformers import (
     AutoProcessor,
+    Idefics3Processor,
     LlavaOnevisionConfig,
     LlavaOnevisionProcessor,
     Qwen2_5_VLConfig,
@@ -87,6 +89,7 @@ AutoProcessor.register(LlavaOnevisionConfig, ImageOnlyLlavaOnevisionProcessor, e
 AutoProcessor.register(SmolVLMConfig, ImageOnlySmolVLMProcessor, exist_ok=True)
 
 PROCESSORS = {
+    "idefics3": Idefics3Processor,
     "llava_onevision": ImageOnlyLlavaOnevisionProcessor,
     "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
     "smolvlm": ImageOnlySmolVLMProcessor,

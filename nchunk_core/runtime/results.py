@@ -17,8 +17,9 @@ class FrameStats:
     """What appending one frame cost (a rebuild's re-encoded frames included), and with what settings.
 
     `vision_s` is image preprocessing plus the vision tower and projector; `select_s` and `io_s` are
-    summed over every flash layer call; `compute_s` is everything else (decoder arithmetic,
-    attention, norms, LM head).
+    summed over every flash layer call (`io_s`: from the call's start to its last read done; rows
+    read ahead during the previous call count only from there); `io_wait_s` is the part of it that compute waited for (the rest was hidden behind
+    compute); `compute_s` is everything else (decoder arithmetic, attention, norms, LM head).
     """
 
     visual_tokens: int  # of the new frame
@@ -41,6 +42,10 @@ class FrameStats:
     selection: SelectionSettings  # the selection settings this frame was appended with (its sparsity
     # is the one actually used: with a frame budget, the one the budget chose)
     max_frames: int  # the max_frames in force for this frame
+    io_wait_s: float = 0.0  # blocked waiting for reads
+    cached_bytes: int = 0  # selected rows served from the row cache (not read)
+    prefetch_hit_bytes: int = 0  # selected rows read ahead, before their selection was known
+    prefetch_wasted_bytes: int = 0  # rows read ahead that the selection did not use (on top of bytes_read)
     frame_budget_ms: float = 0.0  # the frame budget in force (0: off)
     budget_met: bool | None = None  # with a budget: whether the estimate fit it (False: even at
     # budget_max_sparsity it did not); None without one
@@ -66,6 +71,13 @@ class Answer:
     io_s: float
     select_s: float
     retained: float
+
+
+def overlap_totals(calls: list) -> dict:
+    """Waits, cache and prefetch totals of the flash layer calls (FrameStats' fields)."""
+    return {"io_wait_s": sum(c.wait_s for c in calls), "cached_bytes": sum(c.cached_bytes for c in calls),
+            "prefetch_hit_bytes": sum(c.hit_bytes for c in calls),
+            "prefetch_wasted_bytes": sum(c.wasted_bytes for c in calls)}
 
 
 def call_totals(calls: list) -> dict:

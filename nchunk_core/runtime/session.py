@@ -34,6 +34,8 @@ Context policy:
   frame as it came (for `reset(keep_newest=True)`). A smaller `max_frames` given to `update` while
   more frames are in context makes the next append rebuild.
 - A failed call leaves the context as it was before the call (the cache is truncated back).
+- `cancel` (append_frame, ask, reset) is asked at every layer boundary: once true, the call raises
+  `Cancelled` there (cancel.py), the context as it was (reset: empty). `on_token` streams answers.
 
 The session keeps its own books and reports them: `context_tokens` (tokens in the cache),
 `frames_in_context`, `newest_stamp` (the stamp given with the newest frame, kept as given), and per
@@ -60,17 +62,19 @@ from transformers import DynamicCache
 
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
-from nchunk_core.runtime.adapters import Chunk, adapter_class, greedy_decode
+from nchunk_core.runtime.adapters import Chunk, adapter_class
 from nchunk_core.runtime.budget import FrameBudget, io_estimator
+from nchunk_core.runtime.cancel import CancelCheck, cancellable
+from nchunk_core.runtime.decoding import DecodingSettings, greedy_decode
 from nchunk_core.runtime.config import (MAX_NEW_TOKENS_LIMIT, SessionConfig, check_budget_ms, check_selection,
-                                        positive_int)
+                                        positive_int, ram_budget_value)
 from nchunk_core.runtime.flash_model import build_flash_model
 from nchunk_core.store.naming import torch_dtype
 from nchunk_core.runtime.frames import as_frame_image, check_stamp, kept_copy
 from nchunk_core.runtime.kv_cache import copy_cache, truncate_cache
 from nchunk_core.runtime.layers import Workspace
 from nchunk_core.runtime.processors import load_processor, stop_token_ids
-from nchunk_core.runtime.results import Answer, FrameStats, call_totals
+from nchunk_core.runtime.results import Answer, FrameStats, call_totals, overlap_totals
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store
 from nchunk_core.store.allocation import load_allocation
@@ -88,12 +92,12 @@ class Session:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self._log = log
-        options = {"frame_mode": cfg.frame_mode} if flash.arch == "llava_onevision" else {}
-        self.adapter = adapter_class(flash.arch)(flash.model, processor, **options)
+        self.adapter = adapter_class(flash.arch)(flash.model, processor, frame_tokens=cfg.frame_tokens)
         # The conversation's first chunk, the same text every time; a text chunk at 0 takes
         # positions 0 … n-1 in every adapter, so it ends at position num_tokens.
         self._prefix = self.adapter.encode_text(self.adapter.prompt_prefix)
-        self.stop_ids = stop_token_ids(store.path, self.tokenizer)
+        self.decoding = DecodingSettings.load(store.path, stop_token_ids(store.path, self.tokenizer), cfg.decoding)
+        self.stop_ids = self.decoding.stop_ids
         text = flash.model.config.get_text_config()
         self.max_positions = int(getattr(text, "max_position_embeddings", 1 << 30))
         self._lock = threading.Lock()
@@ -131,8 +135,9 @@ class Session:
             table = load_or_profile(store.path, threads=cfg.reader_threads, quick=cfg.profile_quick, log=log)
         reader = Reader(threads=cfg.reader_threads)
         try:
-            flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device),
+            flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device, cfg.overlap),
                                       device=cfg.device, dtype=torch_dtype(cfg.dtype), allocation=allocation)
+            flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20))
             processor = load_processor(store.path, flash.arch)
             session = cls(store, cfg, reader, flash, processor, log)
         except BaseException:
@@ -141,6 +146,8 @@ class Session:
         groups = len(store.groups)
         log(f"opened {store.path}: {flash.arch}, {groups} streamed groups, "
             f"{sum(g.nbytes for g in store.groups.values()) / 2**20:.1f} MiB on the drive")
+        log(session.adapter.describe())
+        log(f"decoding: {session.decoding.describe()}")
         return session
 
     # -- state --------------------------------------------------------------------------------------
@@ -180,6 +187,7 @@ class Session:
         self._context_tokens = 0
         self._newest = None
         self._prefixed = False
+        self._context_ids: list[torch.Tensor] = []  # [1, T] ids of each chunk in the cache, in order
 
     def _check_open(self) -> None:
         if self._closed:
@@ -187,9 +195,9 @@ class Session:
 
     # -- settings -----------------------------------------------------------------------------------
     def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None,
-               frame_budget_ms: float | None = None) -> None:
-        """Change the selection settings, max_frames or frame_budget_ms; applied at the start of the
-        next call.
+               ram_budget_mib: float | None = None, frame_budget_ms: float | None = None) -> None:
+        """Change the selection settings, max_frames, the row cache's RAM budget or frame_budget_ms;
+        applied at the start of the next call (a new RAM budget re-reads the cached rows then).
 
         None leaves a setting unchanged. A refused value raises ValueError and changes nothing. A
         max_frames below the frames in context makes the next append rebuild the context.
@@ -199,6 +207,8 @@ class Session:
             change["max_frames"] = positive_int("max_frames", max_frames)
         if selection is not None:
             change["selection"] = check_selection(selection)
+        if ram_budget_mib is not None:
+            change["ram_budget_mib"] = ram_budget_value(ram_budget_mib)
         if frame_budget_ms is not None:
             change["frame_budget_ms"] = check_budget_ms(frame_budget_ms)
         with self._pending_lock:
@@ -222,6 +232,9 @@ class Session:
             self._log(f"frame_budget_ms now {cfg.frame_budget_ms:g}" + (" (off)" if not cfg.frame_budget_ms else ""))
         if old.selection != cfg.selection:
             self._log(f"selection now {cfg.selection.method} at sparsity {cfg.selection.sparsity:g}")
+        if old.ram_budget_mib != cfg.ram_budget_mib:
+            cache = self._flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20))
+            self._log(f"row cache now {cache.nbytes / 2**20:.1f} MiB (budget {cfg.ram_budget_mib:g} MiB)")
         if old.max_frames != cfg.max_frames:
             self._kept = collections.deque(self._kept, maxlen=cfg.max_frames // 2)
             self._log(f"max_frames now {cfg.max_frames}")
@@ -249,14 +262,15 @@ class Session:
         """Positions kept free for a question and its answer."""
         return self._cfg.max_question_tokens + self._cfg.max_new_tokens + 16
 
-    def append_frame(self, image, stamp=None) -> FrameStats:
+    def append_frame(self, image, stamp=None, *, cancel: CancelCheck | None = None) -> FrameStats:
         """Add a camera frame to the context (see the module docstring for the policy).
 
         `stamp`: None or a finite number of seconds, kept as given (newest_stamp, FrameStats.stamp).
+        `cancel`: asked at every layer boundary; true stops the append there (Cancelled).
         """
         check_stamp(stamp)
         image = as_frame_image(image)
-        with self._lock:
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             return self._append_frame(image, stamp)
 
@@ -290,12 +304,13 @@ class Session:
                 raise
             self._prefixed = True
             self._frames += 1
+            self._context_ids += [c.input_ids for c, _ in chunks]
         self._kept.append(kept_copy(image))
         self._newest = (image, stamp)
         self._context_tokens = self._cache.get_seq_length()
         total_s = time.perf_counter() - t0
         calls = self._flash.stats
-        totals = call_totals(calls)
+        totals, overlap = call_totals(calls), overlap_totals(calls)
         vision_s = prep_s + self._flash.vision_s
         if plan is not None:
             self._budget.observe(plan, total_s)
@@ -303,11 +318,11 @@ class Session:
             visual_tokens=chunk.num_visual_tokens, tokens=self._context_tokens - (0 if rebuilt else before),
             context_tokens=self._context_tokens, rows_read=sum(c.rows for c in calls),
             rows_total=sum(c.rows_total for c in calls), est_io_s=sum(c.est_io_s for c in calls),
-            compute_s=max(0.0, total_s - vision_s - totals["io_s"] - totals["select_s"]),
+            compute_s=max(0.0, total_s - vision_s - overlap["io_wait_s"] - totals["select_s"]),
             vision_s=vision_s, total_s=total_s, frames_in_context=self._frames, rebuilt=rebuilt, stamp=stamp,
             selection=self._flash.selection, max_frames=self._cfg.max_frames, frame_budget_ms=self._cfg.frame_budget_ms,
             budget_met=None if plan is None else plan.met, predicted_s=0.0 if plan is None else plan.predicted_s,
-            **totals)
+            **totals, **overlap)
 
     def _rebuild(self, chunk: Chunk) -> float:
         """New cache: the prefix (copied), the kept frames re-encoded, then `chunk`. Returns encoding s."""
@@ -322,18 +337,23 @@ class Session:
             chunks = [(self._prefix, "prefix"), *replay, (chunk, "frame")]
         position = self._fill(cache, position, chunks)  # the old context stays intact if this fails
         self._cache, self._next_position = cache, position
+        self._context_ids = [self._prefix.input_ids] + [c.input_ids for c, _ in chunks if c is not self._prefix]
         self._prefixed = True
         self._frames = len(replay) + 1
-        self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
+        if replay:  # with max_frames 1 every frame starts a new context: nothing worth a log line
+            self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
         return prep_s
 
     # -- questions ----------------------------------------------------------------------------------
     def ask(self, question: str, max_new_tokens: int | None = None, deadline: float | None = None,
-            should_stop: Callable[[], bool] | None = None) -> Answer:
+            should_stop: Callable[[], bool] | None = None, *,
+            on_token: Callable[[str, int], None] | None = None, cancel: CancelCheck | None = None) -> Answer:
         """Answer a question about the frames in context; the context is left as it was.
 
         Decoding stops before the next token once time.monotonic() reaches `deadline` or
         `should_stop()` is true: the Answer then holds the tokens so far, with `interrupted` True.
+        `on_token(answer so far, tokens generated)` follows every answer token but the stop token;
+        `cancel`: asked at every layer boundary, true stops the call there (Cancelled).
         """
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
                                      or not math.isfinite(deadline)):
@@ -350,7 +370,13 @@ class Session:
             raise ValueError("question is empty")
         n_new = self._cfg.max_new_tokens if max_new_tokens is None else positive_int(
             "max_new_tokens", max_new_tokens, MAX_NEW_TOKENS_LIMIT)
-        with self._lock:
+
+        def token_added(tokens: list[int]) -> None:
+            if on_token is not None and tokens[-1] not in self.stop_ids:
+                ids = [t for t in tokens if t not in self.stop_ids]
+                on_token(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids))
+
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             self._apply_pending()
             if self._frames == 0:
@@ -359,7 +385,7 @@ class Session:
             if n_question > self._cfg.max_question_tokens:
                 raise ValueError(f"question is {n_question} tokens long; the limit is "
                                  f"{self._cfg.max_question_tokens} (max_question_tokens)")
-            chunk = self.adapter.encode_text(self.adapter.question_prompt(text))
+            chunk = self.adapter.encode_question(text)
             need = self._next_position + chunk.num_tokens + n_new
             if need > self.max_positions:
                 raise ValueError(f"question and answer would reach position {need}, above the "
@@ -371,7 +397,10 @@ class Session:
                 logits, pos = self._append(chunk, self._cache, position, "question")
                 t1 = time.perf_counter()
                 self._flash.phase = "answer"
-                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop)
+                tokens, _ = greedy_decode(self.adapter, logits, self._cache, pos, n_new, self.stop_ids, stop,
+                                          repetition_penalty=self.decoding.repetition_penalty,
+                                          context_ids=torch.cat([*self._context_ids, chunk.input_ids], dim=1),
+                                          on_token=token_added)
             finally:
                 truncate_cache(self._cache, length)
                 self._next_position = position
@@ -387,15 +416,15 @@ class Session:
                 **call_totals(self._flash.stats))
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def reset(self, keep_newest: bool = False) -> FrameStats | None:
+    def reset(self, keep_newest: bool = False, *, cancel: CancelCheck | None = None) -> FrameStats | None:
         """Forget the frames in context: all of them, or with `keep_newest` all but the newest one.
 
         keep_newest: the context restarts from the newest frame, re-encoded (as it was appended);
         returns that append's FrameStats, or None when there was nothing to do (no frame, or the
-        newest one alone in context). Later frames are appended after it. If re-encoding fails,
-        the context is empty and the error is raised.
+        newest one alone in context). Later frames are appended after it. If re-encoding fails (or
+        is cancelled), the context is empty and the error is raised.
         """
-        with self._lock:
+        with self._lock, cancellable(self._flash, cancel):
             self._check_open()
             newest = self._newest
             if keep_newest and (newest is None or self._frames <= 1):

@@ -18,10 +18,12 @@ import numpy as np
 from nchunk_core.store.naming import STORAGE_DTYPES
 
 FORMAT = "nchunk-store"
-VERSION = 1
+VERSION = 2  # 2: CRC-32C per row (ROW_CHECKSUMS); 1 had block checksums only (`nchunk upgrade`)
 MANIFEST = "manifest.json"
 RESIDENT = "resident.safetensors"
 PERMUTATIONS = "permutations.safetensors"
+ROW_CHECKSUMS = "row-crc32c.bin"  # little-endian uint32 CRC-32C of every stored row
+ROW_CHECKSUM_ALGO = "crc32c"
 WEIGHTS_PATTERN = "weights-{:05d}.bin"
 CHECKSUM_ALGO = "crc32"
 CHECKSUM_BLOCK_BYTES = 1 << 20
@@ -61,6 +63,8 @@ class GroupInfo:
     nbytes: int
     permutation: str | None  # key in permutations.safetensors (the input name), or None
     checksum: dict  # {"algo": "crc32", "block_bytes": int, "blocks": [int, ...]}
+    row_checksum_index: int | None = None  # entry of row 0 in the row checksum file; None: version 1
+    row_checksums: np.ndarray | None = None  # uint32 [rows]: CRC-32C of each stored row, as loaded
 
     @property
     def row_width(self) -> int:
@@ -165,8 +169,9 @@ def _field(obj: dict, key: str, kind, where: str, nullable: bool = False):
     return value
 
 
-def check_header(manifest) -> None:
-    """Format name and version: the first thing checked, so a newer store gets a clear message."""
+def check_header(manifest, store: str = "STORE", oldest: int = VERSION) -> int:
+    """Format name and version: the first thing checked, so an older or newer store gets a clear
+    message (naming `store` in the command that upgrades it). Returns the version."""
     if not isinstance(manifest, dict):
         raise StoreFormatError(f"{MANIFEST}: not a JSON object")
     if manifest.get("format") != FORMAT:
@@ -178,6 +183,12 @@ def check_header(manifest) -> None:
                                f"nchunk reads (version {VERSION}); upgrade nchunk to open it")
     if version < 1:
         raise StoreFormatError(f"{MANIFEST}: invalid format version {version}")
+    if version < oldest:
+        raise StoreFormatError(f"{MANIFEST}: store format version {version} has no row checksums, "
+                               f"which nchunk checks on every read (format version {VERSION}); run "
+                               f"`nchunk upgrade {store}` to add them in place (it checks the "
+                               f"store's block checksums first)")
+    return version
 
 
 def _plain_name(name: str, where: str) -> str:
@@ -221,12 +232,44 @@ def parse_files(manifest: dict, root: str) -> dict[str, int]:
     return sizes
 
 
+def parse_row_checksums(manifest: dict, sizes: dict[str, int]) -> tuple[str, int]:
+    """(file name, number of rows) of the row checksum file a version-2 manifest names."""
+    where = f"{MANIFEST} row_checksums"
+    entry = _field(manifest, "row_checksums", dict, MANIFEST)
+    name = _plain_name(_field(entry, "file", str, where), where)
+    if _field(entry, "algo", str, where) != ROW_CHECKSUM_ALGO:
+        raise StoreFormatError(f"{where}: unknown row checksum algorithm {entry['algo']!r}")
+    if name not in sizes:
+        raise StoreFormatError(f"{where}: file {name!r} is not listed in files")
+    if "checksum" not in manifest["files"][name]:
+        raise StoreFormatError(f"{where}: file {name!r} has no checksum in files")
+    if sizes[name] % 4:
+        raise StoreFormatError(f"{where}: {name} is {sizes[name]} bytes, not whole uint32 values")
+    return name, sizes[name] // 4
+
+
+def _check_row_checksum_spans(groups: dict[str, GroupInfo], table_rows: int) -> None:
+    """Every group's rows have their own entries in the row checksum file."""
+    spans = sorted((g.row_checksum_index, g.rows, g.name) for g in groups.values())
+    end, previous = 0, None
+    for index, rows, name in spans:
+        if index < 0 or index + rows > table_rows:
+            raise StoreFormatError(f"{MANIFEST} group {name!r}: row checksums [{index}, {index + rows}) "
+                                   f"lie outside the {table_rows} of the row checksum file")
+        if index < end:
+            raise StoreFormatError(f"{MANIFEST}: groups {previous!r} and {name!r} share row checksum "
+                                   f"entries from {index}")
+        end, previous = index + rows, name
+
+
 def parse_groups(manifest: dict, root: str, alignment: int, sizes: dict[str, int],
-                 permutation_shapes: dict[str, list]) -> dict[str, GroupInfo]:
+                 permutation_shapes: dict[str, list],
+                 table_rows: int | None = None) -> dict[str, GroupInfo]:
     """GroupInfo per group, checked for consistency, alignment, bounds and overlap.
 
     `sizes` are the file sizes the manifest records; `permutation_shapes` maps each permutation key
-    to its shape as the permutations file declares it.
+    to its shape as the permutations file declares it; `table_rows` is the number of entries of the
+    row checksum file (None for a version-1 store, which has none).
     """
     entries = _field(manifest, "groups", list, MANIFEST)
     groups: dict[str, GroupInfo] = {}
@@ -289,13 +332,16 @@ def parse_groups(manifest: dict, root: str, alignment: int, sizes: dict[str, int
                 raise StoreFormatError(f"{where}: permutation {permutation!r} has shape "
                                        f"{shape}, expected [{rows}]")
         layer = _field(entry, "layer", "int", where, nullable=True)
+        index = None if table_rows is None else _field(entry, "row_checksum_index", "int", where)
         groups[name] = GroupInfo(
             name=name, input=_field(entry, "input", str, where), layer=layer, rows=rows,
             dtype=dtype, itemsize=itemsize, outputs=tuple(outputs), row_bytes=row_bytes,
             file=os.path.join(root, file), offset=offset, nbytes=nbytes, permutation=permutation,
-            checksum=_check_checksum(entry, nbytes, where))
+            checksum=_check_checksum(entry, nbytes, where), row_checksum_index=index)
     _check_inputs(groups)
     _check_overlap(groups)
+    if table_rows is not None:
+        _check_row_checksum_spans(groups, table_rows)
     return groups
 
 

@@ -1,60 +1,27 @@
-"""Open a store, validate it completely, and check its bytes against the recorded checksums.
+"""Open a store and validate it completely; load its row checksums.
 
-`Store.open` reads only the manifest and file headers, yet catches every inconsistency it can see
-(keys, types, sizes, alignment, overlap, truncation) and reports it as a StoreError naming the file,
-group and offset. `Store.verify` reads everything and checks crc32 per block. Row reads for inference
-go through the direct-I/O reader; the plain reads here are for verification and tests.
+`Store.open` reads only the manifest, file headers and the row checksum file (whose own block
+checksums it checks), yet catches every inconsistency it can see (keys, types, sizes, alignment,
+overlap, truncation) and reports it as a StoreError naming the file, group and offset. Each group
+then carries the expected CRC-32C of its rows, which the direct-I/O reader checks on every read.
+`Store.verify` (verify.py) reads everything and checks every checksum. The plain reads here are for
+verification and tests.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from nchunk_core.store.format import (MANIFEST, GroupInfo, StoreCorruptError, StoreError, StoreFormatError, _field,
-                     check_header, check_sizes_on_disk, parse_files, parse_groups,
-                     safetensors_header)
+from nchunk_core.store import row_checksums
+from nchunk_core.store.format import (MANIFEST, VERSION, GroupInfo, StoreCorruptError, StoreError, StoreFormatError,
+                     _field, check_header, check_sizes_on_disk, parse_files, parse_groups,
+                     parse_row_checksums, safetensors_header)
 from nchunk_core.store.recommended import Recommended
-
-
-@dataclasses.dataclass
-class BadBlock:
-    """A checksum block whose bytes do not match (or could not be read)."""
-
-    file: str
-    group: str | None  # None for resident / permutation files
-    offset: int  # byte offset in `file`
-    length: int
-    reason: str
-
-    def __str__(self) -> str:
-        owner = f"group {self.group!r}" if self.group else "file"
-        return f"{self.file}: {owner}, bytes [{self.offset}, {self.offset + self.length}): {self.reason}"
-
-
-@dataclasses.dataclass
-class VerifyReport:
-    path: Path
-    groups: int = 0
-    bytes_checked: int = 0
-    bad: list[BadBlock] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.bad
-
-    def __str__(self) -> str:
-        head = (f"{self.path}: {self.groups} groups, {self.bytes_checked / 2**20:.1f} MiB checked, "
-                + ("all checksums match" if self.ok else f"{len(self.bad)} bad block(s)"))
-        return "\n".join([head, *(f"  {b}" for b in self.bad)])
-
-    def raise_if_bad(self) -> None:
-        if self.bad:
-            raise StoreCorruptError(str(self))
+from nchunk_core.store.verify import VerifyReport, verify_store
 
 
 def group_rows_to_torch(rows, group: GroupInfo):
@@ -92,6 +59,7 @@ class Store:
         self.path = path
         self.manifest = manifest
         self.groups = groups
+        self.version: int = manifest["version"]
         self.alignment: int = manifest["alignment"]
         self.model_info: dict = manifest["model"]
         # settings the store was validated at (recommended.py); None for stores written before
@@ -101,13 +69,23 @@ class Store:
         self._permutations_file = permutations_file
         self._permutations = permutations
 
+    @property
+    def resident_file(self) -> str | None:
+        return self._resident_file
+
+    @property
+    def permutations_file(self) -> str | None:
+        return self._permutations_file
+
     @classmethod
-    def open(cls, path, check_alignment: bool = True) -> "Store":
+    def open(cls, path, check_alignment: bool = True, oldest_version: int = VERSION) -> "Store":
         """Open and validate the store in directory `path`.
 
         With `check_alignment`, the store's alignment must be a multiple of the direct-I/O offset
         alignment of the drive it is on now (a store copied to a drive with larger blocks cannot be
-        read with direct I/O); pass False for tools that use plain reads only.
+        read with direct I/O); pass False for tools that use plain reads only. A store older than
+        `oldest_version` is refused with the command that upgrades it; `nchunk upgrade` opens
+        version 1 (whose groups have no row checksums) with oldest_version=1.
         """
         root = Path(path).absolute()
         manifest_path = root / MANIFEST
@@ -120,7 +98,7 @@ class Store:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise StoreFormatError(f"{manifest_path}: cannot parse: {exc}") from exc
-        check_header(manifest)
+        version = check_header(manifest, str(path), oldest_version)
         alignment = _field(manifest, "alignment", "int", MANIFEST)
         if alignment <= 0 or alignment & (alignment - 1):
             raise StoreFormatError(f"{MANIFEST}: alignment {alignment} is not a power of two")
@@ -133,13 +111,18 @@ class Store:
                 raise StoreFormatError(f"{perm_file}: permutation {key!r} must be a 1-D int64 "
                                        f"tensor, got {entry.get('dtype')} {entry['shape']}")
         shapes = {k: e["shape"] for k, e in perm_header.items()}
-        groups = parse_groups(manifest, str(root), alignment, sizes, shapes)
+        crc_file, crc_rows = parse_row_checksums(manifest, sizes) if version >= 2 else (None, None)
+        groups = parse_groups(manifest, str(root), alignment, sizes, shapes, crc_rows)
         check_sizes_on_disk(str(root), sizes, groups)
         for name, size in sizes.items():
-            if name not in (resident_file, perm_file) and size % alignment:
+            if name not in (resident_file, perm_file, crc_file) and size % alignment:
                 raise StoreFormatError(f"{name}: size {size} is not a multiple of the store "
                                        f"alignment {alignment}")
-        permutations = _load_permutations(root, perm_file)
+        if crc_file is not None:
+            table = row_checksums.load(root, crc_file, manifest["files"][crc_file])
+            groups = {name: dataclasses.replace(g, row_checksums=table[g.row_checksum_index:][:g.rows])
+                      for name, g in groups.items()}
+        permutations = load_permutations(root, perm_file)
         if check_alignment:
             _check_drive_alignment(root, alignment)
         return cls(root, manifest, groups, resident_file, resident_header, perm_file, permutations)
@@ -196,64 +179,12 @@ class Store:
         return np.frombuffer(bytearray(data), dtype=g.storage_dtype).reshape(g.rows, g.row_width)
 
     def verify(self, progress: bool | None = None) -> VerifyReport:
-        """Read every byte the manifest checksums and compare crc32 block by block.
+        """Read every byte the manifest checksums: crc32 per block, and CRC-32C per row.
 
-        Returns a report listing every bad block with file, group and byte offset; `progress=True`
-        shows a tqdm bar.
+        Returns a report listing every bad block (and row) with file, group and byte offset;
+        `progress=True` shows a tqdm bar.
         """
-        report = VerifyReport(self.path)
-        files = self.manifest["files"]
-        extra = [n for n in (self._resident_file, self._permutations_file) if n]
-        total = sum(g.nbytes for g in self.groups.values()) + sum(files[n]["size"] for n in extra)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {self.path.name}")
-        try:
-            for g in sorted(self.groups.values(), key=lambda g: (g.file, g.offset)):
-                report.groups += 1
-                self._verify_span(report, g.file, g.name, g.offset, g.checksum, g.nbytes, bar)
-            for name in extra:
-                entry = files[name]
-                if "checksum" in entry:
-                    self._verify_span(report, str(self.path / name), None, 0, entry["checksum"],
-                                      entry["size"], bar)
-                try:
-                    safetensors_header(str(self.path / name))
-                    if name == self._permutations_file:
-                        _load_permutations(self.path, name)
-                except StoreError as exc:
-                    report.bad.append(BadBlock(name, None, 0, entry["size"], str(exc)))
-        finally:
-            if bar is not None:
-                bar.close()
-        return report
-
-    def _verify_span(self, report: VerifyReport, path: str, group: str | None, offset: int,
-                     checksum: dict, nbytes: int, bar) -> None:
-        block, name = checksum["block_bytes"], os.path.basename(path)
-        try:
-            f = open(path, "rb")
-        except OSError as exc:
-            report.bad.append(BadBlock(name, group, offset, nbytes, f"cannot open: {exc}"))
-            return
-        with f:
-            f.seek(offset)
-            for k, expected in enumerate(checksum["blocks"]):
-                start, n = offset + k * block, min(block, nbytes - k * block)
-                data = f.read(n)
-                report.bytes_checked += len(data)
-                if bar is not None:
-                    bar.update(len(data))
-                if len(data) < n:
-                    report.bad.append(BadBlock(name, group, start, n,
-                                               f"file ends after {len(data)} of {n} bytes"))
-                    return
-                actual = zlib.crc32(data)
-                if actual != expected:
-                    report.bad.append(BadBlock(name, group, start, n,
-                                               f"crc32 {actual:08x}, expected {expected:08x}"))
+        return verify_store(self, progress)
 
 
 def _open_weights(g: GroupInfo):
@@ -264,7 +195,7 @@ def _open_weights(g: GroupInfo):
                                 f"{exc}") from exc
 
 
-def _load_permutations(root: Path, name: str | None) -> dict[str, np.ndarray]:
+def load_permutations(root: Path, name: str | None) -> dict[str, np.ndarray]:
     if name is None:
         return {}
     from safetensors.numpy import load_file

@@ -2,8 +2,9 @@
 
 A converter feeds groups one by one (each matrix in nn.Linear layout [out_features, in_features]);
 the writer turns them into rows of Wᵀ in blocks of a few MiB, so it never holds more than the group
-it is given plus one block. Resident tensors are kept until `close` and written to safetensors; the
-manifest is written last, atomically, so an interrupted conversion never leaves a store that opens.
+it is given plus one block, and computes the CRC-32C of every row as it goes. Resident tensors are kept
+until `close` and written to safetensors, the row checksums to their own file; the manifest is
+written last, atomically, so an interrupted conversion never leaves a store that opens.
 """
 from __future__ import annotations
 
@@ -15,13 +16,30 @@ from pathlib import Path
 
 import numpy as np
 
+from nchunk_core.io.checksum import crc32c_rows
+from nchunk_core.store import row_checksums
 from nchunk_core.store.format import (CHECKSUM_BLOCK_BYTES, FORMAT, MANIFEST, MIN_ALIGNMENT, PERMUTATIONS, RESIDENT,
-                     VERSION, WEIGHTS_PATTERN, BlockCrc, StoreError)
+                     ROW_CHECKSUM_ALGO, ROW_CHECKSUMS, VERSION, WEIGHTS_PATTERN, BlockCrc, StoreError)
 from nchunk_core.store.naming import STORAGE_DTYPES
 
 DEFAULT_FILE_SIZE_CAP = 4 << 30
 _STORE_FILE = re.compile(r"(manifest\.json(\.tmp)?|weights-\d{5}\.bin|resident\.safetensors"
-                         r"|permutations\.safetensors)")
+                         r"|permutations\.safetensors|row-crc32c\.bin(\.tmp)?)")
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write root/manifest.json atomically and durably (temporary file, fsync, rename, fsync dir)."""
+    tmp = root / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MANIFEST)
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _is_torch(x) -> bool:
@@ -97,6 +115,7 @@ class StoreWriter:
         if self.file_size_cap <= 0 or self.block_bytes <= 0:
             raise ValueError("file_size_cap and block_bytes must be positive")
         self._groups: list[dict] = []
+        self._row_crcs: list[np.ndarray] = []  # uint32 [rows] per group, in manifest order
         self._inputs: dict[str, tuple[int, np.ndarray | None]] = {}  # input -> (rows, permutation)
         self._resident: dict[str, object] = {}
         self._files: dict[str, dict] = {}
@@ -189,7 +208,7 @@ class StoreWriter:
         nbytes = rows * row_bytes
         try:
             file, offset = self._place(nbytes)
-            checksum = self._write_rows(sources, outputs, perm, rows, storage)
+            checksum, row_crcs = self._write_rows(sources, outputs, perm, rows, storage)
         except BaseException:
             self._abort()  # a half-written group leaves the files unusable
             raise
@@ -198,14 +217,17 @@ class StoreWriter:
         entry = {"name": name, "input": input, "layer": layer, "rows": rows, "dtype": dtype,
                  "outputs": outputs, "row_bytes": row_bytes, "file": file, "offset": offset,
                  "nbytes": nbytes, "permutation": None if perm is None else input,
-                 "checksum": checksum}
+                 "checksum": checksum, "row_checksum_index": sum(c.size for c in self._row_crcs)}
         self._groups.append(entry)
+        self._row_crcs.append(row_crcs)
         return entry
 
-    def _write_rows(self, sources, outputs, perm, rows: int, storage: np.dtype) -> dict:
-        """Stream the rows of Wᵀ (gathered by `perm`) in blocks; returns their checksum entry."""
+    def _write_rows(self, sources, outputs, perm, rows: int, storage: np.dtype) -> tuple[dict, np.ndarray]:
+        """Stream the rows of Wᵀ (gathered by `perm`) in blocks; returns their block checksum entry
+        and the CRC-32C of each row (uint32 [rows])."""
         width = sum(o["out_features"] for o in outputs)
         crc = BlockCrc(CHECKSUM_BLOCK_BYTES)
+        row_crcs = np.empty(rows, dtype=np.uint32)
         step = max(1, self.block_bytes // (width * storage.itemsize))
         for j0 in range(0, rows, step):
             j1 = min(rows, j0 + step)
@@ -215,8 +237,9 @@ class StoreWriter:
                 block[:, o["offset"]:o["offset"] + o["out_features"]] = arr[:, channels].T
             data = block.reshape(-1).view(np.uint8)
             crc.update(data)
+            row_crcs[j0:j1] = crc32c_rows(data, width * storage.itemsize)
             self._file.write(data)
-        return crc.finish()
+        return crc.finish(), row_crcs
 
     def _place(self, nbytes: int) -> tuple[str, int]:
         """(file name, aligned offset) for the next group; pads the current file up to it."""
@@ -322,26 +345,19 @@ class StoreWriter:
         permutations = self._write_permutations()
         for name in filter(None, (resident, permutations)):
             self._files[name] = self._file_entry(name)
+        table = np.concatenate(self._row_crcs) if self._row_crcs else np.zeros(0, np.uint32)
+        self._written.append(self.path / ROW_CHECKSUMS)
+        self._files[ROW_CHECKSUMS] = row_checksums.write(self.path, ROW_CHECKSUMS, table)
         manifest = {
             "format": FORMAT, "version": VERSION, "alignment": self.alignment,
             "dio_alignment": self.dio,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": self.model_info, "files": self._files, "resident": resident,
-            "permutations": permutations, "groups": self._groups,
+            "permutations": permutations,
+            "row_checksums": {"file": ROW_CHECKSUMS, "algo": ROW_CHECKSUM_ALGO}, "groups": self._groups,
         }
-        tmp = self.path / (MANIFEST + ".tmp")
-        self._written.append(tmp)
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        self._written.append(self.path / MANIFEST)
-        os.replace(tmp, self.path / MANIFEST)
-        dir_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self._written += [self.path / (MANIFEST + ".tmp"), self.path / MANIFEST]
+        write_manifest(self.path, manifest)
 
     def _abort(self) -> None:
         """Remove what this writer created; no manifest is ever left behind."""

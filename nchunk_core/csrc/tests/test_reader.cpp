@@ -1,7 +1,8 @@
 // Standalone test of the C++ reader core (no Python): correctness of reads for aligned and unaligned
-// extents, task splitting and statistics, async requests, concurrent callers, and every error path.
+// extents, task splitting and statistics, async requests, concurrent callers, CRC-32C on the hardware
+// and table paths, row checks and their mismatches, and every error path.
 // Build: g++ -std=c++17 -O1 -pthread -I nchunk_core/csrc nchunk_core/csrc/tests/test_reader.cpp
-//        nchunk_core/csrc/reader.cpp -o test_reader && ./test_reader [scratch_dir]
+//        nchunk_core/csrc/reader.cpp nchunk_core/csrc/crc32c.cpp -o test_reader && ./test_reader [scratch_dir]
 // Exits 0 when every check passes; each failure prints a line. The scratch directory (default /tmp)
 // must be on a file system with O_DIRECT.
 #include <fcntl.h>
@@ -18,8 +19,10 @@
 #include <thread>
 #include <vector>
 
+#include "crc32c.hpp"
 #include "reader.hpp"
 
+using nchunk::Crc32cPath;
 using nchunk::Extent;
 
 namespace {
@@ -210,7 +213,10 @@ void test_errors(const std::string& dir, const std::string& path, const std::vec
 
   auto f = reader.open(path);
   auto submit = [&](std::vector<Extent> extents) { reader.read(f, extents, out.data, out.size); };
-  m = expect_throw<nchunk::EndOfFileError>([&] { submit({{size - 10, 11, 0}}); }, "read past end");
+  m = expect_throw<nchunk::EndOfFileError>([&] { submit({{size - 10, 11, 0}}); }, "read past end",
+                                           [&](const nchunk::EndOfFileError& e) {
+                                             return e.path() == path && e.offset() == size - 10 && e.length() == 11;
+                                           });
   check(contains(m, path) && contains(m, std::to_string(size)) && contains(m, "offset " + std::to_string(size - 10)),
         "past-end message names path, offset and file size: " + m);
   expect_throw<nchunk::EndOfFileError>([&] { submit({{size + 1, 0, 0}}); }, "zero-length extent past end");
@@ -255,6 +261,116 @@ void test_errors(const std::string& dir, const std::string& path, const std::vec
   ::unlink(victim.c_str());
 }
 
+// Known CRC-32C values (RFC 3720 B.4 and the usual check value) on every path this CPU has, and the
+// hardware path against the table on many lengths, offsets and row layouts.
+void test_crc32c() {
+  std::vector<Crc32cPath> paths = {Crc32cPath::automatic, Crc32cPath::table};
+  const std::string hardware = nchunk::crc32c_hardware();
+  if (!hardware.empty()) paths.push_back(Crc32cPath::hardware);
+  std::printf("crc32c hardware path: %s\n", hardware.empty() ? "(none)" : hardware.c_str());
+  unsigned char zeros[32] = {0}, ones[32], up[32], down[32];
+  for (int i = 0; i < 32; ++i) ones[i] = 0xFF, up[i] = static_cast<unsigned char>(i), down[i] = 31 - i;
+  for (Crc32cPath p : paths) {
+    const std::string name = "crc32c path " + std::to_string(static_cast<int>(p));
+    check(nchunk::crc32c(0, "123456789", 9, p) == 0xE3069283U, name + ": \"123456789\"");
+    check(nchunk::crc32c(0, zeros, 32, p) == 0x8A9136AAU, name + ": 32 zeros");
+    check(nchunk::crc32c(0, ones, 32, p) == 0x62A8AB43U, name + ": 32 x 0xff");
+    check(nchunk::crc32c(0, up, 32, p) == 0x46DD794EU, name + ": 0..31");
+    check(nchunk::crc32c(0, down, 32, p) == 0x113FDB5CU, name + ": 31..0");
+    check(nchunk::crc32c(0, "", 0, p) == 0, name + ": empty");
+    check(nchunk::crc32c(nchunk::crc32c(0, "1234", 4, p), "56789", 5, p) == 0xE3069283U, name + ": chained");
+  }
+  if (hardware.empty()) {
+    expect_throw<std::invalid_argument>([] { nchunk::crc32c(0, "1", 1, Crc32cPath::hardware); },
+                                        "hardware path demanded without the instruction");
+  }
+  std::mt19937 rng(3);
+  std::vector<unsigned char> data(70000);
+  for (unsigned char& c : data) c = static_cast<unsigned char>(rng());
+  for (int trial = 0; trial < 200; ++trial) {
+    const size_t offset = rng() % 64, n = rng() % (trial < 100 ? 40 : 60000);
+    const uint32_t table = nchunk::crc32c(0, data.data() + offset, n, Crc32cPath::table);
+    check(nchunk::crc32c(0, data.data() + offset, n) == table, "automatic = table, " + std::to_string(n) + " bytes");
+  }
+  for (size_t row_bytes : {1, 7, 8, 9, 64, 1000, 9216}) {
+    const size_t rows = std::min<size_t>(13, data.size() / row_bytes);
+    std::vector<uint32_t> fast(rows), slow(rows);
+    nchunk::crc32c_rows(data.data() + 3, row_bytes, rows, fast.data());
+    nchunk::crc32c_rows(data.data() + 3, row_bytes, rows, slow.data(), Crc32cPath::table);
+    bool each = true;
+    for (size_t r = 0; r < rows; ++r) {
+      each = each && slow[r] == nchunk::crc32c(0, data.data() + 3 + r * row_bytes, row_bytes, Crc32cPath::table);
+    }
+    check(fast == slow && each, "crc32c_rows of " + std::to_string(row_bytes) + "-byte rows");
+  }
+}
+
+// Row checks: CRCs of every `row_bytes` row of the file; checked reads count their rows, a flipped
+// byte fails the first read that touches its row (naming path, row, offset), other rows still read.
+void test_row_checks(const std::string& dir, const std::vector<char>& file) {
+  const int64_t row_bytes = 1000, rows = static_cast<int64_t>(file.size()) / row_bytes;
+  std::vector<uint32_t> table(static_cast<size_t>(rows));
+  nchunk::crc32c_rows(file.data(), row_bytes, rows, table.data());
+  std::vector<char> damaged = file;
+  const int64_t bad_row = 137, bad_at = bad_row * row_bytes + 421;
+  damaged[bad_at] ^= 0x10;
+  const std::string path = write_file(dir, "reader_rows_" + std::to_string(::getpid()) + ".bin", damaged);
+  nchunk::Reader reader(3, 16 * 1024);  // tasks of 16 rows
+  auto f = reader.open(path);
+  Buffer out(file.size());
+  auto checks = [&](std::vector<nchunk::RowCheck> per_extent) {
+    return nchunk::RowChecksums{table.data(), rows, std::move(per_extent)};
+  };
+
+  // Clean rows on both sides of the damage, one extent checked and one not; tasks are whole rows.
+  std::vector<Extent> clean = {{0, 100 * row_bytes, 0}, {200 * row_bytes, 50 * row_bytes, 100 * row_bytes},
+                               {bad_row * row_bytes, 2 * row_bytes, 150 * row_bytes}};
+  nchunk::ReadStats s = reader.read(f, clean, out.data, out.size, checks({{row_bytes, 0}, {row_bytes, 200}, {0, 0}}));
+  check(s.rows_checked == 150, "rows checked: " + std::to_string(s.rows_checked));
+  check(s.tasks == 7 + 4 + 1, "checked extents cut into tasks of whole rows: " + std::to_string(s.tasks));
+  check(std::memcmp(out.data, file.data(), 100 * row_bytes) == 0, "checked rows read");
+
+  // The damaged row, inside a longer extent: the error names the file, row, offset and length.
+  std::vector<Extent> spanning = {{100 * row_bytes, 100 * row_bytes, 0}};
+  auto names_row = [&](const nchunk::ChecksumError& e) {
+    return e.path() == path && e.row() == bad_row && e.offset() == bad_row * row_bytes &&
+           e.length() == row_bytes && e.expected() == table[bad_row] && e.actual() != e.expected() &&
+           e.error_code() == EBADMSG;
+  };
+  std::string m = expect_throw<nchunk::ChecksumError>(
+      [&] { reader.read(f, spanning, out.data, out.size, checks({{row_bytes, 100}})); }, "flipped byte",
+      names_row);
+  check(contains(m, path) && contains(m, "row 137") && contains(m, "offset 137000"), "mismatch message: " + m);
+  nchunk::ReadRequest r = reader.submit(f, spanning, out.data, out.size, checks({{row_bytes, 100}}));
+  expect_throw<nchunk::IoError>([&] { r.wait(); }, "a checksum error is an IoError");
+  // Unchecked, the same bytes read without complaint; so do checked rows that miss the damage.
+  reader.read(f, spanning, out.data, out.size);
+  s = reader.read(f, {{138 * row_bytes, 5 * row_bytes, 0}}, out.data, out.size, checks({{row_bytes, 138}}));
+  check(s.rows_checked == 5, "rows after the damaged one still read");
+  // A row longer than a task is one task of its own; a table off by one row is a mismatch.
+  nchunk::Reader small_tasks(2, 4096);
+  std::vector<uint32_t> big(3);
+  nchunk::crc32c_rows(file.data(), 3 * 10000, 1, big.data());
+  s = small_tasks.read(f, {{0, 30000, 0}}, out.data, out.size, {big.data(), 1, {{30000, 0}}});
+  check(s.tasks == 1 && s.rows_checked == 1, "a 30000-byte row in one task");
+  expect_throw<nchunk::ChecksumError>(
+      [&] { reader.read(f, {{row_bytes, row_bytes, 0}}, out.data, out.size, checks({{row_bytes, 0}})); },
+      "a row compared with another row's CRC");
+
+  // Malformed checks are refused before anything is read.
+  expect_throw<nchunk::ExtentError>([&] { reader.read(f, clean, out.data, out.size, checks({{row_bytes, 0}})); },
+                                    "one check for three extents");
+  expect_throw<nchunk::ExtentError>(
+      [&] { reader.read(f, {{0, 1500, 0}}, out.data, out.size, checks({{row_bytes, 0}})); }, "part of a row");
+  m = expect_throw<nchunk::ExtentError>(
+      [&] { reader.read(f, {{0, 2 * row_bytes, 0}}, out.data, out.size, checks({{row_bytes, rows - 1}})); },
+      "rows beyond the table");
+  check(contains(m, "checksum table"), "table overflow message: " + m);
+  expect_throw<nchunk::ExtentError>(
+      [&] { reader.read(f, {{0, row_bytes, 0}}, out.data, out.size, checks({{-1, 0}})); }, "negative row size");
+  ::unlink(path.c_str());
+}
+
 // /dev/shm is tmpfs: it refuses O_DIRECT before Linux 6.6 (buffered fallback) and accepts it since,
 // without reporting an alignment through statx (so the alignment is probed). Either way reads work.
 void test_tmpfs(const std::vector<char>& file) {
@@ -290,6 +406,8 @@ int main(int argc, char** argv) {
   test_reads(path, file);
   test_async_and_threads(path, file);
   test_errors(dir, path, file);
+  test_crc32c();
+  test_row_checks(dir, file);
   test_tmpfs(file);
 
   ::unlink(path.c_str());

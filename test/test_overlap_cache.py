@@ -1,0 +1,153 @@
+"""Overlap and row cache: exact outputs, reads only of what the cache lacks, prefetch hits, settings."""
+import numpy as np
+import pytest
+import torch
+
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.io.reader import Reader
+from nchunk_core.runtime.config import SessionConfig
+from nchunk_core.runtime.layers import FlashProjections, Workspace
+from nchunk_core.runtime.overlap import row_runs, run_rows, split_pieces
+from nchunk_core.runtime.row_cache import RowCache, plan_rows, select_cached
+from nchunk_core.runtime.select import SelectionSettings
+from nchunk_core.store import Store, StoreWriter
+
+IN, OUTS = 256, [("gate_proj", 96), ("up_proj", 64)]
+
+
+def make_store(path, bundled=True):
+    g = torch.Generator().manual_seed(0)
+    weights = {n: torch.randn(o, IN, generator=g).half() for n, o in OUTS}
+    perm = np.random.default_rng(2).permutation(IN)
+    with StoreWriter(path, model_info={"test": True}) as w:
+        mats = [(n, weights[n]) for n, _ in OUTS]
+        if bundled:
+            w.add_group("l0.mlp", input="l0.mlp_in", matrices=mats, permutation=perm)
+        else:
+            for n, m in mats:
+                w.add_group(f"l0.{n}", input="l0.mlp_in", matrices=[(n, m)], permutation=perm)
+    return Store.open(path), weights
+
+
+def layer_for(store, reader, settings, overlap=True, cache_rows=0, device="cpu"):
+    ws = Workspace(reader, device, overlap)
+    layer = FlashProjections(store, "l0.mlp_in", LatencyTable.synthetic(), lambda: settings[0], ws)
+    if cache_rows:
+        ws.cache = RowCache.load(reader, {"l0.mlp_in": (layer.groups, layer.handles)}, {"l0.mlp_in": cache_rows},
+                                 device, 1 << 30)
+    return layer
+
+
+def reference(layer, weights, x):
+    """x [N, IN] -> outputs over exactly the channels the layer's last selection used."""
+    xs = x[:, layer.perm]
+    rows = torch.as_tensor(layer.select(xs).row_indices())
+    keep = layer.perm[rows]
+    return [x[:, keep] @ weights[n].float()[:, keep].T for n, _ in OUTS]
+
+
+@pytest.fixture
+def reader():
+    with Reader(threads=3) as r:
+        yield r
+
+
+def test_pieces_and_runs_round_trip():
+    runs = np.array([[0, 5], [10, 40], [60, 3]], dtype=np.int64)
+    pieces = split_pieces(runs, row_bytes=100, piece_bytes=1000, max_pieces=8)
+    assert [int(p[:, 1].sum()) for p in pieces] == [10, 10, 10, 10, 8]
+    assert np.array_equal(np.concatenate([run_rows(p) for p in pieces]), run_rows(runs))
+    assert np.array_equal(row_runs(run_rows(runs)), runs)
+    assert len(split_pieces(runs, row_bytes=1, piece_bytes=1, max_pieces=4)) == 4  # at most max_pieces
+
+
+@pytest.mark.parametrize("bundled", [True, False])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_dense_with_overlap_and_cache_is_exact(tmp_path, reader, bundled, overlap):
+    store, weights = make_store(tmp_path / "s", bundled)
+    settings = [SelectionSettings(0.0, "chunking")]
+    layer = layer_for(store, reader, settings, overlap=overlap, cache_rows=IN // 4)
+    for seed in range(3):  # later calls use rows prefetched by the earlier ones
+        x = torch.randn(9, IN, generator=torch.Generator().manual_seed(seed))
+        for y, (n, _) in zip(layer(x), OUTS):
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, weights[n].float()), rtol=1e-5, atol=1e-4)
+        s = layer.last_stats
+        assert s.rows == IN and s.retained == pytest.approx(1.0)
+        assert s.cached_bytes == IN // 4 * layer.row_bytes and s.bytes == 3 * IN // 4 * layer.row_bytes
+    if overlap:  # the same input called again: its rows were read ahead, every one used
+        assert s.hit_bytes == s.bytes and s.wasted_bytes == 0
+
+
+@pytest.mark.parametrize("method", ["chunking", "magnitude", "dp"])
+def test_cache_serves_rows_without_changing_the_product(tmp_path, reader, method):
+    """At any sparsity the layer computes x[S] · W[S] for its selection S; the cache only changes which
+    of S's rows come from the drive (those past the cached front) and the selection always holds the
+    free cached rows."""
+    store, weights = make_store(tmp_path / "s")
+    settings = [SelectionSettings(0.5, method)]
+    plain = layer_for(store, reader, settings)
+    cached = layer_for(store, reader, settings, cache_rows=IN // 4)
+    for seed in range(3):
+        x = torch.randn(5, IN, generator=torch.Generator().manual_seed(seed))
+        for layer in (plain, cached):
+            for y, want in zip(layer(x), reference(layer, weights, x)):
+                torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+        s = cached.last_stats
+        rows = cached.select(x[:, cached.perm]).row_indices()
+        assert set(range(IN // 4)) <= set(rows.tolist()) and s.rows == IN // 2
+        assert s.cached_bytes == IN // 4 * cached.row_bytes
+        assert s.bytes == (IN // 2 - IN // 4) * cached.row_bytes < plain.last_stats.bytes
+
+
+def test_budget_within_the_cache_reads_nothing(tmp_path, reader):
+    store, weights = make_store(tmp_path / "s")
+    settings = [SelectionSettings(0.9, "chunking")]
+    layer = layer_for(store, reader, settings, cache_rows=IN // 2)
+    x = torch.randn(4, IN)
+    for y, want in zip(layer(x), reference(layer, weights, x)):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    assert layer.last_stats.bytes == 0 and layer.last_stats.rows == settings[0].budget(IN)
+
+
+def test_select_cached_keeps_the_budget_and_counts_retained():
+    imp = np.random.default_rng(0).random(100).astype(np.float32)
+    sel = select_cached(imp, 60, 20, "chunking", LatencyTable.synthetic(), 1024, None)
+    rows = sel.row_indices()
+    assert len(rows) == 60 and set(range(20)) <= set(rows.tolist())
+    assert sel.retained == pytest.approx(imp[rows].sum() / imp.sum(), rel=1e-5)
+    small = select_cached(imp, 5, 20, "chunking", LatencyTable.synthetic(), 1024, None)
+    assert sorted(small.row_indices().tolist()) == sorted(np.argsort(-imp[:20])[:5].tolist())
+    assert small.est_latency_s == 0.0
+
+
+def test_plan_splits_the_budget_by_benefit():
+    hot = np.linspace(1.0, 0.0, 100)
+    cold = np.full(100, 0.2)
+    plan = plan_rows({"hot": (10, hot), "cold": (10, cold)}, budget_bytes=1000)
+    assert plan["hot"] + plan["cold"] == 100 and plan["hot"] > plan["cold"]
+    assert plan_rows({"a": (10, hot)}, 0) == {"a": 0}
+    assert plan_rows({"a": (10, hot)}, 10**9) == {"a": 100}
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "64", True])
+def test_ram_budget_is_validated(value):
+    with pytest.raises(ValueError, match="ram_budget_mib"):
+        SessionConfig(ram_budget_mib=value)
+    with pytest.raises(ValueError, match="overlap"):
+        SessionConfig(overlap="yes")
+    assert SessionConfig(ram_budget_mib=64).ram_budget_mib == 64.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_keeps_pinned_buffers_and_is_exact(tmp_path, reader):
+    store, weights = make_store(tmp_path / "s")
+    settings = [SelectionSettings(0.0, "chunking")]
+    layer = layer_for(store, reader, settings, cache_rows=IN // 4, device="cuda")
+    x = torch.randn(5, IN)
+    for _ in range(2):
+        outs = layer(x.cuda())
+    for y, (n, _) in zip(outs, OUTS):
+        assert y.device.type == "cuda"
+        torch.testing.assert_close(y.cpu(), torch.nn.functional.linear(x, weights[n].float()), rtol=1e-4, atol=1e-3)
+    assert all(b.is_pinned() for b in layer.workspace.stream._pool)
+    assert all(w.device.type == "cuda" for w in layer.workspace.cache.weights("l0.mlp_in"))
