@@ -1,4 +1,4 @@
-"""The core subcommands of `nchunk` (profile, bench, convert, train-demo, verify): thin shells over
+"""The core subcommands of `nchunk` (profile, bench, convert, calibrate, train-demo, verify): thin shells over
 nchunk_core modules.
 
 The `nchunk` program is nchunk_ros/cli.py, which adds the ROS subcommands (ask, demo, soak) to this
@@ -163,16 +163,20 @@ def _add_bench(sub):
     ac = bsub.add_parser("accuracy", help="accuracy vs I/O per frame on the trained built-in model",
                          description="Answers the held-out test questions of the shape scenes with the built-in "
                          "model through the real store and reader (one frame in context), at sparsity 0 and "
-                         "10-70% for magnitude and chunking on the hot-cold order, interleaved per frame. Prints "
+                         "10-70% for magnitude and chunking on the hot-cold order (sparsity spread uniformly and, "
+                         "with the store's allocation, layer-wise), and chunking in the latency-budget mode at three "
+                         "frame budgets, interleaved per frame. Prints "
                          "accuracy per question kind and the frame's I/O time, bytes and reads per setting, and the "
                          "I/O speedup of chunking over magnitude at matched accuracy (linear interpolation, the "
                          "paper's protocol); writes bench_accuracy.png and bench_accuracy.json to --out.")
     ac.add_argument("--store", default=None, help="store of a model trained on the shape scenes "
                     "(default: the built-in model)")
     ac.add_argument("--scenes", type=int, default=None, help="test scenes (default: the whole test set, 500, "
-                    "about 3.8 questions each; every scene runs 15 settings, about 6.5 s per scene on 2 CPU "
-                    "cores, so --scenes 120 takes about 13 min)")
+                    "about 3.8 questions each; every scene runs 32 settings, about 14 s per scene on 2 CPU "
+                    "cores, so --scenes 120 takes about 28 min)")
     ac.add_argument("--methods", default="magnitude,chunking", help="comma-separated (default magnitude,chunking)")
+    ac.add_argument("--budgets-ms", default="", help="comma-separated frame budgets in ms (default: 0.9, 1.2 and "
+                    "1.6 times the median dense frame time of a warm-up)")
     ac.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
     ac.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")
     ac.add_argument("--json", action="store_true", help="print one JSON object")
@@ -224,7 +228,8 @@ def cmd_bench_accuracy(args) -> int:
 
     res = accuracy_bench.run(args.store, scene_count=args.scenes or TEST_SCENES,
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                             threads=args.threads, log=_progress_log(args))
+                             threads=args.threads, log=_progress_log(args),
+                             budgets_ms=[float(b) for b in args.budgets_ms.split(",") if b.strip()] or None)
     res["plot"] = accuracy_bench.plot(res, args.out)
     return _report(args, "bench_accuracy.json", accuracy_bench.to_json(res),
                    accuracy_bench.format_table(res) + f"\nplot: {res['plot']}")
@@ -247,13 +252,18 @@ def _add_train_demo(sub):
     p.add_argument("--store", default=None, help="where the store goes (default: the built-in model's place in "
                    "the package, nchunk_core/demo/data/shapes-vlm)")
     p.add_argument("--no-convert", action="store_true", help="stop after saving the checkpoint")
+    p.add_argument("--calibrate-only", action="store_true", help="train nothing: measure the layer-wise "
+                   "sparsity allocation of the store (default: the shipped one) on 16 training scenes and write it")
     p.set_defaults(func=cmd_train_demo)
 
 
 def cmd_train_demo(args) -> int:
-    from nchunk_core.demo.train import train_and_convert
+    from nchunk_core.demo.train import calibrate_allocation, train_and_convert
     from nchunk_core.demo.train_settings import Settings
 
+    if args.calibrate_only:
+        return calibrate_allocation(Path(args.store) if args.store else None, seed=args.seed,
+                                    log=lambda m: print(m, file=sys.stderr))
     return train_and_convert(Settings.scaled(seed=args.seed, steps=args.steps), Path(args.out),
                              Path(args.store) if args.store else None, convert_store=not args.no_convert)
 
@@ -278,6 +288,8 @@ def _add_convert(sub):
     p.add_argument("--no-bundle", action="store_true", help="one group per projection instead of q|k|v and gate|up "
                    "bundled (a bundled channel is one larger read)")
     p.add_argument("--no-reorder", action="store_true", help="skip calibration and keep the checkpoint's row order")
+    p.add_argument("--no-allocation", action="store_true", help="skip the layer-wise sparsity allocation "
+                   "(every matrix then drops the same fraction of rows; `nchunk calibrate` adds one later)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="dtype of the stored weights (default: as in the checkpoint)")
     p.add_argument("--calib-device", default="cpu", help="device for calibration: cpu or cuda (default cpu)")
@@ -299,11 +311,43 @@ def cmd_convert(args) -> int:
         path = convert(args.model_dir, args.store, args.calib, bundle=not args.no_bundle, dtype=args.dtype,
                        reorder=not args.no_reorder, calib_frames=args.calib_frames, calib_device=args.calib_device,
                        calib_dtype=args.calib_dtype, threads=args.threads, overwrite=args.overwrite,
-                       log=lambda m: print(m, file=sys.stderr), frame_tokens=args.frame_tokens)
+                       log=lambda m: print(m, file=sys.stderr), frame_tokens=args.frame_tokens,
+                       allocation=not args.no_allocation)
     except StoreError as exc:
         print(f"nchunk convert: {exc}", file=sys.stderr)
         return 1
     print(path)
+    return 0
+
+
+def _add_calibrate(sub):
+    from nchunk_core.store.naming import DTYPES  # names only (NumPy, no torch)
+
+    p = sub.add_parser("calibrate", help="measure a store's layer-wise sparsity allocation",
+                       description="Append camera frames through the store's model with every input sparsified "
+                       "alone at 10-95 %, measure how much the model's output moves, and write the allocation that "
+                       "spreads an average sparsity where it hurts least (sparsity_allocation.json in the store; "
+                       "nchunk convert does this too). Costs 1 + inputs x 10 frame appends per frame.")
+    p.add_argument("store", metavar="STORE", help="store directory")
+    p.add_argument("--frames", metavar="FRAMES_DIR", required=True, help="folder of PNG/JPEG camera frames")
+    p.add_argument("--count", type=int, default=8, help="frames used, spread over the folder (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+    p.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from nchunk_core.convert.converter import load_frame, calibration_frames
+    from nchunk_core.convert.sensitivity import calibrate_allocation
+
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    source, frames = calibration_frames(args.frames, args.count, log)
+    allocation = calibrate_allocation(args.store, [load_frame(f) for f in frames], device=args.device,
+                                      dtype=args.dtype, threads=args.threads, source=source, log=log)
+    for average in (0.1, 0.3, 0.5):
+        per_input = allocation.at(average)
+        print(f"average {average:.0%}: " + ", ".join(f"{k} {v:.0%}" for k, v in per_input.items()))
     return 0
 
 
@@ -360,7 +404,7 @@ def build_parser(more_commands=()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nchunk", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_profile, _add_bench, _add_convert, _add_train_demo, _add_verify, _add_upgrade,
+    for add in (_add_profile, _add_bench, _add_convert, _add_calibrate, _add_train_demo, _add_verify, _add_upgrade,
                 *more_commands):
         add(sub)
     return parser

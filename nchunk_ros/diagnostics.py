@@ -45,6 +45,8 @@ def frame_values(topic: str, stats: FrameStats, config: SessionConfig) -> dict:
         "retained": f"{stats.retained:.4f}", "visual_tokens": stats.visual_tokens, "tokens": stats.tokens,
         "context_tokens": stats.context_tokens, "frames_in_context": stats.frames_in_context,
         "rebuilt": stats.rebuilt, "sparsity": f"{stats.selection.sparsity:g}", "method": stats.selection.method,
+        "allocation": stats.selection.allocation, "frame_budget_ms": f"{stats.frame_budget_ms:g}",
+        "budget_met": "" if stats.budget_met is None else stats.budget_met,
         "max_frames": stats.max_frames, "device": config.device, "dtype": config.dtype,
         "reader_threads": config.reader_threads,
     }

@@ -21,7 +21,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.exceptions import InvalidTopicNameException
 from rclpy.validate_topic_name import validate_topic_name
 
-from nchunk_core.runtime.select import METHODS, SelectionSettings
+from nchunk_core.runtime.select import ALLOCATIONS, METHODS, SelectionSettings
 from nchunk_core.store.naming import DTYPES  # names only: a bad dtype is refused before torch loads
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -72,9 +72,14 @@ PARAMETERS = (
               "(sensor data) or reliable (needed by a reliable-only publisher); history depth is 1"),
     ParamSpec("max_append_rate_hz", 2.0, "most frames appended per second; the newest frame wins, the "
               "others are skipped (0 = as fast as the model goes)", 0.0, 1000.0),
-    ParamSpec("sparsity", 0.0, "fraction of the input rows of every projection NOT read from the drive "
+    ParamSpec("sparsity", 0.0, "fraction of the projections' weight rows NOT read from the drive, on average "
+              "over the model by bytes "
               "(unset: the store's recommended value, else 0.0, the exact model)", 0.0, 0.99),
     ParamSpec("method", "chunking", "row selection: " + ", ".join(METHODS)),
+    ParamSpec("allocation", "layerwise", "how sparsity is spread over the matrices: " + ", ".join(ALLOCATIONS)
+              + " (layerwise: the store's calibrated allocation, uniform if it has none)"),
+    ParamSpec("frame_budget_ms", 0.0, "> 0: each frame's sparsity is chosen so that its estimated time fits "
+              "this many ms (sparsity then only applies to questions); 0 = off", 0.0, 600000.0),
     ParamSpec("chunk_start_kib", 0.0, "chunking: smallest candidate window in KiB (0 = default)", 0.0, 65536.0),
     ParamSpec("chunk_step_kib", 0.0, "chunking: window size step in KiB (0 = default)", 0.0, 65536.0),
     ParamSpec("chunk_max_kib", 0.0, "chunking: largest window in KiB (0 = the drive's saturation size)",
@@ -90,8 +95,10 @@ PARAMETERS = (
 SPECS = {spec.name: spec for spec in PARAMETERS}
 DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
-SELECTION_PARAMETERS = ("sparsity", "method", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib", "jump_cap_kib")
-SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "ram_budget_mib", "max_new_tokens")  # to Session.update
+SELECTION_PARAMETERS = ("sparsity", "method", "allocation", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib",
+                        "jump_cap_kib")
+SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "ram_budget_mib", "max_new_tokens",
+                      "frame_budget_ms")  # passed to Session.update
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
 RECOMMENDED_PARAMETERS = ("sparsity", "method", "max_frames", "max_new_tokens")  # a store may recommend them
 
@@ -132,7 +139,7 @@ def selection_from(values: dict) -> SelectionSettings:
     """
     return SelectionSettings.from_kib(values["sparsity"], values["method"], start_kib=values["chunk_start_kib"],
                                       step_kib=values["chunk_step_kib"], max_kib=values["chunk_max_kib"],
-                                      jump_cap_kib=values["jump_cap_kib"])
+                                      jump_cap_kib=values["jump_cap_kib"], allocation=values["allocation"])
 
 
 def _store_path_problem(value: str) -> str:

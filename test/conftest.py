@@ -2,8 +2,9 @@
 
 - Tiny models and stores, built once per test run and only when a test asks for them:
   `tiny_checkpoints[arch]` (a saved random-init checkpoint of nchunk_core.testing.tiny_models),
-  `calibration_frames` (a folder of frames) and `tiny_stores[case]` (a checkpoint converted with
-  `nchunk convert`, calibrated on those frames). Tests never change them: copy one to damage it.
+  `calibration_frames` (a folder of frames), `tiny_stores[case]` (a checkpoint converted with
+  `nchunk convert`, calibrated on those frames, without a sparsity allocation) and
+  `allocated_store` (the SmolVLM one with an allocation). Tests never change them: copy one to damage it.
 - The VQA node over real rclpy and DDS: `ros_env` (a random domain, discovery on this host, a
   private drive-profile cache), `node_store` (the tiny SmolVLM store with a synthetic drive profile
   cached for reader_threads 6), `start_rig` (a node in its own Context and executor plus a tester
@@ -65,9 +66,27 @@ def tiny_stores(tiny_checkpoints, calibration_frames, tmp_path_factory):
 
     def build(case):
         arch, options = STORE_VARIANTS.get(case, (case, {}))
-        return convert(tiny_checkpoints[arch], root / case, calibration_frames, progress=False, **options)
+        # no sparsity allocation: these stores drop the same fraction of every matrix (allocated_store has one)
+        return convert(tiny_checkpoints[arch], root / case, calibration_frames, progress=False, allocation=False,
+                       **options)
 
     return BuiltOnDemand(build)
+
+
+@pytest.fixture(scope="session")
+def allocated_store(tiny_stores, calibration_frames, tmp_path_factory):
+    """A copy of the tiny SmolVLM store with a layer-wise sparsity allocation measured on two of the
+    calibration frames at three levels (convert/sensitivity.py)."""
+    import shutil
+
+    from nchunk_core.convert.converter import load_frame
+    from nchunk_core.convert.sensitivity import calibrate_allocation
+
+    store = tmp_path_factory.mktemp("allocated") / "smolvlm"
+    shutil.copytree(tiny_stores["smolvlm"], store)
+    frames = [load_frame(p) for p in sorted(calibration_frames.glob("frame_*"))[:2]]
+    calibrate_allocation(store, frames, levels=(0.25, 0.5, 0.75), progress=False)
+    return store
 
 
 # ---- the VQA node over DDS (helpers in ros_rig.py, imported only by tests that use them) -----------

@@ -122,3 +122,13 @@ def test_an_empty_store_path_is_the_built_in_store():
 
     assert store_directory("") == shipped_store() and (store_directory("") / "manifest.json").is_file()
     assert store_directory("~/s") == Path("~/s").expanduser()
+
+
+def test_allocation_and_frame_budget_parameters():
+    assert DEFAULTS["allocation"] == "layerwise" and DEFAULTS["frame_budget_ms"] == 0.0
+    assert "allocation must be one of" in check_parameters({"allocation": "per-layer"}, DEFAULTS, True).reason
+    assert check_parameters({"allocation": "uniform", "frame_budget_ms": 250.0}, DEFAULTS, True).successful
+    assert selection_from({**DEFAULTS, "allocation": "uniform"}).allocation == "uniform"
+    budget = {spec.name: spec for spec in PARAMETERS}["frame_budget_ms"].descriptor()
+    assert budget.floating_point_range[0].from_value == 0.0  # negative budgets are refused by rclpy
+    assert {"allocation", "frame_budget_ms"} <= set(parameters.SESSION_PARAMETERS)  # no reload

@@ -225,6 +225,11 @@ def test_window_conversion_to_rows():
     assert w == WindowRows(r_min=16, r_max=40, r_step=8, jump_cap=32)  # clipped to the rows
     for row_bytes, rows in ((7168, 18944), (9216, 3584), (75776, 3584), (512, 10)):
         assert isinstance(default_params(row_bytes, rows), ChunkParams)
+    # rows below 6 KiB (models smaller than 7B): windows of exactly 2 rows, 3 on matrices of few rows
+    assert default_params(1792, 4864).for_matrix(1792, 4864, table) == WindowRows(2, 2, 2, 2)
+    assert default_params(512, 128).for_matrix(512, 128, table) == WindowRows(3, 3, 3, 3)
+    assert default_params(3072, 128).for_matrix(3072, 128, table) == WindowRows(3, 3, 3, 3)
+    assert default_params(7168, 18944) == ChunkParams(32.0, 32.0, None, 32.0)  # the 7B sweep's choice
 
 
 @pytest.mark.parametrize("bad", [

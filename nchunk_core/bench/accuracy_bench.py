@@ -4,9 +4,13 @@ The built-in model (demo/model.py, trained by demo/train.py) answers the held-ou
 scenes.py through the real store, reader and Session, one frame in context (max_frames 1, as it was
 trained). For every test scene the settings take turns on the same frame, interleaved so that drift
 of the shared drive hits them alike: dense (sparsity 0) and each sparsity of SPARSITIES for
-magnitude and chunking, both on the store's hot–cold order. Per setting: exact-match accuracy per
-question kind, and per frame (median) the I/O time, bytes, reads and retained importance of
-the frame append (direct I/O, so every read is cold).
+magnitude and chunking, both on the store's hot–cold order, each with the sparsity spread uniformly
+and, when the store has an allocation, layer-wise (store/allocation.py); then chunking layer-wise in
+the latency-budget mode at three frame budgets (budget.py; by default 0.9, 1.2 and 1.6 times the
+median dense frame time of a warm-up), its questions at the sparsity the budget chose. Per setting:
+exact-match accuracy per question kind, and per frame (median) the I/O time, bytes, reads and
+retained importance of the frame append (direct I/O, so every read is cold); per budget also the
+sparsity chosen and the budget hit rate (frames whose measured time was at most 1.1 x the budget).
 
 Matched accuracy (the paper's protocol): for each chunking point, magnitude's I/O time at the same
 accuracy, interpolated linearly along magnitude's curve (dense is its sparsity 0); the speedup is
@@ -28,58 +32,94 @@ from nchunk_core.demo import scenes
 from nchunk_core.demo.model import shipped_store
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.runtime.session import Session, SessionConfig
+from nchunk_core.store.allocation import load_allocation
 from nchunk_core.demo.train_settings import FRAME_H, FRAME_W, TEST_SCENES
 
 SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 METHODS = ("magnitude", "chunking")
+BUDGET_FACTORS = (0.9, 1.2, 1.6)  # default frame budgets, times the warm-up's median dense frame time
+BUDGET_SLACK = 1.1  # a frame within 10 % of its budget counts as a hit
+WARMUP_FRAMES = 6
 
 
 def settings(methods=METHODS, sparsities=SPARSITIES) -> list[tuple[str, float]]:
     return [("dense", 0.0)] + [(m, s) for s in sparsities for m in methods]
 
 
+def _record() -> dict:
+    return {"right": {k: 0 for k in scenes.KINDS}, "total": {k: 0 for k in scenes.KINDS}, "io_s": [], "bytes": [],
+            "reads": [], "retained": [], "select_s": [], "total_s": [], "sparsity": [], "met": []}
+
+
+def _warmup_ms(session, question_set) -> float:
+    """Median dense frame time (ms) over WARMUP_FRAMES appends of the first test frames."""
+    session.update(SelectionSettings(0.0, "dense"))
+    frames = [scenes.render_scene(scene) for scene, _ in question_set[:3]]
+    times = [session.append_frame(frames[i % len(frames)]).total_s for i in range(WARMUP_FRAMES + 1)]
+    return statistics.median(times[1:]) * 1e3
+
+
 def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHODS, sparsities=SPARSITIES,
-        threads: int = 6, log=print) -> dict:
+        threads: int = 6, budgets_ms=None, log=print) -> dict:
     store = Path(store) if store else shipped_store()
     test = scenes.split_scenes("test", scene_count, seed, FRAME_W, FRAME_H)
     question_set = scenes.question_set(test, seed, "test")
-    plan = settings(methods, sparsities)
-    rec = {key: {"right": {k: 0 for k in scenes.KINDS}, "total": {k: 0 for k in scenes.KINDS},
-                 "io_s": [], "bytes": [], "reads": [], "retained": [], "select_s": []} for key in plan}
     cfg = SessionConfig(max_frames=1, max_new_tokens=4, reader_threads=threads)
     t0 = time.perf_counter()
     with Session.open(store, cfg, log=lambda m: None) as session:  # quiet: it logs every rebuild
         sizes = row_bytes(session.store)
+        allocations = ("uniform", "layerwise") if load_allocation(session.store) else ("uniform",)
+        plan = [(m, s, "uniform") for m, s in settings(methods, sparsities)[:1]]
+        plan += [(m, s, a) for m, s in settings(methods, sparsities)[1:] for a in allocations]
+        warmup_ms = _warmup_ms(session, question_set)
+        budgets = tuple(float(b) for b in budgets_ms) if budgets_ms else tuple(
+            round(f * warmup_ms, 1) for f in BUDGET_FACTORS)
+        plan += [("budget", b, allocations[-1]) for b in budgets]
+        rec = {key: _record() for key in plan}
         for n, (scene, questions) in enumerate(question_set):
             frame = scenes.render_scene(scene)
             for key in plan:
-                method, sparsity = key
-                session.update(SelectionSettings(sparsity, "chunking" if method == "dense" else method))
+                method, value, allocation = key
+                budgeted = method == "budget"
+                selection = SelectionSettings(0.0 if budgeted else value, "chunking" if method in ("dense", "budget")
+                                              else method, allocation=allocation)
+                session.update(selection, frame_budget_ms=value if budgeted else 0.0)
                 st = session.append_frame(frame)
+                if budgeted:  # the questions at the sparsity the budget chose for the frame
+                    session.update(st.selection)
                 r = rec[key]
                 if n > 0:  # the first append also starts the conversation (prefix): not a frame cost
-                    r["io_s"].append(st.io_s)
-                    r["bytes"].append(st.bytes_read)
-                    r["reads"].append(st.reads)
-                    r["retained"].append(st.retained)
-                    r["select_s"].append(st.select_s)
+                    for name, v in (("io_s", st.io_s), ("bytes", st.bytes_read), ("reads", st.reads),
+                                    ("retained", st.retained), ("select_s", st.select_s), ("total_s", st.total_s),
+                                    ("sparsity", st.selection.sparsity), ("met", st.budget_met)):
+                        r[name].append(v)
                 for q in questions:
                     r["total"][q.kind] += 1
                     r["right"][q.kind] += session.ask(q.text).text == q.answer
             if (n + 1) % 50 == 0 or n + 1 == len(test):
                 log(f"{n + 1}/{len(test)} scenes, {time.perf_counter() - t0:.0f} s")
-    points = []
-    for (method, sparsity), r in rec.items():
+    points, budget_points = [], []
+    for (method, value, allocation), r in rec.items():
         acc = {k: r["right"][k] / r["total"][k] for k in scenes.KINDS if r["total"][k]}
-        points.append({
-            "method": method, "sparsity": sparsity,
-            "accuracy": sum(r["right"].values()) / sum(r["total"].values()), "accuracy_by_kind": acc,
-            "io_ms": statistics.median(r["io_s"]) * 1e3, "kib": statistics.median(r["bytes"]) / 1024,
-            "reads": statistics.median(r["reads"]), "retained": float(np.mean(r["retained"])),
-            "select_ms": statistics.median(r["select_s"]) * 1e3,
-        })
-    return summarize(points, store, sizes, len(test), sum(len(q) for _, q in question_set), seed,
-                     time.perf_counter() - t0)
+        p = {"method": method, "sparsity": value, "allocation": allocation,
+             "accuracy": sum(r["right"].values()) / sum(r["total"].values()), "accuracy_by_kind": acc,
+             "io_ms": statistics.median(r["io_s"]) * 1e3, "kib": statistics.median(r["bytes"]) / 1024,
+             "reads": statistics.median(r["reads"]), "retained": float(np.mean(r["retained"])),
+             "select_ms": statistics.median(r["select_s"]) * 1e3, "frame_ms": statistics.median(r["total_s"]) * 1e3}
+        if method == "budget":
+            del p["sparsity"]
+            p.update(budget_ms=value, sparsity_chosen=float(np.mean(r["sparsity"])),
+                     planned_met=float(np.mean(r["met"])), frames=len(r["total_s"]),
+                     hits=int(sum(t * 1e3 <= BUDGET_SLACK * value for t in r["total_s"])))
+            budget_points.append(p)
+        else:
+            points.append(p)
+    res = summarize(points, store, sizes, len(test), sum(len(q) for _, q in question_set), seed,
+                    time.perf_counter() - t0, chance_accuracy(question_set))
+    frames = sum(p["frames"] for p in budget_points)
+    res.update(warmup_dense_frame_ms=warmup_ms, budget_points=budget_points,
+               budget_hit_rate=sum(p["hits"] for p in budget_points) / frames if frames else None)
+    return res
 
 
 def pareto(points: list[dict]) -> list[dict]:
@@ -93,14 +133,17 @@ def pareto(points: list[dict]) -> list[dict]:
 
 
 def matched_speedups(points: list[dict], label: str = "chunking", baseline: str = "magnitude",
-                     front: bool = False) -> dict[float, float]:
+                     front: bool = False, allocation: str | None = None) -> dict[float, float]:
     """Per sparsity of `label`: the baseline's I/O time at the same accuracy / label's I/O time.
 
     The baseline's curve is its points plus dense (its sparsity 0), ordered by accuracy (the paper's
     protocol). With `front`, only its Pareto front counts: a point slower than a more accurate one
     (dense included) is dropped, so the speedup is over the best way the baseline reaches that
-    accuracy. Points outside the curve's accuracy range get no value.
+    accuracy. Points outside the curve's accuracy range get no value. `allocation`: only points
+    with that allocation (dense always counts).
     """
+    if allocation is not None:
+        points = [p for p in points if p["method"] == "dense" or p.get("allocation") == allocation]
     curve = [p for p in points if p["method"] in (baseline, "dense")]
     curve = pareto(curve) if front else sorted(curve, key=lambda p: (p["accuracy"], -p["io_ms"]))
     acc = np.array([p["accuracy"] for p in curve])
@@ -117,10 +160,31 @@ def _mean(d: dict) -> float | None:
 
 
 def summarize(points, store: Path, sizes: dict[str, int], scene_count: int, question_count: int, seed: int,
-              seconds: float) -> dict:
-    speedups, front = matched_speedups(points), matched_speedups(points, front=True)
+              seconds: float, chance: float = 0.0) -> dict:
+    """The result: figures of the shipped configuration (layer-wise when the store has an
+    allocation), the same per allocation, and every point."""
+    allocations = sorted({p.get("allocation", "uniform") for p in points if p["method"] != "dense"})
+    shipped = "layerwise" if "layerwise" in allocations else "uniform"
+    speedups, front = (matched_speedups(points, allocation=shipped),
+                       matched_speedups(points, front=True, allocation=shipped))
     dense = next(p for p in points if p["method"] == "dense")
+
+    def ratio_at(sparsity):
+        p = [p for p in points if p["method"] == "chunking" and p.get("allocation", "uniform") == shipped
+             and p["sparsity"] == sparsity]
+        return p[0]["accuracy"] / dense["accuracy"] if p and dense["accuracy"] else None
+
+    accuracy = {(p["method"], p["sparsity"]): p["accuracy"] for p in points
+                if p.get("allocation", "uniform") == shipped or p["method"] == "dense"}
+    above = {s: v for s, v in speedups.items()
+             if min(accuracy.get(("chunking", s), 0.0), accuracy.get(("magnitude", s), 0.0)) > chance}
     return {
+        "allocation": shipped, "chance_accuracy": chance,
+        "speedups_matched_accuracy_above_chance": {str(s): v for s, v in above.items()},
+        "chunking_beats_magnitude_above_chance": bool(above) and all(v > 1.0 for v in above.values()),
+        "chunking_accuracy_ratio_at_30": ratio_at(0.3), "chunking_accuracy_ratio_at_50": ratio_at(0.5),
+        "speedups_by_allocation": {a: {str(s): v for s, v in matched_speedups(points, allocation=a).items()}
+                                   for a in allocations},
         "store": str(store), "test_scenes": scene_count, "test_questions": question_count, "seed": seed,
         "seconds": round(seconds, 1),
         "dense_accuracy": dense["accuracy"], "dense_accuracy_by_kind": dense["accuracy_by_kind"],
@@ -134,6 +198,16 @@ def summarize(points, store: Path, sizes: dict[str, int], scene_count: int, ques
     }
 
 
+def chance_accuracy(question_set) -> float:
+    """Accuracy of always giving each question kind's most frequent answer (the majority baseline)."""
+    answers: dict[str, list[str]] = {}
+    for _, questions in question_set:
+        for q in questions:
+            answers.setdefault(q.kind, []).append(q.answer)
+    right = sum(max(a.count(x) for x in set(a)) for a in answers.values())
+    return right / sum(len(a) for a in answers.values())
+
+
 def row_bytes(store) -> dict[str, int]:
     """Bytes of one row per group kind (the first layer's), to set these figures beside a 7B's."""
     return {g.name.split(".", 2)[2]: g.row_bytes for name in store.inputs() if name.startswith("layers.0.")
@@ -145,18 +219,34 @@ def format_table(res: dict) -> str:
     lines = [f"bench accuracy: {res['test_questions']} test questions on {res['test_scenes']} held-out scenes "
              f"(seed {res['seed']}), store {res['store']}",
              "row sizes: " + ", ".join(f"{k} {v} B" for k, v in res["row_bytes"].items()),
-             f"{'method':<10}{'sparsity':>9}{'accuracy':>9}" + "".join(f"{k:>10}" for k in kinds)
-             + f"{'I/O ms':>8}{'KiB':>8}{'reads':>7}{'retained':>9}"]
-    for p in sorted(res["points"], key=lambda p: (p["sparsity"], p["method"])):
-        lines.append(f"{p['method']:<10}{p['sparsity']:>9.1f}{p['accuracy']:>9.3f}"
+             f"{'method':<10}{'allocation':>11}{'sparsity':>9}{'accuracy':>9}" + "".join(f"{k:>10}" for k in kinds)
+             + f"{'I/O ms':>8}{'KiB':>8}{'reads':>7}{'retained':>9}{'frame ms':>9}"]
+    for p in sorted(res["points"], key=lambda p: (p["sparsity"], p["method"], p.get("allocation", ""))):
+        lines.append(f"{p['method']:<10}{p.get('allocation', 'uniform'):>11}{p['sparsity']:>9.1f}{p['accuracy']:>9.3f}"
                      + "".join(f"{p['accuracy_by_kind'].get(k, float('nan')):>10.3f}" for k in kinds)
-                     + f"{p['io_ms']:>8.2f}{p['kib']:>8.0f}{p['reads']:>7.0f}{p['retained']:>9.3f}")
+                     + f"{p['io_ms']:>8.2f}{p['kib']:>8.0f}{p['reads']:>7.0f}{p['retained']:>9.3f}"
+                     + f"{p.get('frame_ms', float('nan')):>9.1f}")
     for key, what in (("", "along magnitude's curve (paper protocol)"),
                       ("_vs_front", "against magnitude's Pareto front, dense included")):
         sp, mean = res["speedups_matched_accuracy" + key], res["mean_speedup_matched_accuracy" + key]
         lines.append(f"chunking over magnitude at matched accuracy, {what}: "
                      + (", ".join(f"{float(s):.0%} {v:.2f}x" for s, v in sp.items()) or "no point in range")
                      + (f"; mean {mean:.2f}x" if mean is not None else ""))
+    for a, sp in res.get("speedups_by_allocation", {}).items():
+        lines.append(f"  {a}: " + (", ".join(f"{float(s):.0%} {v:.2f}x" for s, v in sp.items()) or "no point in range"))
+    lines.append(f"chance (majority answer per kind) {res.get('chance_accuracy', 0.0):.3f}; chunking beats magnitude "
+                 f"at every sparsity where both are above chance ({res['allocation']}): "
+                 f"{res.get('chunking_beats_magnitude_above_chance')}")
+    for key in ("chunking_accuracy_ratio_at_30", "chunking_accuracy_ratio_at_50"):
+        if res.get(key) is not None:
+            lines.append(f"{key} ({res['allocation']}): {res[key]:.3f}")
+    if res.get("budget_points"):
+        lines.append(f"latency-budget mode (chunking, {res['allocation']}; warm-up dense frame "
+                     f"{res['warmup_dense_frame_ms']:.1f} ms): budget_hit_rate {res['budget_hit_rate']:.3f}")
+        lines.append(f"{'budget ms':>10}{'frame ms':>9}{'hit rate':>9}{'planned met':>12}{'sparsity':>9}{'accuracy':>9}")
+        for p in res["budget_points"]:
+            lines.append(f"{p['budget_ms']:>10.1f}{p['frame_ms']:>9.1f}{p['hits'] / max(1, p['frames']):>9.3f}"
+                         f"{p['planned_met']:>12.3f}{p['sparsity_chosen']:>9.3f}{p['accuracy']:>9.3f}")
     lines.append(f"dense accuracy {res['dense_accuracy']:.3f}, dense I/O {res['dense_io_ms']:.2f} ms per frame")
     return "\n".join(lines)
 
@@ -171,13 +261,18 @@ def plot(res: dict, out_dir) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     dense = next(p for p in res["points"] if p["method"] == "dense")
-    for method, style in (("magnitude", "s-"), ("chunking", "o-")):
-        pts = [dense] + sorted((p for p in res["points"] if p["method"] == method), key=lambda p: p["sparsity"])
-        ax.plot([p["io_ms"] for p in pts], [p["accuracy"] for p in pts], style, ms=4, label=method)
+    for (method, allocation), style in ((("magnitude", "uniform"), "s:"), (("chunking", "uniform"), "o:"),
+                                        (("magnitude", "layerwise"), "s-"), (("chunking", "layerwise"), "o-")):
+        pts = [dense] + sorted((p for p in res["points"] if p["method"] == method
+                                and p.get("allocation", "uniform") == allocation), key=lambda p: p["sparsity"])
+        if len(pts) == 1:
+            continue
+        label = f"{method}, {allocation}"
+        ax.plot([p["io_ms"] for p in pts], [p["accuracy"] for p in pts], style, ms=4, label=label)
         for p in pts[1:]:
             ax.annotate(f"{p['sparsity']:.0%}", (p["io_ms"], p["accuracy"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-        bx.plot([p["sparsity"] for p in pts], [p["io_ms"] for p in pts], style, ms=4, label=method)
+        bx.plot([p["sparsity"] for p in pts], [p["io_ms"] for p in pts], style, ms=4, label=label)
     ax.set(xlabel="I/O time per frame (ms, median, direct I/O)", ylabel="test accuracy (exact match)",
            title="Accuracy vs I/O time (labels: sparsity)")
     bx.set(xlabel="sparsity", ylabel="I/O time per frame (ms, median)", title="I/O time vs sparsity")

@@ -15,6 +15,8 @@ What goes where (store format: store/__init__.py; names: flash_model.py):
   the channel was in the top half (what the hot–cold order sorts by); the manifest's
   ``model.calibration`` says how many frames and from where;
 - the hot–cold permutation per input → permutations.safetensors;
+- the layer-wise sparsity allocation → sparsity_allocation.json (store/allocation.py), measured on
+  `allocation_frames` of the calibration frames, spread over them (convert/sensitivity.py);
 - config.json, generation_config.json, tokenizer and processor files → copied next to the manifest;
 - the manifest's `recommended` settings (store/recommended.py): `recommended` when given (what the
   caller validated), else CONVERTED: sparsity 0, which reads every row and reproduces the checkpoint.
@@ -29,10 +31,12 @@ resident part, which the runtime keeps in RAM anyway, is held until each store i
    per-frame importance (mean |x| over the frame's tokens) in an ActivationCounter; each frame is a
    full dense forward, so the time of the first one is logged as an estimate of the rest, and a
    progress bar follows them;
-4. rewrite the store permuted hot–cold, group by group from the first store, then delete the first.
+4. rewrite the store permuted hot–cold, group by group from the first store, then delete the first;
+5. measure each input's sensitivity on the new store and write the sparsity allocation.
 
 The work directory needs about twice the backbone's size on the drive while step 4 runs. With
-`reorder=False` steps 3-4 are skipped (identity order, no calibration).
+`reorder=False` steps 3-5 are skipped (identity order, no calibration, uniform sparsity); with
+`allocation=False` step 5 is (it costs 1 + inputs x 10 frame appends per frame).
 """
 from __future__ import annotations
 
@@ -136,7 +140,7 @@ def calibration_frames(directory, limit: int, log: Log):
     return str(directory), files
 
 
-def _load_frame(frame):
+def load_frame(frame):
     if not isinstance(frame, Path):
         return frame
     try:
@@ -198,14 +202,14 @@ def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = 
     with Session.open(store_path, cfg, log=log, table=LatencyTable.synthetic()) as session:
         session.set_observer(recorder)
         t0 = time.perf_counter()
-        first = session.append_frame(_load_frame(frames[0]))
+        first = session.append_frame(load_frame(frames[0]))
         first_s = time.perf_counter() - t0
         log(f"calibrating on {len(frames)} frame(s): the first ({first.visual_tokens} visual tokens) took "
             f"{first_s:.1f} s, so about {_duration(first_s * (len(frames) - 1))} for the other "
             f"{len(frames) - 1}")
         for frame in tqdm(frames[1:], desc="calibrating", unit="frame", initial=1, total=len(frames),
                           disable=not progress):
-            session.append_frame(_load_frame(frame))
+            session.append_frame(load_frame(frame))
     return recorder.results()
 
 
@@ -252,15 +256,16 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             reorder: bool = True, calib_frames: int = 32, calib_device: str = "cpu",
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
             recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
-            frame_tokens="auto") -> Path:
+            frame_tokens="auto", allocation: bool = True, allocation_frames: int = 8) -> Path:
     """Convert the checkpoint in `model_dir` into a store at `store_dir` (see the module docstring)."""
     log = log or (lambda message: None)
     if recommended is not None and not isinstance(recommended, Recommended):
         raise ValueError(f"recommended must be a Recommended or None, got {type(recommended).__name__}")
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    if isinstance(calib_frames, bool) or not isinstance(calib_frames, int) or calib_frames < 1:
-        raise ValueError(f"calib_frames must be a positive integer, got {calib_frames!r}")
+    for name, value in (("calib_frames", calib_frames), ("allocation_frames", allocation_frames)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     dst = Path(store_dir).absolute()
     _prepare_destination(dst, overwrite)
     frame_tokens = frame_tokens_value(frame_tokens)
@@ -296,6 +301,13 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             permute_store(first, final, calibration, info, progress)
             copy_model_files(source, final)
             shutil.rmtree(first)
+            if allocation:
+                from nchunk_core.convert.sensitivity import calibrate_allocation
+
+                picks = np.linspace(0, len(frames) - 1, min(allocation_frames, len(frames))).round().astype(int)
+                calibrate_allocation(final, [load_frame(frames[i]) for i in picks], device=calib_device,
+                                     dtype=calib_dtype, threads=threads, source=frames_source, progress=progress,
+                                     log=log, frame_tokens=frame_tokens)
         set_recommended(final, recommended or CONVERTED)
         Store.open(final)  # the result opens and validates before it replaces anything
         if dst.exists():

@@ -258,6 +258,17 @@ def calibration_frames(directory: Path, seed: int, count: int = 32) -> Path:
     return directory
 
 
+def calibrate_allocation(store: Path | None = None, seed: int = 0, frames: int = 16, log=print) -> int:
+    """Measure the sparsity allocation of the built-in model's store (default: the shipped one) on
+    `frames` training scenes (never the validation or test split) and write it into the store."""
+    from nchunk_core.convert.sensitivity import calibrate_allocation as calibrate
+
+    images = [scenes.render_scene(scenes.split_scene("train", 10_000_000 + i, seed, FRAME_W, FRAME_H))
+              for i in range(frames)]
+    calibrate(store or shipped_store(), images, source=f"{frames} training scenes (seed {seed})", log=log)
+    return 0
+
+
 def train_and_convert(s: Settings, out: Path, store: Path | None = None, convert_store: bool = True,
                       log=print) -> int:
     """Train (checkpoint in `out`), then convert into `store` (default: the shipped store's place)."""

@@ -47,6 +47,14 @@ def positive_int(name: str, value, upper: int | None = None) -> int:
     return int(value)
 
 
+def check_budget_ms(value) -> float:
+    """`value` as a float if it is a finite number >= 0 (a frame budget in ms; 0 = off)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value < 0):
+        raise ValueError(f"frame_budget_ms must be a number >= 0 (0 = off), got {value!r}")
+    return float(value)
+
+
 def ram_budget_value(value) -> float:
     """`value` as a float if it is a finite number of MiB >= 0 (0: no row cache); ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
@@ -77,6 +85,10 @@ class SessionConfig:
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
     overlap: bool = True  # read in pieces and prefetch the next input's rows while computing (overlap.py)
+    # > 0: each frame's sparsity is chosen so that its estimated time fits this many ms (budget.py),
+    # from 0 up to budget_max_sparsity; selection.sparsity is then ignored for frames. 0: off.
+    frame_budget_ms: float = 0.0
+    budget_max_sparsity: float = 0.9
 
     def __post_init__(self):
         if not isinstance(self.device, str):
@@ -103,3 +115,9 @@ class SessionConfig:
         self.ram_budget_mib = ram_budget_value(self.ram_budget_mib)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be True or False, got {self.overlap!r}")
+        self.frame_budget_ms = check_budget_ms(self.frame_budget_ms)
+        value = self.budget_max_sparsity
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or not 0.0 <= value < 1.0):
+            raise ValueError(f"budget_max_sparsity must be a number in [0, 1), got {value!r}")
+        self.budget_max_sparsity = float(value)

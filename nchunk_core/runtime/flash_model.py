@@ -8,7 +8,8 @@ non-persistent buffers (rotary frequencies, position ids), which are computed fr
 model's own initialiser. The key sets of the store and of the model must match exactly.
 
 Input, group and output names and the calibration prefix are shared with the converter
-(store/naming.py).
+(store/naming.py). A layer-wise selection takes each input's sparsity from the store's allocation
+(store/allocation.py): `FlashVLM.settings_for(input)` is what every flash layer selects with.
 
 The HF attention and MLP code calls q_proj(x), k_proj(x), v_proj(x) one after the other on the same
 tensor x. The views of one input share a `SharedProjections`: the first call runs the flash layer
@@ -21,6 +22,7 @@ layer raises `Cancelled` instead of running.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,6 +37,7 @@ from nchunk_core.runtime.layers import FlashProjections, Workspace
 from nchunk_core.runtime.row_cache import RowCache, build_cache
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store, StoreFormatError
+from nchunk_core.store.allocation import SparsityAllocation
 from nchunk_core.store.naming import CALIBRATION_PREFIX, input_name
 
 # Modules that turn pixels into visual tokens, timed as "vision" (module paths in the model).
@@ -121,20 +124,35 @@ class ProjectionView(nn.Module):
                 f"input={self._shared.flash.input_name!r}, output {self.index}")
 
 
+def per_input_settings(selection: SelectionSettings,
+                       allocation: SparsityAllocation | None) -> dict[str, SelectionSettings]:
+    """The settings of each input for `selection`: {} when every input takes `selection` as it is
+    (uniform allocation, no store allocation, dense, sparsity 0), else input name -> `selection`
+    with that input's sparsity from the store's allocation."""
+    if (selection.allocation != "layerwise" or allocation is None or selection.method == "dense"
+            or selection.sparsity == 0.0):
+        return {}
+    return {name: dataclasses.replace(selection, sparsity=s)
+            for name, s in allocation.at(selection.sparsity).items()}
+
+
 class FlashVLM:
-    """The built model plus its flash layers, the selection settings in force, per-call statistics and
-    vision timing."""
+    """The built model plus its flash layers, the selection settings in force (spread over the
+    inputs by the store's allocation), per-call statistics and vision timing."""
 
     def __init__(self, model: nn.Module, arch: str, layers: dict[str, FlashProjections],
                  stats: list, selection: SelectionSettings, store: Store | None = None,
-                 workspace: Workspace | None = None):
+                 workspace: Workspace | None = None, allocation: SparsityAllocation | None = None):
         self.model = model
         self.store = store
         self.workspace = workspace  # reader, row stream and row cache shared by the layers
         self.arch = arch
         self.layers = layers  # input name -> FlashProjections
         self.stats = stats  # CallStats of every flash call since the last clear
-        self.selection = selection  # read by every flash layer at each call
+        self.allocation = allocation  # the store's layer-wise sparsity, or None
+        # input name -> settings that replace the resolved ones (sensitivity measurement); None: none
+        self.overrides: dict[str, SelectionSettings] | None = None
+        self.selection = selection  # read by every flash layer at each call (settings_for)
         self.observer: Observer | None = None
         self.phase = ""  # what the session is appending (passed to the observer)
         self.vision_s = 0.0
@@ -164,6 +182,21 @@ class FlashVLM:
                 inputs = {name: (layer.groups, layer.handles) for name, layer in self.layers.items()}
                 ws.cache = build_cache(self.store, ws.reader, inputs, ws.device, budget_bytes)
             return ws.cache
+
+    @property
+    def selection(self) -> SelectionSettings:
+        return self._selection
+
+    @selection.setter
+    def selection(self, value: SelectionSettings) -> None:
+        self._per_input = per_input_settings(value, self.allocation)
+        self._selection = value
+
+    def settings_for(self, input_name: str) -> SelectionSettings:
+        """The settings the flash layer of `input_name` selects with at this call."""
+        if self.overrides is not None:
+            return self.overrides.get(input_name, self._selection)
+        return self._per_input.get(input_name, self._selection)
 
     def _vision_start(self, module, args):
         self._vision_t0 = time.perf_counter()
@@ -195,7 +228,8 @@ def _swap_projections(flash_model: FlashVLM, store: Store, table: LatencyTable, 
             if not store.groups_for_input(name):
                 raise StoreFormatError(f"{store.path}: no matrix group for input {name!r} "
                                        f"(projections {', '.join(p.rsplit('.', 1)[-1] for p in paths)})")
-            flash = FlashProjections(store, name, table, lambda: flash_model.selection, workspace, dtype=dtype,
+            flash = FlashProjections(store, name, table, lambda name=name: flash_model.settings_for(name),
+                                     workspace, dtype=dtype,
                                      biases=biases, stats_sink=flash_model.stats).to(device)
             flash.biases = {n: b.to(device) for n, b in flash.biases.items()}
             if flash.outputs != paths:
@@ -253,8 +287,9 @@ def _load_resident(model: nn.Module, store: Store, names: set[str], tied: dict[s
 
 def build_flash_model(store: Store, table: LatencyTable, selection: SelectionSettings,
                       workspace: Workspace, device="cpu", dtype: torch.dtype = torch.float32,
-                      stats: list | None = None) -> FlashVLM:
-    """The store's VLM with streamed decoder projections (see the module docstring)."""
+                      stats: list | None = None, allocation: SparsityAllocation | None = None) -> FlashVLM:
+    """The store's VLM with streamed decoder projections (see the module docstring); `allocation`
+    spreads a layer-wise selection's sparsity over the inputs (store/allocation.py)."""
     device = torch.device(device)
     config = load_config(store.path)
     stored_arch = store.model_info.get("arch")
@@ -263,7 +298,8 @@ def build_flash_model(store: Store, table: LatencyTable, selection: SelectionSet
                                f"says {config.model_type!r}")
     model = meta_model(config)
     tied = tied_keys(model)
-    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, selection, store, workspace)
+    flash_model = FlashVLM(model, config.model_type, {}, [] if stats is None else stats, selection, store, workspace,
+                           allocation)
     names = {n for n in store.resident_names() if not n.startswith(CALIBRATION_PREFIX)}
     paths = [p for layer in adapter_class(config.model_type).projection_groups(model)
              for group in layer.values() for p in group]

@@ -39,12 +39,17 @@ class FrameStats:
     frames_in_context: int
     rebuilt: bool  # the max_frames policy fired
     stamp: object  # the stamp given with the frame (None if none)
-    selection: SelectionSettings  # the selection settings this frame was appended with
+    selection: SelectionSettings  # the selection settings this frame was appended with (its sparsity
+    # is the one actually used: with a frame budget, the one the budget chose)
     max_frames: int  # the max_frames in force for this frame
     io_wait_s: float = 0.0  # blocked waiting for reads
     cached_bytes: int = 0  # selected rows served from the row cache (not read)
     prefetch_hit_bytes: int = 0  # selected rows read ahead, before their selection was known
     prefetch_wasted_bytes: int = 0  # rows read ahead that the selection did not use (on top of bytes_read)
+    frame_budget_ms: float = 0.0  # the frame budget in force (0: off)
+    budget_met: bool | None = None  # with a budget: whether the estimate fit it (False: even at
+    # budget_max_sparsity it did not); None without one
+    predicted_s: float = 0.0  # with a budget: the estimated frame time planned with
 
 
 @dataclasses.dataclass

@@ -33,6 +33,10 @@ import numpy as np
 from nchunk_core.io.latency import LatencyTable
 
 METHODS = ("dense", "magnitude", "chunking", "dp")
+# How the sparsity is spread over a model's matrices: "layerwise" follows the store's calibrated
+# allocation (store/allocation.py; uniform when the store has none), "uniform" gives every matrix
+# the same sparsity.
+ALLOCATIONS = ("layerwise", "uniform")
 
 
 class WindowRows(NamedTuple):
@@ -94,20 +98,30 @@ class ChunkParams:
                           _kib_to_rows(self.jump_cap_kib, row_bytes))
 
 
-# Chosen by the window sweep of nchunk_core/bench/select_sweep.py (table and method in
-# docs/selection.md): the best mean retained importance at 10-50 % of the dense read time whose
-# selection stays under half the 2 ms budget at 18 944 rows. Small rows (q+k+v, q, down of a 7B
-# model: 7-9 KiB) gave 32/32/32 KiB; large rows (gate+up: 74 KiB) gave one-row windows at every
-# row, which 32/32/32 KiB also converts to for any row above 64 KiB.
+# Chosen by the window sweeps (tables and method in docs/selection.md). select_sweep.py, on a 7B
+# model's rows: the best mean retained importance at 10-50 % of the dense read time whose selection
+# stays under half the 2 ms budget at 18 944 rows: 32/32/32 KiB for its small rows (q+k+v, q,
+# down: 7-9 KiB), one-row windows at every row for large rows (gate+up: 74 KiB; 32/32/32 KiB
+# converts to the same above 64 KiB). row_size_sweep.py, on the rows of smaller models (0.5-4
+# KiB; there a 32 KiB window is a large part of a matrix and, at the runtime's fixed row budget,
+# loses up to a tenth of magnitude's importance): among the settings never below magnitude at equal
+# estimated time, the one keeping the most importance at equal rows: windows of exactly 2 rows,
+# 3 rows for matrices of at most FEW_ROWS rows (there 2-row windows lose to magnitude's long runs).
 SMALL_ROWS = ChunkParams(start_kib=32.0, step_kib=32.0, max_kib=None, jump_cap_kib=32.0)
 LARGE_ROWS = ChunkParams(start_kib=4.0, step_kib=4.0, max_kib=None, jump_cap_kib=8.0)
 LARGE_ROW_BYTES = 32 * 1024  # rows above this use LARGE_ROWS
+FINE_ROW_BYTES = 6 * 1024  # rows below this use windows of a few rows
+FEW_ROWS = 256
 
 
 def default_params(row_bytes: int, rows: int) -> ChunkParams:
-    """Chunking windows for a matrix of `rows` rows of `row_bytes` bytes (see the sweep above)."""
-    del rows  # the sweep found no dependence on the row count beyond selection time
-    return LARGE_ROWS if row_bytes > LARGE_ROW_BYTES else SMALL_ROWS
+    """Chunking windows for a matrix of `rows` rows of `row_bytes` bytes (see the sweeps above)."""
+    if row_bytes > LARGE_ROW_BYTES:
+        return LARGE_ROWS
+    if row_bytes >= FINE_ROW_BYTES:
+        return SMALL_ROWS
+    kib = (3 if rows <= FEW_ROWS else 2) * row_bytes / 1024.0  # one window size, placed on its own grid
+    return ChunkParams(start_kib=kib, step_kib=kib, max_kib=kib, jump_cap_kib=kib)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +131,10 @@ class SelectionSettings:
     (ValueError naming the field), and passed through unchanged.
     """
 
-    sparsity: float = 0.0  # fraction of each matrix's input rows NOT read, in [0, 1)
+    sparsity: float = 0.0  # fraction of the input rows NOT read, in [0, 1): the byte-weighted average
     method: str = "chunking"  # one of METHODS
     windows: ChunkParams | None = None  # chunking's candidate windows; None: default_params per matrix
+    allocation: str = "layerwise"  # one of ALLOCATIONS: how `sparsity` is spread over the matrices
 
     def __post_init__(self):
         value = self.sparsity
@@ -130,10 +145,13 @@ class SelectionSettings:
         check_method(self.method)
         if self.windows is not None and not isinstance(self.windows, ChunkParams):
             raise ValueError(f"windows must be a ChunkParams or None, got {type(self.windows).__name__}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
 
     @classmethod
     def from_kib(cls, sparsity: float, method: str, start_kib: float = 0.0, step_kib: float = 0.0,
-                 max_kib: float = 0.0, jump_cap_kib: float = 0.0) -> "SelectionSettings":
+                 max_kib: float = 0.0, jump_cap_kib: float = 0.0,
+                 allocation: str = "layerwise") -> "SelectionSettings":
         """From the node's flat parameters: window sizes in KiB where 0 means "the default".
 
         All four 0: windows None (per-matrix defaults). Otherwise explicit windows for every matrix,
@@ -147,12 +165,12 @@ class SelectionSettings:
                 raise ValueError(f"chunk_{name.removesuffix('_kib')}_kib must be a number >= 0, got {value!r}")
         explicit = {k: float(v) for k, v in fields.items() if v > 0}
         if not explicit:
-            return cls(sparsity, method, None)
+            return cls(sparsity, method, None, allocation)
         start = explicit.get("start_kib", ChunkParams.start_kib)
         if "max_kib" in explicit and explicit["max_kib"] < start:
             raise ValueError(f"chunk_max_kib ({explicit['max_kib']:g}) is below the smallest window "
                              f"({start:g} KiB): raise chunk_max_kib or set it to 0 (saturation size)")
-        return cls(sparsity, method, ChunkParams(**explicit))
+        return cls(sparsity, method, ChunkParams(**explicit), allocation)
 
     def budget(self, rows: int) -> int:
         """Rows to read for a matrix with `rows` input channels."""

@@ -6,6 +6,7 @@
     s.ask("What is on the table?")   # -> Answer
     s.ask("And now?", deadline=time.monotonic() + 2.0)   # partial answer if decoding runs past it
     s.update(selection=SelectionSettings(0.3, "chunking"))   # applied at the start of the next call
+    s.update(frame_budget_ms=300.0)  # each frame's sparsity chosen to fit 300 ms (budget.py)
     s.reset(keep_newest=True)        # the context restarts from the newest frame
     s.close()
 
@@ -62,28 +63,23 @@ from transformers import DynamicCache
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
 from nchunk_core.runtime.adapters import Chunk, adapter_class
+from nchunk_core.runtime.budget import FrameBudget, io_estimator
 from nchunk_core.runtime.cancel import CancelCheck, cancellable
 from nchunk_core.runtime.decoding import DecodingSettings, greedy_decode
-from nchunk_core.runtime.config import (MAX_NEW_TOKENS_LIMIT, SessionConfig, check_selection, positive_int,
-                                        ram_budget_value)
+from nchunk_core.runtime.config import (MAX_NEW_TOKENS_LIMIT, SessionConfig, check_budget_ms, check_selection,
+                                        positive_int, ram_budget_value)
 from nchunk_core.runtime.flash_model import build_flash_model
 from nchunk_core.store.naming import torch_dtype
 from nchunk_core.runtime.frames import as_frame_image, check_stamp, kept_copy
+from nchunk_core.runtime.kv_cache import copy_cache, truncate_cache
 from nchunk_core.runtime.layers import Workspace
 from nchunk_core.runtime.processors import load_processor, stop_token_ids
 from nchunk_core.runtime.results import Answer, FrameStats, call_totals, overlap_totals
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store
+from nchunk_core.store.allocation import load_allocation
 
 QUESTION_TEMPLATE_TOKENS = 16  # positions kept for the question prompt's template beyond max_question_tokens
-
-
-def truncate_cache(cache: DynamicCache, length: int) -> None:
-    """Drop every cached token after the first `length`, in every layer."""
-    for layer in cache.layers:
-        n = layer.get_seq_length()
-        if n > length:
-            layer.crop(length - n)
 
 
 class Session:
@@ -112,6 +108,7 @@ class Session:
         self._pending: dict = {}
         self._closed = False
         self._kept: collections.deque = collections.deque(maxlen=cfg.max_frames // 2)  # kept_copy images
+        self._budget = FrameBudget(io_estimator(flash, store))  # frame_budget_ms > 0 (budget.py)
         self._new_context()
 
     @classmethod
@@ -131,6 +128,10 @@ class Session:
         if not path.exists():
             raise FileNotFoundError(f"store {path} does not exist")
         store = Store.open(path)
+        allocation = load_allocation(store)
+        if allocation is None and cfg.selection.allocation == "layerwise":
+            log(f"{store.path} has no sparsity allocation: every matrix drops the same fraction of rows "
+                f"(`nchunk calibrate` measures one)")
         if table is None:
             from nchunk_core.io.profile import load_or_profile
 
@@ -138,7 +139,7 @@ class Session:
         reader = Reader(threads=cfg.reader_threads)
         try:
             flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device, cfg.overlap),
-                                      device=cfg.device, dtype=torch_dtype(cfg.dtype))
+                                      device=cfg.device, dtype=torch_dtype(cfg.dtype), allocation=allocation)
             flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20))
             processor = load_processor(store.path, flash.arch)
             session = cls(store, cfg, reader, flash, processor, log)
@@ -205,9 +206,11 @@ class Session:
         return max(1, min(MAX_NEW_TOKENS_LIMIT, room))
 
     def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None,
-               ram_budget_mib: float | None = None, max_new_tokens: int | None = None) -> None:
-        """Change the selection settings, max_frames, the row cache's RAM budget or max_new_tokens;
-        applied at the start of the next call (a new budget re-reads the cached rows then).
+               ram_budget_mib: float | None = None, max_new_tokens: int | None = None,
+               frame_budget_ms: float | None = None) -> None:
+        """Change the selection settings, max_frames, the row cache's RAM budget, max_new_tokens or
+        frame_budget_ms; applied at the start of the next call (a new RAM budget re-reads the cached
+        rows then).
 
         None leaves a setting unchanged. A refused value raises ValueError and changes nothing. A
         max_frames below the frames in context makes the next append rebuild the context.
@@ -221,6 +224,8 @@ class Session:
             change["selection"] = check_selection(selection)
         if ram_budget_mib is not None:
             change["ram_budget_mib"] = ram_budget_value(ram_budget_mib)
+        if frame_budget_ms is not None:
+            change["frame_budget_ms"] = check_budget_ms(frame_budget_ms)
         with self._pending_lock:
             self._pending.update(change)
 
@@ -233,11 +238,13 @@ class Session:
     def _apply_pending(self) -> None:
         with self._pending_lock:
             pending, self._pending = self._pending, {}
-        if not pending:
-            return
         old, self._cfg = self._cfg, dataclasses.replace(self._cfg, **pending)
         cfg = self._cfg
-        self._flash.selection = cfg.selection
+        self._flash.selection = cfg.selection  # also puts back what a budgeted frame chose
+        if not pending:
+            return
+        if old.frame_budget_ms != cfg.frame_budget_ms:
+            self._log(f"frame_budget_ms now {cfg.frame_budget_ms:g}" + (" (off)" if not cfg.frame_budget_ms else ""))
         if old.selection != cfg.selection:
             self._log(f"selection now {cfg.selection.method} at sparsity {cfg.selection.sparsity:g}")
         if old.ram_budget_mib != cfg.ram_budget_mib:
@@ -294,6 +301,11 @@ class Session:
         before = self._cache.get_seq_length()
         rebuilt = self._frames >= self._cfg.max_frames or (
             self._next_position + chunk.num_tokens + self._reserve() > self.max_positions)
+        plan = None
+        if self._cfg.frame_budget_ms:  # this frame's sparsity from the budget (budget.py)
+            chunks = (len(self._kept) + 1 if rebuilt else 1) + (0 if self._prefixed else 1)
+            plan = self._budget.plan_frame(self._cfg, chunks, self._log)
+            self._flash.selection = plan.selection
         if rebuilt:
             prep_s += self._rebuild(chunk)
         else:
@@ -316,20 +328,17 @@ class Session:
         calls = self._flash.stats
         totals, overlap = call_totals(calls), overlap_totals(calls)
         vision_s = prep_s + self._flash.vision_s
+        if plan is not None:
+            self._budget.observe(plan, total_s)
         return FrameStats(
             visual_tokens=chunk.num_visual_tokens, tokens=self._context_tokens - (0 if rebuilt else before),
             context_tokens=self._context_tokens, rows_read=sum(c.rows for c in calls),
             rows_total=sum(c.rows_total for c in calls), est_io_s=sum(c.est_io_s for c in calls),
             compute_s=max(0.0, total_s - vision_s - overlap["io_wait_s"] - totals["select_s"]),
             vision_s=vision_s, total_s=total_s, frames_in_context=self._frames, rebuilt=rebuilt, stamp=stamp,
-            selection=self._cfg.selection, max_frames=self._cfg.max_frames, **totals, **overlap)
-
-    def _prefix_copy(self) -> DynamicCache:
-        """A new cache holding a copy of the current cache's prefix."""
-        n, cache = self._prefix.num_tokens, DynamicCache()
-        for i, layer in enumerate(self._cache.layers):
-            cache.update(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone(), i)
-        return cache
+            selection=self._flash.selection, max_frames=self._cfg.max_frames, frame_budget_ms=self._cfg.frame_budget_ms,
+            budget_met=None if plan is None else plan.met, predicted_s=0.0 if plan is None else plan.predicted_s,
+            **totals, **overlap)
 
     def _rebuild(self, chunk: Chunk) -> float:
         """New cache: the prefix (copied), the kept frames re-encoded, then `chunk`. Returns encoding s."""
@@ -337,7 +346,7 @@ class Session:
         replay = [(self._encode(image), "replay") for image in self._kept]
         prep_s = time.perf_counter() - t0
         if self._prefixed:  # the prefix's keys and values are kept: it is the same text at the same place
-            cache, position = self._prefix_copy(), self._prefix.num_tokens
+            cache, position = copy_cache(self._cache, self._prefix.num_tokens), self._prefix.num_tokens
             chunks = [*replay, (chunk, "frame")]
         else:
             cache, position = DynamicCache(), 0

@@ -1,0 +1,191 @@
+"""Layer-wise sparsity from calibration: how much each streamed input's sparsity hurts the model,
+and the allocation of an average sparsity that hurts least (the store's sparsity_allocation.json).
+
+    allocation = calibrate_allocation(store_dir, frames)      # or: nchunk calibrate STORE --frames DIR
+
+1. **Sensitivity** (`measure`): for every calibration frame, the frame is appended once with every
+   row read (the reference), then once per input and level with that input alone sparsified
+   (magnitude selection, the best rows for that count) and every other input dense. The error is
+   the squared relative error of the last decoder layer's output over the frame's tokens (each
+   token's error over its own norm, averaged), averaged over frames: `error[i, l]`. Cost: per frame
+   1 + inputs x levels appends of one frame (the built-in model: 16 x 10, about 0.02 s each).
+2. **Allocation** (`allocate`), greedy as TEAL's calibration: start with every input dense and keep
+   giving the next step of sparsity to the input whose output error grows least per byte saved,
+   until every input is at the top level. Errors of separate inputs are taken to add (squared
+   relative errors of independent perturbations); each input's curve is made non-decreasing and
+   replaced by its lower convex hull, so the greedy order is the optimal one for that model and
+   the path is piecewise linear. The path is read at every GRID_STEP of byte-weighted average
+   sparsity; sensitive inputs keep more rows, tolerant ones fewer, at the same bytes in all.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from nchunk_core.io.latency import LatencyTable
+from nchunk_core.io.reader import Reader
+from nchunk_core.runtime.adapters import adapter_class
+from nchunk_core.runtime.flash_model import build_flash_model
+from nchunk_core.runtime.kv_cache import copy_cache
+from nchunk_core.runtime.layers import Workspace
+from nchunk_core.runtime.processors import load_processor
+from nchunk_core.runtime.select import SelectionSettings
+from nchunk_core.store import Store
+from nchunk_core.store.allocation import SparsityAllocation, input_bytes, write_allocation
+from nchunk_core.store.naming import torch_dtype
+
+LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # per-input sparsities measured
+GRID_STEP = 0.025  # of average sparsity, between the allocation's grid points
+DEFAULT_FRAMES = 8  # calibration frames used for sensitivity (each costs 1 + inputs x levels appends)
+
+Log = Callable[[str], None]
+
+
+def _relative_error2(h: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over tokens of ||h_t - ref_t||² / ||ref_t||²; h, ref: [T, D]."""
+    num = (h - ref).pow(2).sum(-1)
+    den = ref.pow(2).sum(-1).clamp_min(1e-30)
+    return float((num / den).mean())
+
+
+def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
+            threads: int = 6, progress: bool = True, log: Log | None = None, method: str = "magnitude",
+            table: LatencyTable | None = None, frame_tokens="auto") -> dict:
+    """Output error per input and level (see the module docstring).
+
+    frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode. Returns {"inputs": [N names], "error": float64
+    [N, L], "levels": [L], "frames": n, "seconds": s}.
+    """
+    log = log or (lambda message: None)
+    levels = tuple(float(x) for x in levels)
+    if not frames:
+        raise ValueError("sensitivity needs at least one calibration frame")
+    if not levels or any(not 0.0 < x < 1.0 for x in levels) or list(levels) != sorted(set(levels)):
+        raise ValueError(f"levels must be increasing sparsities in (0, 1), got {levels}")
+    t0 = time.perf_counter()
+    store = Store.open(store_path)
+    reader = Reader(threads=threads)
+    try:
+        # dense and magnitude selections never consult the drive's latency table
+        flash = build_flash_model(store, table or LatencyTable.synthetic(), SelectionSettings(0.0, "dense"),
+                                  Workspace(reader, device), device=device, dtype=torch_dtype(dtype))
+        adapter = adapter_class(flash.arch)(flash.model, load_processor(store.path, flash.arch),
+                                            frame_tokens=frame_tokens)
+        inputs = list(flash.layers)
+        outputs: list[torch.Tensor] = []
+
+        def keep_output(module, args, out):
+            outputs.append((out[0] if isinstance(out, tuple) else out).detach().float())
+
+        hook = adapter.decoder_layers(flash.model)[-1].register_forward_hook(keep_output)
+        try:
+            base = DynamicCache()
+            _, position = adapter.append(adapter.encode_text(adapter.prompt_prefix), base, 0)
+            error = np.zeros((len(inputs), len(levels)))
+            total = len(frames) * (1 + len(inputs) * len(levels))
+            with tqdm(total=total, desc="sensitivity", unit="append", disable=not progress) as bar:
+                for frame in frames:
+                    chunk = adapter.encode_frame(frame)
+
+                    def run(overrides):
+                        flash.overrides = overrides
+                        outputs.clear()
+                        adapter.append(chunk, copy_cache(base), position)
+                        bar.update()
+                        return outputs[-1].reshape(-1, outputs[-1].shape[-1])  # [T, D]
+
+                    ref = run(None)
+                    for i, name in enumerate(inputs):
+                        for j, level in enumerate(levels):
+                            h = run({name: SelectionSettings(level, method, allocation="uniform")})
+                            error[i, j] += _relative_error2(h, ref)
+        finally:
+            hook.remove()
+            flash.overrides = None
+    finally:
+        reader.close()
+    seconds = time.perf_counter() - t0
+    log(f"sensitivity of {len(inputs)} inputs at {len(levels)} levels on {len(frames)} frame(s): {seconds:.0f} s")
+    return {"inputs": inputs, "error": error / len(frames), "levels": list(levels), "frames": len(frames),
+            "seconds": round(seconds, 1)}
+
+
+def _hull(x: np.ndarray, y: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of points sorted by x (first and last included)."""
+    hull: list[int] = []
+    for k in range(len(x)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (y[b] - y[a]) * (x[k] - x[a]) >= (y[k] - y[a]) * (x[b] - x[a]):
+                hull.pop()  # b lies on or above the chord a-k
+            else:
+                break
+        hull.append(k)
+    return hull
+
+
+def allocate(inputs: list[str], weights, levels, error, grid_step: float = GRID_STEP,
+             basis: dict | None = None) -> SparsityAllocation:
+    """The greedy allocation for measured `error` [N, L] at `levels` (see the module docstring).
+
+    weights: bytes per input [N]. The grid runs from 0 in steps of `grid_step` up to the top level
+    (every input there, so uniform).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    x = np.concatenate([[0.0], np.asarray(levels, dtype=np.float64)])  # [L + 1]
+    err = np.asarray(error, dtype=np.float64)
+    segments = []  # (slope per byte, input, sparsity from, sparsity to)
+    for i in range(len(inputs)):
+        y = np.maximum.accumulate(np.concatenate([[0.0], np.maximum(err[i], 0.0)]))
+        hull = _hull(x, y)
+        for a, b in zip(hull, hull[1:]):
+            segments.append(((y[b] - y[a]) / ((x[b] - x[a]) * w[i]), i, x[a], x[b]))
+    segments.sort(key=lambda s: (s[0], s[1], s[2]))  # per input, hull slopes increase: order kept
+    top = float(x[-1])
+    grid = np.append(np.arange(0.0, top - 1e-9, grid_step), top)
+    rows = np.zeros((grid.size, len(inputs)))
+    current = np.zeros(len(inputs))
+    done = 0.0  # byte-weighted average reached
+    k = 1
+    for _, i, lo, hi in segments:
+        gain = (hi - lo) * w[i] / w.sum()
+        while k < grid.size and grid[k] <= done + gain + 1e-12:
+            t = (grid[k] - done) / gain if gain > 0 else 1.0
+            rows[k] = current
+            rows[k, i] = lo + t * (hi - lo)
+            k += 1
+        current[i] = hi
+        done += gain
+    rows[-1] = top  # every input at the top level
+    return SparsityAllocation(tuple(inputs), w, grid, rows, basis or {})
+
+
+def calibrate_allocation(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
+                         threads: int = 6, source: str = "", progress: bool = True, log: Log | None = None,
+                         write: bool = True, frame_tokens=None) -> SparsityAllocation:
+    """Measure the store's sensitivity on `frames`, allocate, and (with `write`) store the result.
+
+    frame_tokens None: the mode the store was calibrated in (its manifest), else "auto"."""
+    store = Store.open(store_path, check_alignment=False)
+    if frame_tokens is None:
+        frame_tokens = (store.model_info.get("calibration") or {}).get("frame_tokens", "auto")
+    sens = measure(store_path, frames, levels, device, dtype, threads, progress, log, frame_tokens=frame_tokens)
+    sizes = input_bytes(store)
+    basis = {"frames": sens["frames"], "source": source, "levels": sens["levels"], "frame_tokens": frame_tokens,
+             "selection": "magnitude", "seconds": sens["seconds"],
+             "error": "squared relative error of the last decoder layer's output over a frame's tokens",
+             "sensitivity": {name: [round(float(e), 8) for e in row]
+                             for name, row in zip(sens["inputs"], sens["error"])}}
+    allocation = allocate(sens["inputs"], [sizes[n] for n in sens["inputs"]], sens["levels"], sens["error"],
+                          basis=basis)
+    if write:
+        path = write_allocation(Path(store_path), allocation)
+        if log:
+            log(f"sparsity allocation written to {path}")
+    return allocation
