@@ -209,7 +209,7 @@ def cmd_bench_io(args) -> int:
 
 
 def cmd_bench_session(args) -> int:
-    from nchunk_core.bench import session_bench
+    from nchunk_core.bench import session_bench, session_report
 
     directory = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "nchunk-bench-session"
     log = _progress_log(args)
@@ -217,9 +217,9 @@ def cmd_bench_session(args) -> int:
     res = session_bench.run(directory, frames=args.frames, sparsity=args.sparsity, sweep=sweep,
                             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                             layers=args.layers, threads=args.threads, rounds=args.rounds, log=log)
-    res["plot"] = session_bench.plot(res, args.out)
+    res["plot"] = session_report.plot(res, args.out)
     return _report(args, "bench_session.json", json.dumps(res, indent=1),
-                   session_bench.format_table(res) + f"\nplot: {res['plot']}")
+                   session_report.format_table(res) + f"\nplot: {res['plot']}")
 
 
 def cmd_bench_accuracy(args) -> int:

@@ -25,6 +25,7 @@ def test_a_short_soak_answers_every_question_and_both_processes_exit_0(tmp_path,
     assert int(result["intake"]["frames_appended"]) >= 1
     assert int(result["intake"]["frames_received"]) >= int(result["intake"]["frames_appended"])
     assert 0 < result["node_rss_start_mib"] <= result["node_rss_max_mib"]
+    assert 0 < result["node_rss_after_warm_up_mib"] <= result["node_rss_max_mib"]
     assert 0 < result["answer_s_p50"] <= result["answer_s_max"] < 30
     logs = Path(result["logs"])
     assert (logs / "vqa_node.log").is_file() and (logs / "synthetic_camera.log").is_file()

@@ -38,6 +38,9 @@ QUESTIONS = ["What color is the circle?", "How many squares are there?", "Is the
              "What is left of the blue square?"]
 
 
+WARM_UP_FRACTION = 0.2  # the first fifth of the run is warm-up (allocator pools, caches, first profiles)
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -115,6 +118,8 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
             asked += 1
             rss.setdefault("start_mib", _rss_mib(node.pid))
             rss["end_mib"] = _rss_mib(node.pid)
+            if time.monotonic() - start >= WARM_UP_FRACTION * 60.0 * minutes:
+                rss.setdefault("warm_mib", rss["end_mib"])  # the first sample after the warm-up
             rss["max_mib"] = max(rss.get("max_mib", 0.0), rss["end_mib"])
             if not as_json:
                 print(f"\r{(time.monotonic() - start) / 60:5.1f} min  asked {asked}  answered {answers}  "
@@ -140,6 +145,9 @@ def run(minutes: float = 10.0, rate_hz: float = 30.0, width: int = 640, height: 
         "node_rss_start_mib": round(rss.get("start_mib", float("nan")), 1),
         "node_rss_end_mib": round(rss.get("end_mib", float("nan")), 1),
         "node_rss_max_mib": round(rss.get("max_mib", float("nan")), 1),
+        "node_rss_after_warm_up_mib": round(rss.get("warm_mib", float("nan")), 1),
+        # RSS at the end relative to the first sample after the warm-up (+0.03 = grew by 3 %)
+        "node_rss_drift_after_warm_up": round(rss["end_mib"] / rss["warm_mib"] - 1.0, 4) if "warm_mib" in rss else None,
         "intake": dataclasses.asdict(listener.intake), "asked": len(latencies), "answered": answers, "failures": failures[:10],
         "answer_s_p50": lat[len(lat) // 2] if lat else None, "answer_s_max": lat[-1] if lat else None,
         "exit_codes": codes, "logs": str(logs),
