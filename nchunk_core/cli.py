@@ -175,6 +175,8 @@ def _add_bench(sub):
                     "about 3.8 questions each; every scene runs 32 settings, about 14 s per scene on 2 CPU "
                     "cores, so --scenes 120 takes about 28 min)")
     ac.add_argument("--methods", default="magnitude,chunking", help="comma-separated (default magnitude,chunking)")
+    ac.add_argument("--allocations", default="uniform,layerwise", help="comma-separated: uniform, layerwise "
+                    "(default both; layerwise needs a store with an allocation)")
     ac.add_argument("--budgets-ms", default="", help="comma-separated frame budgets in ms (default: 0.9, 1.2 and "
                     "1.6 times the median dense frame time of a warm-up)")
     ac.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
@@ -229,7 +231,8 @@ def cmd_bench_accuracy(args) -> int:
     res = accuracy_bench.run(args.store, scene_count=args.scenes or TEST_SCENES,
                              methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                              threads=args.threads, log=_progress_log(args),
-                             budgets_ms=[float(b) for b in args.budgets_ms.split(",") if b.strip()] or None)
+                             budgets_ms=[float(b) for b in args.budgets_ms.split(",") if b.strip()] or None,
+                             allocations=tuple(a.strip() for a in args.allocations.split(",") if a.strip()))
     res["plot"] = accuracy_bench.plot(res, args.out)
     return _report(args, "bench_accuracy.json", accuracy_bench.to_json(res),
                    accuracy_bench.format_table(res) + f"\nplot: {res['plot']}")

@@ -40,8 +40,8 @@ def test_bench_accuracy_runs_on_the_built_in_model(tmp_path, monkeypatch):
     LatencyTable.synthetic().save(cache_path(shipped_store(), 2))
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "nchunk_ros.cli", "bench", "accuracy", "--scenes", "4",
-                           "--threads", "2", "--out", str(out), "--json"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--threads", "2", "--allocations", "layerwise", "--out", str(out), "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     res = json.loads(done.stdout)
     assert res["test_scenes"] == 4 and res["test_questions"] >= 12
@@ -55,3 +55,12 @@ def test_bench_accuracy_runs_on_the_built_in_model(tmp_path, monkeypatch):
     assert by[("dense", 0.0)]["retained"] == pytest.approx(1.0)
     assert (out / "bench_accuracy.png").stat().st_size > 10_000
     assert json.loads((out / "bench_accuracy.json").read_text())["dense_accuracy"] == res["dense_accuracy"]
+    # the shipped store has an allocation: both allocations, the ratios, and the budget mode
+    assert res["allocation"] == "layerwise"
+    assert {p["allocation"] for p in res["points"] if p["method"] != "dense"} == {"layerwise"}
+    for key in ("chunking_accuracy_ratio_at_30", "chunking_accuracy_ratio_at_50"):
+        assert 0.0 <= res[key] <= 1.0 / max(res["dense_accuracy"], 1e-9)
+    budgets = res["budget_points"]
+    assert len(budgets) == 3 and 0.0 <= res["budget_hit_rate"] <= 1.0
+    assert all(0.0 <= p["sparsity_chosen"] <= 0.9 and p["frames"] == 3 for p in budgets)
+    assert 0.0 < res["chance_accuracy"] < 1.0

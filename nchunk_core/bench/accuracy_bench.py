@@ -60,7 +60,7 @@ def _warmup_ms(session, question_set) -> float:
 
 
 def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHODS, sparsities=SPARSITIES,
-        threads: int = 6, budgets_ms=None, log=print) -> dict:
+        threads: int = 6, budgets_ms=None, allocations=("uniform", "layerwise"), log=print) -> dict:
     store = Path(store) if store else shipped_store()
     test = scenes.split_scenes("test", scene_count, seed, FRAME_W, FRAME_H)
     question_set = scenes.question_set(test, seed, "test")
@@ -68,13 +68,14 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
     t0 = time.perf_counter()
     with Session.open(store, cfg, log=lambda m: None) as session:  # quiet: it logs every rebuild
         sizes = row_bytes(session.store)
-        allocations = ("uniform", "layerwise") if load_allocation(session.store) else ("uniform",)
+        if load_allocation(session.store) is None:  # a store without one runs uniform either way
+            allocations = ("uniform",)
         plan = [(m, s, "uniform") for m, s in settings(methods, sparsities)[:1]]
         plan += [(m, s, a) for m, s in settings(methods, sparsities)[1:] for a in allocations]
         warmup_ms = _warmup_ms(session, question_set)
         budgets = tuple(float(b) for b in budgets_ms) if budgets_ms else tuple(
             round(f * warmup_ms, 1) for f in BUDGET_FACTORS)
-        plan += [("budget", b, allocations[-1]) for b in budgets]
+        plan += [("budget", b, "layerwise" if "layerwise" in allocations else "uniform") for b in budgets]
         rec = {key: _record() for key in plan}
         for n, (scene, questions) in enumerate(question_set):
             frame = scenes.render_scene(scene)
