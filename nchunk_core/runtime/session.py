@@ -52,10 +52,8 @@ import dataclasses
 import math
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import DynamicCache
@@ -68,16 +66,13 @@ from nchunk_core.runtime.cancel import CancelCheck, cancellable
 from nchunk_core.runtime.decoding import DecodingSettings, greedy_decode
 from nchunk_core.runtime.config import (MAX_NEW_TOKENS_LIMIT, SessionConfig, check_budget_ms, check_selection,
                                         positive_int, ram_budget_value)
-from nchunk_core.runtime.flash_model import build_flash_model
-from nchunk_core.store.naming import torch_dtype
 from nchunk_core.runtime.frames import as_frame_image, check_stamp, kept_copy
 from nchunk_core.runtime.kv_cache import copy_cache, truncate_cache
-from nchunk_core.runtime.layers import Workspace
-from nchunk_core.runtime.processors import load_processor, stop_token_ids
+from nchunk_core.runtime.model_loading import load_model
+from nchunk_core.runtime.processors import stop_token_ids
 from nchunk_core.runtime.results import Answer, FrameStats, call_totals, overlap_totals
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store
-from nchunk_core.store.allocation import load_allocation
 
 QUESTION_TEMPLATE_TOKENS = 16  # positions kept for the question prompt's template beyond max_question_tokens
 
@@ -124,31 +119,12 @@ class Session:
         if not isinstance(cfg, SessionConfig):
             raise ValueError(f"cfg must be a SessionConfig, got {type(cfg).__name__}")
         log = log or (lambda message: None)
-        path = Path(store_path)
-        if not path.exists():
-            raise FileNotFoundError(f"store {path} does not exist")
-        store = Store.open(path)
-        allocation = load_allocation(store)
-        if allocation is None and cfg.selection.allocation == "layerwise":
-            log(f"{store.path} has no sparsity allocation: every matrix drops the same fraction of rows "
-                f"(`nchunk calibrate` measures one)")
-        if table is None:
-            from nchunk_core.io.profile import load_or_profile
-
-            table = load_or_profile(store.path, threads=cfg.reader_threads, quick=cfg.profile_quick, log=log)
-        reader = Reader(threads=cfg.reader_threads)
+        store, reader, flash, processor = load_model(store_path, cfg, log, table)
         try:
-            flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device, cfg.overlap),
-                                      device=cfg.device, dtype=torch_dtype(cfg.dtype), allocation=allocation)
-            flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20))
-            processor = load_processor(store.path, flash.arch)
             session = cls(store, cfg, reader, flash, processor, log)
         except BaseException:
             reader.close()
             raise
-        groups = len(store.groups)
-        log(f"opened {store.path}: {flash.arch}, {groups} streamed groups, "
-            f"{sum(g.nbytes for g in store.groups.values()) / 2**20:.1f} MiB on the drive")
         log(session.adapter.describe())
         log(f"decoding: {session.decoding.describe()}")
         return session
