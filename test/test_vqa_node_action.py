@@ -86,7 +86,7 @@ def test_cancel_stops_the_answer_before_its_next_token(rig):
     r = result.result
     assert (r.success, r.error, r.truncated, r.tokens_generated) == (False, "canceled", True, 1)
     assert r.tokens_generated < full.tokens_generated and full.answer.startswith(r.answer)
-    assert r.answer == feedback[0].answer != ""
+    assert r.answer == feedback[0].answer and feedback[0].tokens_generated == 1  # its text may be a space
     assert node.counters().asks_canceled == canceled_before + 1
     again = tester.call(QUESTION)
     assert again.success and again.answer == full.answer  # the canceled answer left the context as it was
