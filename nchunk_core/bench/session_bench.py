@@ -124,6 +124,12 @@ def prepare(directory: Path, layers: int, threads: int, log) -> tuple[Path, Path
         log(f"converting it to a store in {store_dir}")
         convert(model_dir, store_dir, calib, threads=threads, overwrite=True, log=log)
         store_marker.write_text(json.dumps(settings))
+    else:  # a store kept from an older nchunk: bring its format up to date instead of converting again
+        from nchunk_core.store.upgrade import upgrade
+
+        result = upgrade(store_dir, progress=False)
+        if result.rows:
+            log(str(result))
     return model_dir, store_dir
 
 
@@ -197,7 +203,7 @@ def _run_transformers(spec: dict) -> list[dict]:
     from transformers import AutoModelForImageTextToText, DynamicCache
 
     from nchunk_core.runtime.adapters import adapter_for
-    from nchunk_core.runtime.session import load_processor
+    from nchunk_core.runtime.processors import load_processor
 
     model_dir = Path(spec["model"])
     kwargs = {}
