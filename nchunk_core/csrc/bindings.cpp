@@ -19,6 +19,7 @@ namespace py = pybind11;
 
 #include "crc32c.hpp"
 #include "reader.hpp"
+#include "uring.hpp"
 
 namespace {
 
@@ -128,6 +129,16 @@ nchunk::Crc32cPath crc32c_path(const std::string& name) {
 
 using Bytes = py::array_t<uint8_t, py::array::c_style>;
 
+nchunk::ReaderBackend reader_backend(const std::string& name) {
+  if (name == "threads") return nchunk::ReaderBackend::threads;
+  if (name == "io_uring") return nchunk::ReaderBackend::io_uring;
+  throw py::value_error("backend must be 'threads' or 'io_uring', got '" + name + "'");
+}
+
+const char* backend_name(nchunk::ReaderBackend b) {
+  return b == nchunk::ReaderBackend::io_uring ? "io_uring" : "threads";
+}
+
 }  // namespace
 
 static void bind_reader(py::module_& m) {
@@ -192,11 +203,36 @@ static void bind_reader(py::module_& m) {
           "Block until done; return (bytes, bytes_read, requests, tasks, wall_s) or raise the error.")
       .def("done", &PyReadRequest::done, "True once every task has finished.");
 
-  py::class_<nchunk::Reader>(m, "Reader", "A pool of threads reading file extents into buffers.")
-      .def(py::init<int, int64_t, int>(), py::arg("threads") = 6,
-           py::arg("max_task_bytes") = int64_t{1} << 20, py::arg("max_queued_requests") = 64)
+  m.def(
+      "io_uring_unavailable",
+      [] {
+        py::gil_scoped_release release;
+        try {
+          nchunk::Uring ring(8);
+          return std::string();
+        } catch (const nchunk::UringUnavailable& e) {
+          return std::string(e.what());
+        }
+      },
+      "'' when this process can set up an io_uring, otherwise why not.");
+
+  py::class_<nchunk::Reader>(m, "Reader", "Reads file extents into buffers: a thread pool or an io_uring.")
+      .def(py::init([](int threads, int64_t max_task_bytes, int max_queued_requests, const std::string& backend) {
+             const nchunk::ReaderBackend b = reader_backend(backend);
+             py::gil_scoped_release release;
+             return new nchunk::Reader(threads, max_task_bytes, max_queued_requests, b);
+           }),
+           py::arg("threads") = 6, py::arg("max_task_bytes") = int64_t{1} << 20,
+           py::arg("max_queued_requests") = 64, py::arg("backend") = "threads",
+           "threads: reads in flight; backend 'threads' or 'io_uring' (the thread pool where no ring\n"
+           "can be set up: see backend and backend_note).")
       .def_property_readonly("threads", &nchunk::Reader::threads)
       .def_property_readonly("max_task_bytes", &nchunk::Reader::max_task_bytes)
+      .def_property_readonly(
+          "backend", [](const nchunk::Reader& r) { return backend_name(r.backend()); },
+          "The backend in use: 'threads' or 'io_uring'.")
+      .def_property_readonly("backend_note", &nchunk::Reader::backend_note,
+                             "Why the backend in use is not the one asked for ('' when it is).")
       .def(
           "open",
           [](nchunk::Reader& r, const std::string& path) {
@@ -357,7 +393,7 @@ static void bind_select(py::module_& m) {
 // ---- select section (end) ----
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "nchunk native core: threaded direct-I/O reader with row checksums, and chunk selection.";
+  m.doc() = "nchunk native core: direct-I/O reader (thread pool or io_uring) with row checksums, and chunk selection.";
   bind_reader(m);
   bind_select(m);
 }

@@ -1,10 +1,12 @@
-// Implementation of the threaded direct-I/O reader declared in reader.hpp: alignment queries, file
-// opening with the buffered fallback, the per-task read strategy, the row checks, and the worker pool.
+// Implementation of the direct-I/O reader declared in reader.hpp: alignment queries, file opening with
+// the buffered fallback, the per-task read strategy, the row checks, the worker pool, and the io_uring
+// backend (one ring thread planning each task into up to three reads, plus row-checking threads).
 #include "reader.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,6 +25,7 @@
 #include <utility>
 
 #include "crc32c.hpp"
+#include "uring.hpp"
 
 namespace nchunk {
 namespace {
@@ -496,6 +499,102 @@ bool ReadRequest::done() const {
   return state_->complete;
 }
 
+// ---- io_uring backend ----
+
+namespace {
+
+// One read of a task on the ring. A read into a bounce buffer copies `copy_length` bytes from
+// `buf + copy_from` to `copy_dest` once it is done; `need` is the bytes it must return (fewer: the
+// file ended early).
+struct RingRead {
+  struct iovec iov;
+  char* buf;
+  int64_t n;
+  int64_t offset;
+  int64_t need;
+  int64_t got;
+  int64_t copy_from;
+  int64_t copy_length;
+  char* copy_dest;
+};
+
+// A task in flight on the ring: up to three reads (bounce head, direct middle, bounce tail), the same
+// spans read_task reads with pread.
+struct RingSlot {
+  std::shared_ptr<RequestState> request;
+  Task task{};
+  AlignedBuffer bounce;
+  RingRead reads[3];
+  int count = 0;
+  int pending = 0;
+  std::exception_ptr error;
+
+  void add(char* buf, int64_t n, int64_t offset, int64_t need, int64_t copy_from = 0, int64_t copy_length = 0,
+           char* copy_dest = nullptr) {
+    reads[count++] = RingRead{{buf, static_cast<size_t>(n)}, buf, n, offset, need, 0, copy_from, copy_length,
+                              copy_dest};
+  }
+
+  // Splits the task into reads exactly as read_task does.
+  void plan(const File& f) {
+    count = 0;
+    error = nullptr;
+    const Task& t = task;
+    const int64_t end = t.offset + t.length;
+    if (!f.direct()) return add(t.dest, t.length, t.offset, t.length);
+    const int64_t oa = f.alignment().offset;
+    const int64_t ma = f.alignment().memory;
+    const int64_t span_begin = round_down(t.offset, oa), span_end = round_up(end, oa);
+    const int64_t mid_begin = round_up(t.offset, oa), mid_end = round_down(end, oa);
+    char* mid_dest = t.dest + (mid_begin - t.offset);
+    const bool direct_mid = mid_end > mid_begin && reinterpret_cast<uintptr_t>(mid_dest) % ma == 0;
+    if (direct_mid && mid_begin == t.offset && mid_end == end) return add(t.dest, t.length, t.offset, t.length);
+    if (!direct_mid || span_end - span_begin <= kWholeBounceBytes) {
+      char* buf = bounce.get(static_cast<size_t>(span_end - span_begin), static_cast<size_t>(ma));
+      return add(buf, span_end - span_begin, span_begin, end - span_begin, t.offset - span_begin, t.length, t.dest);
+    }
+    const int64_t tail_at = round_up(oa, ma);  // head block at 0, tail block at tail_at
+    char* buf = bounce.get(static_cast<size_t>(tail_at + oa), static_cast<size_t>(ma));
+    if (t.offset < mid_begin) add(buf, oa, span_begin, oa, t.offset - span_begin, mid_begin - t.offset, t.dest);
+    add(mid_dest, mid_end - mid_begin, mid_begin, mid_end - mid_begin);
+    if (end > mid_end) add(buf + tail_at, oa, mid_end, end - mid_end, 0, end - mid_end, t.dest + (mid_end - t.offset));
+  }
+
+  // After the last read: checks the lengths and copies out of the bounce buffer; returns the bytes
+  // the reads returned. Throws like read_task.
+  int64_t finish(const File& f) {
+    if (error) std::rethrow_exception(error);
+    int64_t got = 0;
+    for (int i = 0; i < count; ++i) {
+      const RingRead& r = reads[i];
+      require_bytes(f, task, r.got, r.need);
+      if (r.copy_length > 0) std::memcpy(r.copy_dest, r.buf + r.copy_from, static_cast<size_t>(r.copy_length));
+      got += r.got;
+    }
+    return got;
+  }
+};
+
+}  // namespace
+
+// The state of the io_uring backend: the ring, the thread that drives it, and the row checks waiting
+// for a checker thread. Tasks come from the reader's queue, as for the workers.
+struct RingBackend {
+  struct CheckJob {
+    std::shared_ptr<RequestState> request;
+    Task task;
+    int64_t got;
+  };
+
+  explicit RingBackend(unsigned entries) : ring(entries) {}
+
+  Uring ring;
+  std::mutex check_mu;
+  std::condition_variable check_cv;  // a check was queued, or the ring thread has finished
+  std::deque<CheckJob> checks;
+  bool ring_done = false;
+};
+
 // ---- reader ----
 
 struct Reader::Impl {
@@ -513,7 +612,19 @@ struct Reader::Impl {
   std::mutex join_mu;
   std::vector<std::thread> workers;
 
+  // io_uring backend (null: the thread pool). `checks_pending` (guarded by `mu`) counts tasks read
+  // and waiting for or in a row check; the ring takes no new task while `threads` of them wait.
+  ReaderBackend backend = ReaderBackend::threads;
+  std::string backend_note;
+  std::unique_ptr<RingBackend> ring;
+  int checks_pending = 0;
+
   void worker_main();
+  void ring_main();
+  void checker_main();
+  // Takes the next task of the queue front (false: none); `wait` blocks until one is there or the
+  // reader closes, otherwise returns false at once when none is ready. `leaving`: closing and done.
+  bool take_task(bool wait, std::shared_ptr<RequestState>* request, Task* task, bool* leaving);
   void enqueue(const std::shared_ptr<RequestState>& request);
   void stop();
 };
@@ -567,6 +678,166 @@ void Reader::Impl::worker_main() {
   }
 }
 
+bool Reader::Impl::take_task(bool wait, std::shared_ptr<RequestState>* request, Task* task, bool* leaving) {
+  std::shared_ptr<RequestState> front;
+  bool have_task = false;
+  uint64_t abandoned = 0;
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    auto ready = [this] { return !queue.empty() && checks_pending < threads; };
+    if (wait) {
+      work_cv.wait(lock, [&] { return (closing && queue.empty()) || ready(); });
+      if (queue.empty()) {
+        *leaving = true;
+        return false;
+      }
+    } else if (!ready()) {
+      return false;
+    }
+    front = queue.front();
+    if (!front->failed.load(std::memory_order_relaxed)) have_task = front->next_task(task);
+    if (!have_task || front->exhausted()) {
+      queue.pop_front();
+      abandoned = front->total_tasks - front->dispatched;  // tasks skipped after an error
+      space_cv.notify_one();
+    }
+  }
+  if (abandoned > 0) front->finish_tasks(abandoned, 0, 0, nullptr);
+  if (have_task) *request = std::move(front);
+  return have_task;
+}
+
+void Reader::Impl::ring_main() {
+  Uring& uring = ring->ring;
+  std::vector<RingSlot> slots(static_cast<size_t>(threads));
+  std::vector<int> free_slots;
+  for (int i = threads - 1; i >= 0; --i) free_slots.push_back(i);
+  std::vector<UringCompletion> done(uring.capacity());
+  unsigned in_flight = 0;  // reads queued or submitted and not yet reaped
+
+  auto complete_slot = [&](int index) {
+    RingSlot& s = slots[static_cast<size_t>(index)];
+    std::shared_ptr<RequestState> request = std::move(s.request);
+    const Task task = s.task;
+    int64_t got = 0;
+    std::exception_ptr error;
+    try {
+      got = s.finish(*request->file);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    free_slots.push_back(index);
+    if (!error && task.row_bytes > 0) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        ++checks_pending;
+      }
+      {
+        std::lock_guard<std::mutex> lock(ring->check_mu);
+        ring->checks.push_back(RingBackend::CheckJob{std::move(request), task, got});
+      }
+      ring->check_cv.notify_one();
+    } else {
+      request->finish_tasks(1, got, 0, error);
+    }
+  };
+  auto queue_read = [&](int index, int i) {
+    RingRead& r = slots[static_cast<size_t>(index)].reads[i];
+    r.iov.iov_base = r.buf + r.got;
+    r.iov.iov_len = static_cast<size_t>(r.n - r.got);
+    uring.queue_read(slots[static_cast<size_t>(index)].request->file->fd(), &r.iov,
+                     static_cast<uint64_t>(r.offset + r.got), static_cast<uint64_t>(index) * 4 + i);
+    ++in_flight;
+  };
+  auto on_completion = [&](uint64_t user_data, int32_t result) {
+    --in_flight;
+    const int index = static_cast<int>(user_data / 4), i = static_cast<int>(user_data % 4);
+    RingSlot& s = slots[static_cast<size_t>(index)];
+    RingRead& r = s.reads[i];
+    if (result == -EINTR || result == -EAGAIN) return queue_read(index, i);
+    if (result < 0) {
+      if (!s.error) {
+        s.error = std::make_exception_ptr(IoError(-result, s.request->file->path(),
+                                                  "read of " + std::to_string(s.task.length) + " bytes at offset " +
+                                                      std::to_string(s.task.offset),
+                                                  s.task.offset, s.task.length));
+      }
+    } else if (result > 0) {
+      r.got += result;
+      if (r.got < r.n) return queue_read(index, i);  // short read: ask for the rest
+    }                                                // 0: end of file, finish() tells
+    if (--s.pending == 0) complete_slot(index);
+  };
+  struct Refusal {
+    decltype(on_completion)* handle;
+    int error;
+  };
+
+  bool leaving = false;
+  while (!leaving) {
+    while (!free_slots.empty()) {
+      std::shared_ptr<RequestState> request;
+      Task task{};
+      if (!take_task(in_flight == 0, &request, &task, &leaving)) {
+        if (leaving || in_flight > 0) break;
+        continue;  // the front request was spent or failed: look again
+      }
+      const int index = free_slots.back();
+      free_slots.pop_back();
+      RingSlot& s = slots[static_cast<size_t>(index)];
+      s.request = std::move(request);
+      s.task = task;
+      s.plan(*s.request->file);
+      s.pending = s.count;
+      for (int i = 0; i < s.count; ++i) queue_read(index, i);
+    }
+    if (in_flight == 0) continue;  // leaving, or nothing was ready
+    Refusal refusal{&on_completion, 0};
+    const int error = uring.submit_and_wait(
+        1,
+        [](void* context, uint64_t user_data) {
+          Refusal* r = static_cast<Refusal*>(context);
+          (*r->handle)(user_data, -r->error);
+        },
+        &refusal);
+    (void)error;  // refused reads failed above with that errno, naming their task
+    const unsigned n = uring.reap(done.data(), static_cast<unsigned>(done.size()));
+    for (unsigned k = 0; k < n; ++k) on_completion(done[k].user_data, done[k].result);
+  }
+  {
+    std::lock_guard<std::mutex> lock(ring->check_mu);
+    ring->ring_done = true;
+  }
+  ring->check_cv.notify_all();
+}
+
+void Reader::Impl::checker_main() {
+  std::vector<uint32_t> crcs;  // row checksums of the current task
+  for (;;) {
+    RingBackend::CheckJob job;
+    {
+      std::unique_lock<std::mutex> lock(ring->check_mu);
+      ring->check_cv.wait(lock, [this] { return ring->ring_done || !ring->checks.empty(); });
+      if (ring->checks.empty()) return;
+      job = std::move(ring->checks.front());
+      ring->checks.pop_front();
+    }
+    int64_t rows = 0;
+    std::exception_ptr error;
+    try {
+      rows = check_rows(*job.request->file, job.task, job.request->checks.table, crcs);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    job.request->finish_tasks(1, job.got, rows, error);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      --checks_pending;
+    }
+    work_cv.notify_all();
+  }
+}
+
 void Reader::Impl::enqueue(const std::shared_ptr<RequestState>& request) {
   {
     std::unique_lock<std::mutex> lock(mu);
@@ -593,7 +864,8 @@ void Reader::Impl::stop() {
   workers.clear();
 }
 
-Reader::Reader(int threads, int64_t max_task_bytes, int max_queued_requests) : impl_(new Impl()) {
+Reader::Reader(int threads, int64_t max_task_bytes, int max_queued_requests, ReaderBackend backend)
+    : impl_(new Impl()) {
   if (threads < 1 || threads > 1024) {
     throw std::invalid_argument("threads must be between 1 and 1024, got " + std::to_string(threads));
   }
@@ -608,9 +880,28 @@ Reader::Reader(int threads, int64_t max_task_bytes, int max_queued_requests) : i
   impl_->threads = threads;
   impl_->max_task_bytes = max_task_bytes;
   impl_->max_queued = static_cast<size_t>(max_queued_requests);
+  if (backend == ReaderBackend::io_uring) {
+    try {
+      impl_->ring.reset(new RingBackend(static_cast<unsigned>(next_power_of_two(3 * static_cast<size_t>(threads)))));
+      if (impl_->ring->ring.capacity() < 3 * static_cast<unsigned>(threads)) {
+        throw UringUnavailable("the kernel's io_uring holds " + std::to_string(impl_->ring->ring.capacity()) +
+                               " entries, fewer than 3 x " + std::to_string(threads) + " reads in flight");
+      }
+    } catch (const UringUnavailable& e) {
+      impl_->ring.reset();
+      impl_->backend_note = e.what();
+      backend = ReaderBackend::threads;
+    }
+  }
+  impl_->backend = backend;
   try {
-    const int workers = threads + spare_workers(threads);
-    for (int i = 0; i < workers; ++i) impl_->workers.emplace_back([this] { impl_->worker_main(); });
+    if (impl_->ring) {
+      impl_->workers.emplace_back([this] { impl_->ring_main(); });
+      for (int i = 0; i < spare_workers(threads); ++i) impl_->workers.emplace_back([this] { impl_->checker_main(); });
+    } else {
+      const int workers = threads + spare_workers(threads);
+      for (int i = 0; i < workers; ++i) impl_->workers.emplace_back([this] { impl_->worker_main(); });
+    }
   } catch (...) {
     impl_->stop();
     throw;
@@ -624,6 +915,10 @@ void Reader::close() { impl_->stop(); }
 int Reader::threads() const { return impl_->threads; }
 
 int64_t Reader::max_task_bytes() const { return impl_->max_task_bytes; }
+
+ReaderBackend Reader::backend() const { return impl_->backend; }
+
+const std::string& Reader::backend_note() const { return impl_->backend_note; }
 
 std::shared_ptr<File> Reader::open(const std::string& path) const { return File::open(path); }
 

@@ -175,12 +175,19 @@ class ReadRequest {
   std::shared_ptr<RequestState> state_;
 };
 
+// How a Reader issues its reads: a pool of threads calling pread, or one thread driving an io_uring
+// (uring.hpp) with the same number of tasks in flight, whose completions are copied out of bounce
+// buffers on that thread and whose rows are checked on a few checker threads as they arrive.
+enum class ReaderBackend { threads, io_uring };
+
 class Reader {
  public:
   // At most `threads` reads in flight (with a few spare workers, see above); extents are cut into
   // tasks of at most `max_task_bytes` (a multiple of 4096); `submit` blocks while
-  // `max_queued_requests` requests are already waiting for a worker.
-  explicit Reader(int threads = 6, int64_t max_task_bytes = 1 << 20, int max_queued_requests = 64);
+  // `max_queued_requests` requests are already waiting for a worker. With `backend` io_uring, where
+  // no ring can be set up the reader uses the thread pool: backend() says which, backend_note() why.
+  explicit Reader(int threads = 6, int64_t max_task_bytes = 1 << 20, int max_queued_requests = 64,
+                  ReaderBackend backend = ReaderBackend::threads);
   ~Reader();
   Reader(const Reader&) = delete;
   Reader& operator=(const Reader&) = delete;
@@ -203,6 +210,9 @@ class Reader {
 
   int threads() const;
   int64_t max_task_bytes() const;
+  // The backend in use, and why it is not the one asked for ("" when it is).
+  ReaderBackend backend() const;
+  const std::string& backend_note() const;
 
  private:
   struct Impl;

@@ -1,8 +1,8 @@
-"""Threaded direct-I/O reads of file extents into NumPy arrays or CPU torch tensors.
+"""Direct-I/O reads of file extents into NumPy arrays or CPU torch tensors.
 
 A thin wrapper over the C++ reader (``nchunk_core/csrc/reader.hpp``)::
 
-    with Reader(threads=6) as r:
+    with Reader(threads=6) as r:              # backend="auto": the drive profile's choice
         f = r.open(path)                      # .path .size .direct .alignment
         out = r.empty(nbytes)                 # 4096-aligned: aligned extents need no copy
         stats = r.read(f, extents, out)       # extents: int64 [n, 3] = (file_offset, length, dest_offset)
@@ -21,6 +21,14 @@ Row checksums: with ``checksums`` (a :class:`RowChecksums`), the thread that rea
 computes the CRC-32C of every row in it (the CPU's instruction where present) and compares it with the
 table; a mismatch raises :class:`ChecksumError` naming the file, row and offset. ``Reader(verify=False)``
 or ``verify=False`` on one call skips the checks (for measuring what they cost).
+
+Backends: ``"threads"`` (a pool of threads calling pread) or ``"io_uring"`` (one thread driving a ring
+over the raw system calls, rows checked on a few threads as reads complete); both keep ``threads``
+reads in flight and behave alike in everything but speed. ``"auto"`` (the default) takes the one the
+drive profile ``profile`` recorded as faster (``meta["reader_backend"]``), else the thread pool. Where
+no ring can be set up (old kernel, seccomp, ``kernel.io_uring_disabled``, ``NCHUNK_IO_URING=off``)
+the thread pool reads instead: ``backend`` says which one reads, ``backend_note`` why, and a
+``RuntimeWarning`` says so once per process.
 
 Errors (nchunk_core/io/errors.py): every failed open or read raises an :class:`IoError`, an ``OSError``
 with ``.path``, ``.offset``, ``.length`` and ``.errno``, which is also of the built-in subclass for its
@@ -43,12 +51,14 @@ import numpy as np
 from nchunk_core import _native
 from nchunk_core.io.errors import ChecksumError, EndOfFileError, IoError
 
-__all__ = ["ChecksumError", "DioAlignment", "EndOfFileError", "IoError", "OpenFile", "ReadRequest",
-           "ReadStats", "Reader", "RowChecksums", "dio_alignment"]
+__all__ = ["BACKENDS", "ChecksumError", "DioAlignment", "EndOfFileError", "IoError", "OpenFile", "ReadRequest",
+           "ReadStats", "Reader", "RowChecksums", "dio_alignment", "io_uring_unavailable", "resolve_backend"]
 
 BUFFER_ALIGNMENT = 4096
+BACKENDS = ("auto", "threads", "io_uring")
 
 _fallback_warned = False
+_backend_notes_warned: set[str] = set()
 
 
 class DioAlignment(NamedTuple):
@@ -93,6 +103,22 @@ class RowChecksums:
         out[:, 0] = self.row_bytes
         out[:, 1] = self.first_row
         return out
+
+
+def io_uring_unavailable() -> str:
+    """'' when this process can set up an io_uring, otherwise why not."""
+    return _native.io_uring_unavailable()
+
+
+def resolve_backend(backend: str, profile=None) -> str:
+    """The backend a Reader asks for: ``backend`` itself, or for "auto" the one the drive profile
+    (a LatencyTable) recorded as faster; a profile without that record, or none, means "threads"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"reader backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend != "auto":
+        return backend
+    recorded = profile.meta.get("reader_backend") if profile is not None else None
+    return recorded if recorded in ("threads", "io_uring") else "threads"
 
 
 def dio_alignment(path) -> DioAlignment:
@@ -180,19 +206,36 @@ def _check_args(extents: np.ndarray, checksums: RowChecksums | None, verify: boo
 
 
 class Reader:
-    """A fixed pool of threads reading extents of files into caller buffers (see module docstring).
+    """Reads extents of files into caller buffers, ``threads`` reads in flight (see module docstring).
 
     ``verify`` (default True) is whether reads given row checksums check them; a call's own
-    ``verify`` overrides it.
+    ``verify`` overrides it. ``backend``: "auto", "threads" or "io_uring"; ``profile``: the drive's
+    LatencyTable, which "auto" consults.
     """
 
-    def __init__(self, threads: int = 6, max_task_bytes: int = 1 << 20, verify: bool = True):
-        self._native = _native.Reader(threads, max_task_bytes)
+    def __init__(self, threads: int = 6, max_task_bytes: int = 1 << 20, verify: bool = True,
+                 backend: str = "auto", profile=None):
+        self._native = _native.Reader(threads, max_task_bytes, backend=resolve_backend(backend, profile))
         self.verify = bool(verify)
+        note = self.backend_note
+        if note and note not in _backend_notes_warned:
+            _backend_notes_warned.add(note)
+            warnings.warn(f"io_uring is not available ({note}); reading with the thread pool (said once "
+                          "per process)", RuntimeWarning, stacklevel=2)
 
     @property
     def threads(self) -> int:
         return self._native.threads
+
+    @property
+    def backend(self) -> str:
+        """The backend reading: "threads" or "io_uring"."""
+        return self._native.backend
+
+    @property
+    def backend_note(self) -> str:
+        """Why ``backend`` is not the one asked for ('' when it is)."""
+        return self._native.backend_note
 
     @property
     def max_task_bytes(self) -> int:
@@ -231,7 +274,7 @@ class Reader:
         return raw[start:start + nbytes]
 
     def close(self) -> None:
-        """Finish queued reads and stop the threads."""
+        """Finish queued reads and stop the threads (and the ring)."""
         self._native.close()
 
     def __enter__(self):

@@ -1,8 +1,11 @@
 // Standalone test of the C++ reader core (no Python): correctness of reads for aligned and unaligned
 // extents, task splitting and statistics, async requests, concurrent callers, CRC-32C on the hardware
-// and table paths, row checks and their mismatches, and every error path.
+// and table paths, row checks and their mismatches, and every error path; all of it once with the
+// thread pool and once with the io_uring backend (where the kernel gives a ring), which must also read
+// the same bytes as the thread pool for random extents, and fall back when NCHUNK_IO_URING=off.
 // Build: g++ -std=c++17 -O1 -pthread -I nchunk_core/csrc nchunk_core/csrc/tests/test_reader.cpp
-//        nchunk_core/csrc/reader.cpp nchunk_core/csrc/crc32c.cpp -o test_reader && ./test_reader [scratch_dir]
+//        nchunk_core/csrc/reader.cpp nchunk_core/csrc/uring.cpp nchunk_core/csrc/crc32c.cpp -o test_reader
+//        && ./test_reader [scratch_dir]
 // Exits 0 when every check passes; each failure prints a line. The scratch directory (default /tmp)
 // must be on a file system with O_DIRECT.
 #include <fcntl.h>
@@ -21,6 +24,7 @@
 
 #include "crc32c.hpp"
 #include "reader.hpp"
+#include "uring.hpp"
 
 using nchunk::Crc32cPath;
 using nchunk::Extent;
@@ -28,6 +32,8 @@ using nchunk::Extent;
 namespace {
 
 int g_failures = 0;
+// The backend every test reader asks for; main runs the tests once per backend.
+nchunk::ReaderBackend g_backend = nchunk::ReaderBackend::threads;
 
 void check(bool ok, const std::string& what) {
   if (!ok) {
@@ -101,7 +107,7 @@ void test_alignment(const std::string& dir, const std::string& path) {
 
 void test_reads(const std::string& path, const std::vector<char>& file) {
   const int64_t size = static_cast<int64_t>(file.size());
-  nchunk::Reader reader(3, 16 * 1024);  // small tasks, so big extents split into many
+  nchunk::Reader reader(3, 16 * 1024, 64, g_backend);  // small tasks, so big extents split into many
   auto f = reader.open(path);
   check(f->size() == size && f->direct(), "open: size and direct");
   std::mt19937_64 rng(7);
@@ -112,7 +118,7 @@ void test_reads(const std::string& path, const std::vector<char>& file) {
   nchunk::ReadStats s = reader.read(f, edges, whole.data, whole.size);
   check(matches(file, edges, whole.data), "first byte, last byte, unaligned tail");
   // Unaligned in the file but congruent with the destination: head and tail bounce, middle direct.
-  nchunk::Reader big_tasks(2, 1 << 20);
+  nchunk::Reader big_tasks(2, 1 << 20, 64, g_backend);
   Buffer mixed(2 * file.size());
   std::vector<Extent> congruent = {{100, 200000, 100}, {size - 150000, 150000, 204800 + (size - 150000) % 512}};
   big_tasks.read(f, congruent, mixed.data, mixed.size);
@@ -152,7 +158,7 @@ void test_reads(const std::string& path, const std::vector<char>& file) {
 
 void test_async_and_threads(const std::string& path, const std::vector<char>& file) {
   const int64_t size = static_cast<int64_t>(file.size());
-  nchunk::Reader reader(4, 64 * 1024);
+  nchunk::Reader reader(4, 64 * 1024, 64, g_backend);
   auto f = reader.open(path);
   std::vector<Extent> all = {{0, size, 0}};
 
@@ -201,7 +207,7 @@ void test_async_and_threads(const std::string& path, const std::vector<char>& fi
 
 void test_errors(const std::string& dir, const std::string& path, const std::vector<char>& file) {
   const int64_t size = static_cast<int64_t>(file.size());
-  nchunk::Reader reader(2, 16 * 1024);
+  nchunk::Reader reader(2, 16 * 1024, 64, g_backend);
   Buffer out(file.size());
 
   std::string missing = dir + "/does-not-exist";
@@ -315,7 +321,7 @@ void test_row_checks(const std::string& dir, const std::vector<char>& file) {
   const int64_t bad_row = 137, bad_at = bad_row * row_bytes + 421;
   damaged[bad_at] ^= 0x10;
   const std::string path = write_file(dir, "reader_rows_" + std::to_string(::getpid()) + ".bin", damaged);
-  nchunk::Reader reader(3, 16 * 1024);  // tasks of 16 rows
+  nchunk::Reader reader(3, 16 * 1024, 64, g_backend);  // tasks of 16 rows
   auto f = reader.open(path);
   Buffer out(file.size());
   auto checks = [&](std::vector<nchunk::RowCheck> per_extent) {
@@ -348,7 +354,7 @@ void test_row_checks(const std::string& dir, const std::vector<char>& file) {
   s = reader.read(f, {{138 * row_bytes, 5 * row_bytes, 0}}, out.data, out.size, checks({{row_bytes, 138}}));
   check(s.rows_checked == 5, "rows after the damaged one still read");
   // A row longer than a task is one task of its own; a table off by one row is a mismatch.
-  nchunk::Reader small_tasks(2, 4096);
+  nchunk::Reader small_tasks(2, 4096, 64, g_backend);
   std::vector<uint32_t> big(3);
   nchunk::crc32c_rows(file.data(), 3 * 10000, 1, big.data());
   s = small_tasks.read(f, {{0, 30000, 0}}, out.data, out.size, {big.data(), 1, {{30000, 0}}});
@@ -378,7 +384,7 @@ void test_tmpfs(const std::vector<char>& file) {
   if (::stat("/dev/shm", &st) != 0 || !S_ISDIR(st.st_mode)) return;
   const std::string path = write_file("/dev/shm", "nchunk_reader_test_" + std::to_string(::getpid()), file);
   const int64_t size = static_cast<int64_t>(file.size());
-  nchunk::Reader reader(2, 16 * 1024);
+  nchunk::Reader reader(2, 16 * 1024, 64, g_backend);
   auto f = reader.open(path);
   nchunk::DioAlignment a = nchunk::dio_alignment(path);
   check(a.direct == f->direct() && a.offset == f->alignment().offset, "tmpfs: dio_alignment matches open");
@@ -393,6 +399,55 @@ void test_tmpfs(const std::vector<char>& file) {
   ::unlink(path.c_str());
 }
 
+// Random extents (any offset, length and destination) read by both backends give the same bytes.
+void test_backends_agree(const std::string& path, const std::vector<char>& file) {
+  nchunk::Reader pool(3, 16 * 1024, 64, nchunk::ReaderBackend::threads);
+  nchunk::Reader ring(3, 16 * 1024, 64, nchunk::ReaderBackend::io_uring);
+  check(ring.backend() == nchunk::ReaderBackend::io_uring, "io_uring backend in use: " + ring.backend_note());
+  auto f = pool.open(path);
+  check(f->direct(), "the scratch file is read with O_DIRECT");
+  std::mt19937_64 rng(7);
+  const int64_t size = static_cast<int64_t>(file.size());
+  for (int round = 0; round < 20; ++round) {
+    std::vector<Extent> extents;
+    int64_t dest = 0;
+    for (int i = 0; i < 40; ++i) {
+      const int64_t length = static_cast<int64_t>(rng() % (round % 2 ? 200000 : 9000));
+      const int64_t offset = static_cast<int64_t>(rng() % static_cast<uint64_t>(size - length + 1));
+      dest += static_cast<int64_t>(rng() % 3 == 0 ? rng() % 700 : 0);
+      extents.push_back({offset, length, dest});
+      dest += length;
+    }
+    Buffer a(static_cast<size_t>(dest)), b(static_cast<size_t>(dest));
+    nchunk::ReadStats sa = pool.read(f, extents, a.data, a.size);
+    nchunk::ReadStats sb = ring.read(f, extents, b.data, b.size);
+    check(matches(file, extents, b.data), "io_uring: random extents, round " + std::to_string(round));
+    check(std::memcmp(a.data, b.data, a.size) == 0, "io_uring and threads agree, round " + std::to_string(round));
+    check(sa.tasks == sb.tasks && sa.bytes == sb.bytes && sa.bytes_read == sb.bytes_read,
+          "same statistics from both backends");
+  }
+}
+
+void test_forced_fallback() {
+  ::setenv("NCHUNK_IO_URING", "off", 1);
+  nchunk::Reader reader(2, 4096, 64, nchunk::ReaderBackend::io_uring);
+  ::unsetenv("NCHUNK_IO_URING");
+  check(reader.backend() == nchunk::ReaderBackend::threads, "NCHUNK_IO_URING=off: thread pool");
+  check(contains(reader.backend_note(), "NCHUNK_IO_URING=off"), "the fallback says why: " + reader.backend_note());
+  nchunk::Reader threads(2, 4096, 64, nchunk::ReaderBackend::threads);
+  check(threads.backend_note().empty(), "no note when the backend asked for is used");
+}
+
+// "" when this process can set up an io_uring, otherwise why not.
+std::string uring_unavailable() {
+  try {
+    nchunk::Uring ring(8);
+    return "";
+  } catch (const nchunk::UringUnavailable& e) {
+    return e.what();
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -403,12 +458,21 @@ int main(int argc, char** argv) {
   const std::string path = write_file(dir, "reader_test_" + std::to_string(::getpid()) + ".bin", file);
 
   test_alignment(dir, path);
-  test_reads(path, file);
-  test_async_and_threads(path, file);
-  test_errors(dir, path, file);
   test_crc32c();
-  test_row_checks(dir, file);
-  test_tmpfs(file);
+  const std::string unavailable = uring_unavailable();
+  std::vector<nchunk::ReaderBackend> backends = {nchunk::ReaderBackend::threads};
+  if (unavailable.empty()) backends.push_back(nchunk::ReaderBackend::io_uring);
+  for (nchunk::ReaderBackend backend : backends) {
+    g_backend = backend;
+    test_reads(path, file);
+    test_async_and_threads(path, file);
+    test_errors(dir, path, file);
+    test_row_checks(dir, file);
+    test_tmpfs(file);
+  }
+  if (unavailable.empty()) test_backends_agree(path, file);
+  test_forced_fallback();
+  std::printf("io_uring: %s\n", unavailable.empty() ? "tested" : ("unavailable, " + unavailable).c_str());
 
   ::unlink(path.c_str());
   if (g_failures) {
