@@ -99,9 +99,14 @@ Uring::Uring(unsigned entries) : rings_(new Rings()) {
   if (!refused.empty()) throw UringUnavailable(refused);
   Rings& r = *rings_;
   io_uring_params p;
-  std::memset(&p, 0, sizeof p);
-  p.flags = IORING_SETUP_CLAMP;
-  r.fd = static_cast<int>(::syscall(__NR_io_uring_setup, entries, &p));
+  // COOP_TASKRUN (Linux 5.19) spares the ring thread an interrupt per completion: the one thread that
+  // submits also reaps, at its next system call. An older kernel says EINVAL and gets a plain ring.
+  for (unsigned flags : {IORING_SETUP_COOP_TASKRUN, 0U}) {
+    std::memset(&p, 0, sizeof p);
+    p.flags = IORING_SETUP_CLAMP | flags;
+    r.fd = static_cast<int>(::syscall(__NR_io_uring_setup, entries, &p));
+    if (r.fd >= 0 || errno != EINVAL) break;
+  }
   if (r.fd < 0) throw UringUnavailable(setup_failure(errno));
 
   r.sq_map_bytes = p.sq_off.array + p.sq_entries * sizeof(unsigned);
