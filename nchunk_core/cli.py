@@ -37,7 +37,8 @@ def _add_profile(sub):
         help="measure the drive's latency table T[s] (cached per drive)",
         description="Measure the steady-state latency per contiguous chunk of s bytes, for s on a 1 KiB grid up "
         "to the saturation size (throughput >= 99% of peak), through the reader the runtime uses, with "
-        "direct I/O on a scratch file on the drive. The table is cached per drive and thread count; "
+        "direct I/O on a scratch file on the drive; first compares the reader's backends (thread pool, "
+        "io_uring) and records the faster, which the runtime then uses. The table is cached per drive and thread count; "
         "the node reuses it at start-up.",
     )
     p.add_argument("--dir", default=None, help="a directory on the drive to profile (default: the system temp dir); "
@@ -55,6 +56,7 @@ def _add_profile(sub):
 
 def cmd_profile(args) -> int:
     from nchunk_core.io import profile as prof
+    from nchunk_core.io.backends import describe as describe_backends
 
     directory = Path(args.dir or tempfile.gettempdir())
     log = _progress_log(args)
@@ -65,6 +67,8 @@ def cmd_profile(args) -> int:
         "drive": table.meta.get("drive"),
         "threads": table.meta.get("threads"),
         "direct_io": table.meta.get("direct_io"),
+        "reader_backend": table.meta.get("reader_backend", "threads"),
+        "backend_comparison": table.meta.get("backend_comparison"),
         "saturation_kib": table.saturation_bytes // 1024,
         "peak_mb_per_s": round(table.peak_bytes_per_s / 1e6, 1),
         "t_1kib_us": round(float(table.estimate(1024)) * 1e6, 1),
@@ -84,6 +88,7 @@ def cmd_profile(args) -> int:
         print(json.dumps(out, indent=1))
         return 0
     print(f"drive         {out['drive']}  ({out['threads']} threads, direct I/O {'on' if out['direct_io'] else 'OFF'})")
+    print(f"backend       {describe_backends(out['backend_comparison'])}")
     print(f"saturation    {out['saturation_kib']} KiB   (throughput >= 99% of peak)")
     print(f"peak          {out['peak_mb_per_s']} MB/s")
     print(f"T[1 KiB]      {out['t_1kib_us']} us    T[4 KiB] {out['t_4kib_us']} us    "
@@ -105,14 +110,18 @@ def _add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks (tables, plots, --json)",
                        description="Benchmarks print a table; with --json they print one JSON object.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    r = bsub.add_parser("reader", help="our direct-I/O reader beside fio (sequential 1 MiB, random 4 KiB)",
+    r = bsub.add_parser("reader", help="our direct-I/O reader (both backends) beside fio (sequential 1 MiB, "
+                        "random 4 KiB)",
                         description="Sequential 1 MiB and random 4 KiB direct reads through the nchunk reader and "
-                        "through fio with the same file, threads and direct I/O, interleaved in one run; prints "
-                        "throughputs and the ratios ours/fio (keys seq_ratio_vs_fio, rand4k_ratio_vs_fio).")
+                        "through fio with the same file, threads and direct I/O, interleaved in one run; the reader "
+                        "runs both backends (thread pool, io_uring). Prints throughputs and the ratios ours/fio "
+                        "(keys seq_ratio_vs_fio, rand4k_ratio_vs_fio) and io_uring/threads "
+                        "(seq_io_uring_vs_threads, rand4k_io_uring_vs_threads).")
     r.add_argument("--dir", default=None, help="directory on the drive to test (default: system temp dir)")
     r.add_argument("--threads", type=int, default=6, help="reader threads and fio jobs (default 6)")
     r.add_argument("--file-mib", type=int, default=512, help="test file size in MiB (default 512)")
     r.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians reported (default 3)")
+    r.add_argument("--plot", default=None, help="write a PNG of the throughputs")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=cmd_bench_reader)
     io = bsub.add_parser("io", help="I/O efficiency of selection methods on 7B-VLM decoder shapes",
@@ -123,7 +132,8 @@ def _add_bench(sub):
                          "time, retained importance, reads, mean run length and the physical limit; writes PNG "
                          "plots; reports the speedup over magnitude at matched retained importance. Reads check "
                          "every row's CRC-32C, as the runtime does; the cost of those checks is measured apart, "
-                         "reading the same selections with and without them, interleaved (verify_overhead).")
+                         "reading the same selections with and without them, interleaved (verify_overhead); so are the reader's "
+                         "backends, thread pool and io_uring (io_uring_vs_threads, bench_io_backends.png).")
     io.add_argument("--dir", default=None, help="directory on the drive under test for the stores "
                     "(default: <system temp dir>/nchunk-bench); about 1 GB per layer")
     io.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
@@ -190,6 +200,9 @@ def cmd_bench_reader(args) -> int:
 
     res = reader_bench.run(args.dir, file_mib=args.file_mib, threads=args.threads, repeats=args.repeats,
                            progress=not args.json)
+    if args.plot:
+        reader_bench.plot(res, args.plot)
+        res["plot"] = args.plot
     if args.json:
         print(json.dumps(res, indent=1))
     else:

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from nchunk_core.bench import io_bench
+from nchunk_core.bench import backend_compare, io_bench
 from nchunk_core.io.latency import LatencyTable
-from nchunk_core.io.reader import ChecksumError, Reader
+from nchunk_core.io.reader import ChecksumError, Reader, io_uring_unavailable
 from nchunk_core.store import Store, StoreWriter
 
 FRAMES = 3
@@ -60,3 +60,32 @@ def _table_stub() -> dict:
             "importance_cv": {"median": 1.0, "min": 1.0, "max": 1.0}, "points": [], "speedups": {},
             "mean_speedup_30_70_by_method": {}, "mean_speedup_30_70_vs_envelope": {},
             "mean_speedup_30_70": None, "max_speedup": None, "select_ms_p50": 1.0, "estimate_pearson_r": 1.0}
+
+
+@pytest.mark.skipif(io_uring_unavailable() != "", reason="no io_uring in this process")
+def test_backend_comparison_pairs_the_same_reads_through_both_backends(tmp_path):
+    store = small_store(tmp_path / "s")
+    with Reader(threads=2) as reader:
+        names, mats, test_v, perms = setup(store, reader)
+        buf = reader.empty(max(g.nbytes for g in store.groups.values()))
+        res = backend_compare.selection_reads(2, mats, names, test_v, perms, FRAMES, buf, progress=False)
+    assert res["available"] and [p["sparsity"] for p in res["points"]] == backend_compare.SPARSITIES
+    for p in res["points"]:
+        assert len(p["ratio_pairs"]) == FRAMES * len(names)
+        assert p["io_ms_threads"] > 0 and p["io_ms_io_uring"] > 0
+    assert res["io_uring_vs_threads"] > 0
+    assert "io_uring_vs_threads" in io_bench.format_table({**_table_stub(), "verification": _verification_stub(),
+                                                           "backends": res})
+    backend_compare.plot(res, tmp_path / "backends.png")
+    assert (tmp_path / "backends.png").stat().st_size > 0
+
+
+def test_backend_comparison_without_a_ring_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCHUNK_IO_URING", "off")
+    res = backend_compare.selection_reads(2, {}, [], {}, {}, FRAMES, None, progress=False)
+    assert not res["available"] and res["io_uring_vs_threads"] is None
+    assert "NCHUNK_IO_URING=off" in backend_compare.format_lines(res)[0]
+
+
+def _verification_stub() -> dict:
+    return {"crc32c": "table", "crc32c_gb_per_s": 1.0, "label": "x", "points": [], "ratio": 1.0}

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nchunk_core.io import backends
 from nchunk_core.io import profile as prof
 from nchunk_core.io.drive import drive_info
 from nchunk_core.io.latency import LatencyTable
+from nchunk_core.io.reader import Reader, io_uring_unavailable
 
 MIB = 1 << 20
 
@@ -54,6 +56,29 @@ def test_profile_small_file(small_table):
     assert t.meta["threads"] == 4 and t.meta["quick"] is True
     # small chunks are far below peak throughput: the contiguity cliff the method exploits
     assert thr[0] < 0.5 * t.peak_bytes_per_s
+
+
+def test_profile_records_the_faster_backend_and_the_runtime_uses_it(small_table, tmp_path):
+    _, t = small_table
+    comparison = t.meta["backend_comparison"]
+    assert t.meta["reader_backend"] == comparison["reader_backend"] in ("threads", "io_uring")
+    if io_uring_unavailable():  # no ring here: the thread pool, and why
+        assert comparison["io_uring_vs_threads"] is None and comparison["note"]
+    else:  # both measured at every size; the winner is the one the ratios favour
+        assert len(comparison["threads_bytes_per_s"]) == len(comparison["io_uring_bytes_per_s"]) == 3
+        assert all(v > 0 for v in comparison["threads_bytes_per_s"] + comparison["io_uring_bytes_per_s"])
+        faster = comparison["io_uring_vs_threads"] > 1 + backends.MARGIN
+        assert comparison["reader_backend"] == ("io_uring" if faster else "threads")
+    saved = tmp_path / "profile.json"
+    t.save(saved)
+    loaded = LatencyTable.load(saved)
+    with Reader(threads=2, profile=loaded) as r:
+        assert r.backend == t.meta["reader_backend"]
+    del loaded.meta["reader_backend"]  # a profile from before the comparison: the thread pool
+    with Reader(threads=2, profile=loaded) as r:
+        assert r.backend == "threads"
+    assert "before backends were compared" in backends.describe(None)
+    assert t.meta["reader_backend"] in backends.describe(comparison)
 
 
 def test_cache_is_reused(tmp_path, cache, small_table):

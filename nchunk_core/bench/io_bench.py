@@ -17,6 +17,9 @@ magnitude's time interpolated linearly along its retained-importance curve.
 Reads check every row's CRC-32C, as the runtime does. What that costs is measured on its own: for
 chunking + reorder on the bundled store at a few sparsities, every frame's selections are read twice,
 with and without the checks, in alternating order, and the ratio of the summed I/O times is reported.
+
+The sweep reads through the backend the drive profile chose; the two backends (thread pool, io_uring)
+are compared apart on the same selections, paired and interleaved (backend_compare.py).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from nchunk_core.io.reader import Reader
 from nchunk_core.convert.reorder import hot_cold_permutation
 from nchunk_core.runtime.select import select
 from nchunk_core.store import Store, StoreError, StoreWriter
+from nchunk_core.bench import backend_compare
 from nchunk_core.bench.importance import ImportanceModel, cv
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 3584, 28, 4, 128, 18944
@@ -185,13 +189,16 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
     variants = [Variant(m, r, b) for b in (True, False) for m in methods for r in (False, True)]
     sweep = SPARSITIES if sparsities is None else [float(s) for s in sparsities]
     points = []
-    with Reader(threads=threads) as reader:
+    with Reader(threads=threads, profile=table) as reader:
         mats = {b: {(layer, inp): Matrix(stores[b], reader, f"layers.{layer}.{inp}", table) for layer, inp in names}
                 for b in stores}
         largest = max(sum(g.nbytes for g in m.groups) for m in mats[True].values())
         buf = reader.empty(largest)
         verification = verify_cost(reader, mats[True], names, test_v, perms, frames, buf,
                                    "chunking" if "chunking" in methods else methods[0], progress)
+        backends = backend_compare.selection_reads(threads, mats[True], names, test_v, perms, frames, buf,
+                                                   "chunking" if "chunking" in methods else methods[0], progress)
+        backends["sweep_backend"] = reader.backend
         jobs = [(v, s) for v in variants for s in sweep + (EXTRA_MAGNITUDE if v.method == "magnitude" else [])]
         for v, s in tqdm(jobs, desc="bench io", disable=not progress):
             per_frame = []
@@ -232,7 +239,8 @@ def run(directory, layers: int = 2, frames: int = 10, calib_frames: int = 64, me
                 if abs(s - 0.5) < 1e-9 else None,  # selected rows per run-length bin
             })
     return summarize(points, table, cvs, layers=layers, frames=frames, calib_frames=calib_frames, model=model,
-                     verification=verification)
+                     verification=verification, backends=backends,
+                     io_uring_vs_threads=backends["io_uring_vs_threads"])
 
 
 def matched_speedup(points: list[dict], label: str, baseline: str, envelope: bool = False) -> dict[float, float]:
@@ -324,6 +332,8 @@ def format_table(res: dict) -> str:
                      f"{p['crc_cpu_ms']:>12.1f}")
     lines.append(f"verify_overhead: {100 * (ver['ratio'] - 1):+.1f} % of I/O time (median of paired ratios "
                  f"{ver['ratio']:.3f}; goal at most +5 %)")
+    if "backends" in res:
+        lines += ["", *backend_compare.format_lines(res["backends"])]
     lines += ["", f"{'mean speedup over magnitude, sparsity 30-70 %':<48}{'paper protocol':>16}{'vs best of magnitude/dense':>28}"]
     for label, v in res["mean_speedup_30_70_by_method"].items():
         lines.append(f"{label:<48}{fmt(v):>16}{fmt(res['mean_speedup_30_70_vs_envelope'][label]):>28}")
@@ -380,6 +390,9 @@ def plot(res: dict, out_dir) -> list[str]:
     paths.append(str(out_dir / "bench_io_runlengths.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    if res.get("backends", {}).get("points"):
+        paths.append(str(out_dir / "bench_io_backends.png"))
+        backend_compare.plot(res["backends"], paths[-1])
     return paths
 
 

@@ -4,7 +4,12 @@ Two workloads, each run by both tools in the same invocation, interleaved, repea
 - sequential 1 MiB reads over the whole file (fio: psync engine, one job per thread, each job
   streaming its own slice of the file);
 - random 4 KiB reads at 4 KiB-aligned offsets (fio: psync, randread, one job per thread).
-Both read with O_DIRECT, so the page cache does not flatter either side.
+Both read with O_DIRECT, so the page cache does not flatter either side. fio also runs its io_uring
+engine (one job, as many reads in flight as threads), the reference for our io_uring backend.
+
+Our reader runs both of its backends, the thread pool and io_uring (where the kernel gives a ring),
+with the same number of reads in flight, alternating which goes first; `io_uring_vs_threads` ratios
+are io_uring's throughput ÷ the thread pool's (above 1: io_uring faster).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from nchunk_core.io.profile import MIB, ScratchFile
-from nchunk_core.io.reader import Reader
+from nchunk_core.io.reader import Reader, io_uring_unavailable
 
 FIO_HINT = "fio is not installed: install it with `sudo apt-get install fio` (Debian/Ubuntu package `fio`)."
 
@@ -45,13 +50,16 @@ def _ours_rand4k(reader: Reader, handle, buf, count: int, rng) -> float:
     return stats.bytes / stats.wall_s
 
 
-def _fio(path: Path, rw: str, bs: str, threads: int, file_size: int, seconds: float) -> float:
+def _fio(path: Path, rw: str, bs: str, threads: int, file_size: int, seconds: float, engine: str = "psync") -> float:
+    """fio's throughput: psync with one job per thread, or io_uring with one job `threads` deep."""
+    jobs = ["--ioengine=psync", f"--numjobs={threads}"] if engine == "psync" else \
+        ["--ioengine=io_uring", f"--iodepth={threads}", "--numjobs=1"]
     cmd = [
-        "fio", "--name=nchunk", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", "--direct=1",
-        "--ioengine=psync", f"--numjobs={threads}", "--thread", "--group_reporting", "--output-format=json",
+        "fio", "--name=nchunk", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", "--direct=1", *jobs,
+        "--thread", "--group_reporting", "--output-format=json",
         "--time_based", f"--runtime={seconds}s", "--invalidate=1",
     ]
-    if rw == "read":  # each job streams its own slice, like our pool walking the file in 1 MiB chunks
+    if rw == "read" and engine == "psync":  # each job streams its own slice, like our pool walking the file
         part = file_size // threads // MIB * MIB
         cmd += [f"--size={part}", f"--offset_increment={part}"]
     else:
@@ -62,45 +70,70 @@ def _fio(path: Path, rw: str, bs: str, threads: int, file_size: int, seconds: fl
 
 def run(directory=None, file_mib: int = 512, threads: int = 6, repeats: int = 3, rand_count: int = 20000,
         progress: bool = True) -> dict:
-    """Measure both workloads; returns medians (bytes/s) and ratios ours/fio (None without fio)."""
+    """Measure both workloads; returns medians (bytes/s), ratios ours/fio (None without fio) and
+    io_uring/threads (None without a ring)."""
     directory = Path(directory or tempfile.gettempdir())
     have_fio = shutil.which("fio") is not None
+    note = io_uring_unavailable()
+    backends = ("threads",) if note else ("threads", "io_uring")
     rng = np.random.default_rng(0)
-    samples = {k: [] for k in ("seq_ours", "seq_fio", "rand4k_ours", "rand4k_fio")}
+    samples = {f"{w}_{k}": [] for w in ("seq", "rand4k") for k in ("ours", "io_uring", "fio", "fio_io_uring")}
+    engines = ("psync",) if note else ("psync", "io_uring")
     from tqdm import tqdm
 
-    steps = repeats * (4 if have_fio else 2)
-    with ScratchFile(directory, file_mib * MIB) as scratch, Reader(threads=threads) as reader, \
+    steps = repeats * 2 * (len(backends) + have_fio * len(engines))
+    with ScratchFile(directory, file_mib * MIB) as scratch, \
+            Reader(threads=threads, backend="threads") as pool, \
+            Reader(threads=threads, backend="io_uring" if not note else "threads") as ring, \
             tqdm(total=steps, desc="bench reader", disable=not progress, leave=False) as bar:
-        handle = reader.open(str(scratch.path))
-        buf = reader.empty(64 * MIB)
-        _ours_seq(reader, handle, buf, 1)  # warm-up
-        for _ in range(repeats):
-            samples["seq_ours"].append(_ours_seq(reader, handle, buf, passes=2))
-            bar.update()
-            if have_fio:
-                samples["seq_fio"].append(_fio(scratch.path, "read", "1M", threads, handle.size, 2))
+        readers = {"threads": pool, "io_uring": ring}
+        key = {"threads": "ours", "io_uring": "io_uring"}
+        fio_key = {"psync": "", "io_uring": "_io_uring"}
+        handle = pool.open(str(scratch.path))
+        buf = pool.empty(64 * MIB)
+        for b in backends:
+            _ours_seq(readers[b], handle, buf, 1)  # warm-up
+        for r in range(repeats):
+            order = backends if r % 2 == 0 else backends[::-1]
+            for b in order:
+                samples[f"seq_{key[b]}"].append(_ours_seq(readers[b], handle, buf, passes=2))
                 bar.update()
-            samples["rand4k_ours"].append(_ours_rand4k(reader, handle, buf, rand_count, rng))
-            bar.update()
-            if have_fio:
-                samples["rand4k_fio"].append(_fio(scratch.path, "randread", "4k", threads, handle.size, 2))
+            for engine in engines if have_fio else ():
+                samples["seq_fio" + fio_key[engine]].append(_fio(scratch.path, "read", "1M", threads, handle.size,
+                                                                 2, engine))
+                bar.update()
+            for b in order:
+                samples[f"rand4k_{key[b]}"].append(_ours_rand4k(readers[b], handle, buf, rand_count, rng))
+                bar.update()
+            for engine in engines if have_fio else ():
+                samples["rand4k_fio" + fio_key[engine]].append(_fio(scratch.path, "randread", "4k", threads,
+                                                                    handle.size, 2, engine))
                 bar.update()
         direct = bool(handle.direct)
     med = {k: (float(np.median(v)) if v else None) for k, v in samples.items()}
-    ratio = lambda a, b: (med[a] / med[b]) if med[b] else None  # noqa: E731
+    ratio = lambda a, b: (med[a] / med[b]) if med[a] and med[b] else None  # noqa: E731
     return {
         "threads": threads,
         "file_mib": file_mib,
         "repeats": repeats,
         "direct_io": direct,
         "fio": have_fio,
+        "io_uring": not note,
+        "io_uring_note": note,
         "seq_bytes_per_s": med["seq_ours"],
+        "seq_io_uring_bytes_per_s": med["seq_io_uring"],
         "seq_fio_bytes_per_s": med["seq_fio"],
         "rand4k_bytes_per_s": med["rand4k_ours"],
+        "rand4k_io_uring_bytes_per_s": med["rand4k_io_uring"],
         "rand4k_fio_bytes_per_s": med["rand4k_fio"],
         "seq_ratio_vs_fio": ratio("seq_ours", "seq_fio"),
         "rand4k_ratio_vs_fio": ratio("rand4k_ours", "rand4k_fio"),
+        "seq_fio_io_uring_bytes_per_s": med["seq_fio_io_uring"],
+        "rand4k_fio_io_uring_bytes_per_s": med["rand4k_fio_io_uring"],
+        "seq_io_uring_ratio_vs_fio_io_uring": ratio("seq_io_uring", "seq_fio_io_uring"),
+        "rand4k_io_uring_ratio_vs_fio_io_uring": ratio("rand4k_io_uring", "rand4k_fio_io_uring"),
+        "seq_io_uring_vs_threads": ratio("seq_io_uring", "seq_ours"),
+        "rand4k_io_uring_vs_threads": ratio("rand4k_io_uring", "rand4k_ours"),
         "samples": samples,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -114,12 +147,42 @@ def format_table(res: dict) -> str:
         return f"{v:6.2f}" if v else "     -"
 
     lines = [
-        f"reader vs fio: {res['threads']} threads, direct I/O {'on' if res['direct_io'] else 'OFF'}, "
-        f"{res['file_mib']} MiB file, median of {res['repeats']}",
-        f"{'workload':<22}{'nchunk MB/s':>12}{'fio MB/s':>10}{'ratio':>8}",
-        f"{'sequential 1 MiB':<22}{mb(res['seq_bytes_per_s']):>12}{mb(res['seq_fio_bytes_per_s']):>10}{r(res['seq_ratio_vs_fio']):>8}",
-        f"{'random 4 KiB':<22}{mb(res['rand4k_bytes_per_s']):>12}{mb(res['rand4k_fio_bytes_per_s']):>10}{r(res['rand4k_ratio_vs_fio']):>8}",
+        f"reader vs fio: {res['threads']} reads in flight, direct I/O {'on' if res['direct_io'] else 'OFF'}, "
+        f"{res['file_mib']} MiB file, median of {res['repeats']}, interleaved",
+        f"{'MB/s':<18}{'threads':>9}{'io_uring':>9}{'fio psync':>10}{'fio uring':>10}   ratios: "
+        f"{'threads/fio psync':>17}{'io_uring/fio uring':>19}{'io_uring_vs_threads':>20}",
     ]
+    for w, name in (("seq", "sequential 1 MiB"), ("rand4k", "random 4 KiB")):
+        lines.append(f"{name:<18}{mb(res[f'{w}_bytes_per_s'])}{mb(res[f'{w}_io_uring_bytes_per_s'])}"
+                     f"{mb(res[f'{w}_fio_bytes_per_s']):>10}{mb(res[f'{w}_fio_io_uring_bytes_per_s']):>10}{'':11}"
+                     f"{r(res[f'{w}_ratio_vs_fio']):>17}{r(res[f'{w}_io_uring_ratio_vs_fio_io_uring']):>19}"
+                     f"{r(res[f'{w}_io_uring_vs_threads']):>20}")
+    if not res["io_uring"]:
+        lines.append(f"io_uring unavailable: {res['io_uring_note']}")
     if not res["fio"]:
         lines.append(FIO_HINT)
     return "\n".join(lines)
+
+
+def plot(res: dict, path) -> None:
+    """PNG: throughput of each workload for the thread pool, io_uring and fio (medians and samples)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (w, name) in zip(axes, (("seq", "sequential 1 MiB"), ("rand4k", "random 4 KiB"))):
+        cols = [("threads", "ours"), ("io_uring", "io_uring"), ("fio psync", "fio"), ("fio io_uring", "fio_io_uring")]
+        for i, (label, k) in enumerate(cols):
+            vals = np.array(res["samples"][f"{w}_{k}"]) / 1e6
+            if vals.size:
+                ax.bar(i, np.median(vals), color=f"C{i}", alpha=0.7)
+                ax.plot(np.full(vals.size, i), vals, "k.", ms=4)
+        ax.set_xticks(range(len(cols)), [c[0] for c in cols])
+        ratio = res[f"{w}_io_uring_vs_threads"]
+        ax.set(ylabel="MB/s (direct I/O)", title=name + (f": io_uring ÷ threads {ratio:.2f}" if ratio else ""))
+    fig.suptitle(f"reader backends and fio, {res['threads']} reads in flight", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

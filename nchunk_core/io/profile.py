@@ -1,10 +1,12 @@
 """Drive profiler: measures the latency table T[s] that chunk selection optimises against.
 
 T[s] is the steady-state time per contiguous chunk of s bytes while many such chunks are in flight
-through the same reader (thread pool, direct I/O) the runtime uses. The profiler
+through the same reader (the backend recorded below, direct I/O) the runtime uses. The profiler
 
 1. writes a scratch file of random bytes on the drive under test (>= 128 MiB, removed afterwards;
-   never inside the directory named, which may be a read-only store: see scratch.py),
+   never inside the directory named, which may be a read-only store: see scratch.py), and compares
+   the reader's backends on it (thread pool, io_uring: backends.py); the faster one is recorded
+   (meta "reader_backend", "backend_comparison") and measures everything below,
 2. finds the peak throughput with a coarse pass over chunk sizes 4 KiB .. 8 MiB (many bytes per point),
 3. measures sizes up to twice the coarse saturation estimate, every KiB up to 256 KiB and every
    16 KiB beyond (quick mode: a sparser grid), interpolated onto the 1 KiB grid; every point reads
@@ -30,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from nchunk_core.io.backends import compare_backends
 from nchunk_core.io.drive import drive_info
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
@@ -158,7 +161,8 @@ def profile_drive(
     try:
         with ScratchFile(directory, scratch_bytes, progress=lambda f, m: report(0.1 * f, m),
                          fallback=scratch_fallback()) as scratch, \
-                Reader(threads=threads) as reader:
+                Reader(threads=threads, backend=(backends := compare_backends(
+                    scratch.path, threads, repeats=repeats + 1))["reader_backend"]) as reader:
             bench = _Bench(reader, scratch.path)
             steady = 8 * threads  # chunks per batch: ramp-up and tail stay a small part of the time
             bench.seconds_per_chunk(64 * KIB, 4 * MIB, steady)  # warm the pool and the drive
@@ -209,6 +213,8 @@ def profile_drive(
                     "key": info.key(threads),
                     "threads": threads,
                     "direct_io": bool(bench.handle.direct),
+                    "reader_backend": reader.backend,
+                    "backend_comparison": backends,
                     "quick": quick,
                     "scratch_bytes": scratch_bytes,
                     "saturated": bool(hits.size),
@@ -297,7 +303,7 @@ def validate(
     results = []
     try:
         with ScratchFile(directory, 256 * MIB, fallback=scratch_fallback()) as scratch, \
-                Reader(threads=threads) as reader:
+                Reader(threads=threads, profile=table) as reader:
             handle = reader.open(str(scratch.path))
             buf = reader.empty(BUFFER_CAP)
             for i in range(patterns):

@@ -37,7 +37,9 @@ def load_model(store_path, cfg: SessionConfig, log: Callable[[str], None],
         from nchunk_core.io.profile import load_or_profile
 
         table = load_or_profile(store.path, threads=cfg.reader_threads, quick=cfg.profile_quick, log=log)
-    reader = Reader(threads=cfg.reader_threads)
+    reader = Reader(threads=cfg.reader_threads, profile=table)  # the backend the drive profile found faster
+    log(f"reader: {reader.backend}, {reader.threads} reads in flight"
+        + (f" (io_uring unavailable: {reader.backend_note})" if reader.backend_note else ""))
     try:
         flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device, cfg.overlap),
                                   device=cfg.device, dtype=torch_dtype(cfg.dtype), allocation=allocation)
