@@ -1,6 +1,7 @@
-// Threaded direct-I/O reader: fills a caller's buffer with byte ranges ("extents") of a file.
+// Direct-I/O reader: fills a caller's buffer with byte ranges ("extents") of a file.
 //
-// A fixed pool of worker threads serves submitted requests in order. Each request is a list of extents
+// A fixed pool of worker threads serves submitted requests in order (or, with the io_uring backend,
+// one thread driving a ring with the same tasks in flight: see ReaderBackend below). Each request is a list of extents
 // (file offset, length, destination offset); extents longer than `max_task_bytes` are cut into tasks of
 // at most that size, and the tasks are handed out lazily, so at most `threads` tasks are in flight and
 // no task list is ever materialised. Files are opened with O_DIRECT where the file system allows it;
