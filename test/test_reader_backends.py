@@ -132,3 +132,22 @@ def test_auto_follows_the_drive_profile():
         resolve_backend("aio")
     with Reader(threads=2, profile=table) as r:
         assert r.backend == ("io_uring" if UNAVAILABLE == "" else "threads")
+
+
+def test_bench_reader_table_and_plot_show_both_backends(tmp_path):
+    from nchunk_core.bench import reader_bench
+
+    samples = {f"{w}_{k}": [] for w in ("seq", "rand4k") for k in ("ours", "io_uring", "fio", "fio_io_uring")}
+    samples.update(seq_ours=[2e9, 2.2e9], seq_io_uring=[1e9, 1.2e9], rand4k_ours=[1e8], rand4k_io_uring=[1.5e8])
+    res = {"threads": 6, "file_mib": 64, "repeats": 2, "direct_io": True, "fio": False, "io_uring": True,
+           "io_uring_note": "", "samples": samples}
+    for w in ("seq", "rand4k"):
+        ours, uring = np.median(samples[f"{w}_ours"]), np.median(samples[f"{w}_io_uring"])
+        res.update({f"{w}_bytes_per_s": ours, f"{w}_io_uring_bytes_per_s": uring, f"{w}_fio_bytes_per_s": None,
+                    f"{w}_fio_io_uring_bytes_per_s": None, f"{w}_ratio_vs_fio": None,
+                    f"{w}_io_uring_ratio_vs_fio_io_uring": None, f"{w}_io_uring_vs_threads": uring / ours})
+    table = reader_bench.format_table(res)
+    assert "io_uring_vs_threads" in table
+    assert "  0.52" in table.splitlines()[2] and "  1.50" in table.splitlines()[3]
+    reader_bench.plot(res, tmp_path / "reader.png")
+    assert (tmp_path / "reader.png").stat().st_size > 0

@@ -13,11 +13,21 @@
 #include <cstring>
 #include <sched.h>
 
-#if defined(__has_include)
+// NCHUNK_NO_IO_URING (a -D flag) builds without io_uring even where the header exists.
+#if defined(__has_include) && !defined(NCHUNK_NO_IO_URING)
 #if __has_include(<linux/io_uring.h>) && defined(__NR_io_uring_setup) && defined(__NR_io_uring_enter)
 #include <linux/io_uring.h>
 #define NCHUNK_HAVE_URING 1
 #endif
+#endif
+
+// Setup flags newer than some distributions' kernel headers (5.4 on Ubuntu 20.04); the values are
+// kernel ABI, and a kernel that does not know one answers EINVAL, after which the next set is tried.
+#if defined(NCHUNK_HAVE_URING) && !defined(IORING_SETUP_CLAMP)
+#define IORING_SETUP_CLAMP (1U << 4)
+#endif
+#if defined(NCHUNK_HAVE_URING) && !defined(IORING_SETUP_COOP_TASKRUN)
+#define IORING_SETUP_COOP_TASKRUN (1U << 8)
 #endif
 
 namespace nchunk {
@@ -100,10 +110,11 @@ Uring::Uring(unsigned entries) : rings_(new Rings()) {
   Rings& r = *rings_;
   io_uring_params p;
   // COOP_TASKRUN (Linux 5.19) spares the ring thread an interrupt per completion: the one thread that
-  // submits also reaps, at its next system call. An older kernel says EINVAL and gets a plain ring.
-  for (unsigned flags : {IORING_SETUP_COOP_TASKRUN, 0U}) {
+  // submits also reaps, at its next system call. CLAMP (5.6) caps the size instead of refusing it.
+  // An older kernel says EINVAL and gets the next, plainer ring.
+  for (unsigned flags : {IORING_SETUP_CLAMP | IORING_SETUP_COOP_TASKRUN, IORING_SETUP_CLAMP, 0U}) {
     std::memset(&p, 0, sizeof p);
-    p.flags = IORING_SETUP_CLAMP | flags;
+    p.flags = flags;
     r.fd = static_cast<int>(::syscall(__NR_io_uring_setup, entries, &p));
     if (r.fd >= 0 || errno != EINVAL) break;
   }
@@ -199,7 +210,8 @@ struct Uring::Rings {};
 
 Uring::Uring(unsigned) {
   const std::string refused = refused_by_environment();
-  throw UringUnavailable(refused.empty() ? "built without <linux/io_uring.h>" : refused);
+  throw UringUnavailable(refused.empty() ? "built without io_uring (no <linux/io_uring.h>, or NCHUNK_NO_IO_URING)"
+                                         : refused);
 }
 
 Uring::~Uring() = default;
