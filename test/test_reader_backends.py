@@ -145,9 +145,11 @@ def test_bench_reader_table_and_plot_show_both_backends(tmp_path):
         ours, uring = np.median(samples[f"{w}_ours"]), np.median(samples[f"{w}_io_uring"])
         res.update({f"{w}_bytes_per_s": ours, f"{w}_io_uring_bytes_per_s": uring, f"{w}_fio_bytes_per_s": None,
                     f"{w}_fio_io_uring_bytes_per_s": None, f"{w}_ratio_vs_fio": None,
-                    f"{w}_io_uring_ratio_vs_fio_io_uring": None, f"{w}_io_uring_vs_threads": uring / ours})
+                    f"{w}_io_uring_ratio_vs_fio_io_uring": None, f"{w}_io_uring_vs_threads": uring / ours,
+                    f"{w}_cpu_us_per_read": 12.5, f"{w}_io_uring_cpu_us_per_read": 8.5})
     table = reader_bench.format_table(res)
     assert "io_uring_vs_threads" in table
     assert "  0.52" in table.splitlines()[2] and "  1.50" in table.splitlines()[3]
+    assert "random 4 KiB 12.5 / 8.5" in table
     reader_bench.plot(res, tmp_path / "reader.png")
     assert (tmp_path / "reader.png").stat().st_size > 0

@@ -9,11 +9,13 @@ engine (one job, as many reads in flight as threads), the reference for our io_u
 
 Our reader runs both of its backends, the thread pool and io_uring (where the kernel gives a ring),
 with the same number of reads in flight, alternating which goes first; `io_uring_vs_threads` ratios
-are io_uring's throughput ÷ the thread pool's (above 1: io_uring faster).
+are io_uring's throughput ÷ the thread pool's (above 1: io_uring faster). The CPU time of each read
+(process CPU, every thread) is reported too: a backend may be slower here yet leave more CPU free.
 """
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -28,26 +30,37 @@ from nchunk_core.io.reader import Reader, io_uring_unavailable
 FIO_HINT = "fio is not installed: install it with `sudo apt-get install fio` (Debian/Ubuntu package `fio`)."
 
 
-def _ours_seq(reader: Reader, handle, buf, passes: int) -> float:
+def _cpu_s() -> float:
+    """CPU seconds of this process so far, every thread (the reader's workers or ring) included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _ours_seq(reader: Reader, handle, buf, passes: int) -> tuple[float, float]:
+    """(bytes/s, CPU µs per read) of 1 MiB reads over the whole file."""
     chunk = MIB
     n = handle.size // chunk
     cap = buf.nbytes // chunk
     extents = np.stack([np.arange(n) * chunk, np.full(n, chunk), (np.arange(n) % cap) * chunk], axis=1).astype(np.int64)
-    total = wall = 0.0
+    total = wall = cpu = 0.0
     for _ in range(passes):
+        c0 = _cpu_s()
         stats = reader.read(handle, extents, buf)
+        cpu += _cpu_s() - c0
         total += stats.bytes
         wall += stats.wall_s
-    return total / wall
+    return total / wall, cpu / (passes * n) * 1e6
 
 
-def _ours_rand4k(reader: Reader, handle, buf, count: int, rng) -> float:
+def _ours_rand4k(reader: Reader, handle, buf, count: int, rng) -> tuple[float, float]:
+    """(bytes/s, CPU µs per read) of 4 KiB reads at random aligned offsets."""
     size = 4096
     offsets = rng.integers(0, handle.size // size, count) * size
     dest = (np.arange(count) % (buf.nbytes // size)) * size
     extents = np.stack([offsets, np.full(count, size), dest], axis=1).astype(np.int64)
+    c0 = _cpu_s()
     stats = reader.read(handle, extents, buf)
-    return stats.bytes / stats.wall_s
+    return stats.bytes / stats.wall_s, (_cpu_s() - c0) / count * 1e6
 
 
 def _fio(path: Path, rw: str, bs: str, threads: int, file_size: int, seconds: float, engine: str = "psync") -> float:
@@ -78,6 +91,7 @@ def run(directory=None, file_mib: int = 512, threads: int = 6, repeats: int = 3,
     backends = ("threads",) if note else ("threads", "io_uring")
     rng = np.random.default_rng(0)
     samples = {f"{w}_{k}": [] for w in ("seq", "rand4k") for k in ("ours", "io_uring", "fio", "fio_io_uring")}
+    cpu = {f"{w}_{k}": [] for w in ("seq", "rand4k") for k in ("ours", "io_uring")}  # CPU µs per read
     engines = ("psync",) if note else ("psync", "io_uring")
     from tqdm import tqdm
 
@@ -96,14 +110,16 @@ def run(directory=None, file_mib: int = 512, threads: int = 6, repeats: int = 3,
         for r in range(repeats):
             order = backends if r % 2 == 0 else backends[::-1]
             for b in order:
-                samples[f"seq_{key[b]}"].append(_ours_seq(readers[b], handle, buf, passes=2))
+                for d, v in zip((samples, cpu), _ours_seq(readers[b], handle, buf, passes=2)):
+                    d[f"seq_{key[b]}"].append(v)
                 bar.update()
             for engine in engines if have_fio else ():
                 samples["seq_fio" + fio_key[engine]].append(_fio(scratch.path, "read", "1M", threads, handle.size,
                                                                  2, engine))
                 bar.update()
             for b in order:
-                samples[f"rand4k_{key[b]}"].append(_ours_rand4k(readers[b], handle, buf, rand_count, rng))
+                for d, v in zip((samples, cpu), _ours_rand4k(readers[b], handle, buf, rand_count, rng)):
+                    d[f"rand4k_{key[b]}"].append(v)
                 bar.update()
             for engine in engines if have_fio else ():
                 samples["rand4k_fio" + fio_key[engine]].append(_fio(scratch.path, "randread", "4k", threads,
@@ -134,7 +150,10 @@ def run(directory=None, file_mib: int = 512, threads: int = 6, repeats: int = 3,
         "rand4k_io_uring_ratio_vs_fio_io_uring": ratio("rand4k_io_uring", "rand4k_fio_io_uring"),
         "seq_io_uring_vs_threads": ratio("seq_io_uring", "seq_ours"),
         "rand4k_io_uring_vs_threads": ratio("rand4k_io_uring", "rand4k_ours"),
+        **{f"{w}_{k}cpu_us_per_read": (float(np.median(cpu[f"{w}_{o}"])) if cpu[f"{w}_{o}"] else None)
+           for w in ("seq", "rand4k") for k, o in (("", "ours"), ("io_uring_", "io_uring"))},
         "samples": samples,
+        "cpu_samples": cpu,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -157,6 +176,10 @@ def format_table(res: dict) -> str:
                      f"{mb(res[f'{w}_fio_bytes_per_s']):>10}{mb(res[f'{w}_fio_io_uring_bytes_per_s']):>10}{'':11}"
                      f"{r(res[f'{w}_ratio_vs_fio']):>17}{r(res[f'{w}_io_uring_ratio_vs_fio_io_uring']):>19}"
                      f"{r(res[f'{w}_io_uring_vs_threads']):>20}")
+    cpu = lambda v: f"{v:.1f}" if v else "-"  # noqa: E731
+    lines.append("CPU µs per read (all threads), threads / io_uring: " + ", ".join(
+        f"{name} {cpu(res[f'{w}_cpu_us_per_read'])} / {cpu(res[f'{w}_io_uring_cpu_us_per_read'])}"
+        for w, name in (("seq", "sequential 1 MiB"), ("rand4k", "random 4 KiB"))))
     if not res["io_uring"]:
         lines.append(f"io_uring unavailable: {res['io_uring_note']}")
     if not res["fio"]:
