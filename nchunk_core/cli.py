@@ -372,6 +372,9 @@ def cmd_verify(args) -> int:
     except StoreError as exc:
         print(f"nchunk verify: {exc}", file=sys.stderr)
         return 1
+    from nchunk_core.runtime.calibrated_mode import describe_calibration  # no torch
+
+    print(describe_calibration(store.model_info))
     print(report)
     return 0 if getattr(report, "ok", True) else 1
 

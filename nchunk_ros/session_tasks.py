@@ -87,11 +87,28 @@ class SessionTasks:
         return self._session.frames_in_context
 
     def update_session(self, values: dict) -> None:
-        """Hand the selection settings, max_frames, ram_budget_mib, max_new_tokens and frame_budget_ms of
-        parameter `values` to the session (applied at its next call)."""
+        """Hand the selection settings, max_frames, ram_budget_mib, max_new_tokens, frame_budget_ms,
+        frame_tokens and decoding of parameter `values` to the session (applied at its next call;
+        frame_tokens at its next frame)."""
         self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
                              ram_budget_mib=values["ram_budget_mib"], frame_budget_ms=values["frame_budget_ms"],
-                             max_new_tokens=min(values["max_new_tokens"], self._session.max_answer_tokens))
+                             max_new_tokens=min(values["max_new_tokens"], self._session.max_answer_tokens),
+                             frame_tokens=values["frame_tokens"], decoding=values["decoding"])
+
+    def model_problem(self, changes: dict) -> str:
+        """Why the running model refuses the frame_tokens or decoding in parameter `changes` ("" if it
+        takes them): a frame mode it lacks, a generation_config.json that does not load."""
+        from nchunk_core.runtime.decoding import DecodingSettings
+
+        session = self._session
+        try:
+            if "frame_tokens" in changes:
+                session.adapter.check_frame_tokens(changes["frame_tokens"])
+            if "decoding" in changes:
+                DecodingSettings.load(session.store.path, session.stop_ids, changes["decoding"])
+        except (ValueError, OSError) as exc:
+            return str(exc)
+        return ""
 
     def _stopping(self) -> bool:
         """The session's cancel check: true once the worker stops (node shutdown)."""
