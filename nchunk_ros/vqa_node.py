@@ -186,8 +186,8 @@ class VQANode(Node):
         if not self._running or not (changed or reopen):
             return
         v = self._values
-        if changed & set(SESSION_PARAMETERS):
-            self._tasks.update_session(v)
+        if changed & set(SESSION_PARAMETERS):  # frame_tokens and decoding: for the model a reload opens
+            self._tasks.update_session(v, model_settings=not (changed | reopen) & set(RELOAD_PARAMETERS))
         if changed & set(SELECTION_PARAMETERS):
             windows = selection_from(v).windows
             self.get_logger().info(f"selection from the next frame: {v['method']} at sparsity {v['sparsity']:g}"
