@@ -321,6 +321,15 @@ def test_decoding_follows_the_generation_config(references, stores, tmp_path):
     assert penalised.token_ids == transformers_answer(model, inputs, repetition_penalty=PENALTY)[0]
     assert greedy.token_ids == transformers_answer(model, inputs, repetition_penalty=1.0)[0]
     assert penalised.token_ids != greedy.token_ids
+    # the same, changed on an open session: from the next question, the frames left as they were
+    with Session.open(store, SessionConfig(max_new_tokens=NEW_TOKENS), table=LatencyTable.synthetic()) as session:
+        for seed in (1, 2):
+            session.append_frame(frame(seed))
+        assert session.ask(QUESTION).token_ids == penalised.token_ids
+        session.update(decoding="greedy")
+        assert session.ask(QUESTION).token_ids == greedy.token_ids
+        session.update(decoding="checkpoint")
+        assert session.ask(QUESTION).token_ids == penalised.token_ids
 
 
 # ---------------------------------------------------------------- checkpoints without a template

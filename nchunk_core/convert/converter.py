@@ -180,6 +180,10 @@ class ImportanceRecorder:
         return out
 
 
+# Calibration frames by default: more stop paying at 16 (`nchunk bench calibration`, docs/design.md#converter)
+CALIB_FRAMES = 16
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
@@ -260,7 +264,7 @@ def _prepare_destination(dst: Path, overwrite: bool) -> None:
 
 
 def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str = "auto",
-            reorder: bool = True, calib_frames: int = 32, calib_device: str = "cpu",
+            reorder: bool = True, calib_frames: int = CALIB_FRAMES, calib_device: str = "cpu",
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
             recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
             frame_tokens="auto", allocation: bool = True, allocation_frames: int = 8) -> Path:
