@@ -323,9 +323,10 @@ def _add_convert(sub):
     p.add_argument("--calib", metavar="FRAMES_DIR", default=None, help="folder of PNG/JPEG camera or video frames "
                    "for calibration (default: a few synthetic frames, with a warning)")
     p.add_argument("--calib-frames", type=int, default=16, help="frames used from FRAMES_DIR, spread over the folder "
-                   "(default 16: `nchunk bench calibration` measured that a 16-frame hot-cold order keeps 99.6-100 %% "
-                   "of the importance a 32-frame order keeps at 30-50 %% sparsity, 8 frames 97.6-99.9 %%; each frame is "
-                   "a dense forward, so the time halves; the first frame's time gives the estimate)")
+                   "(default 16: `nchunk bench calibration` measured that a 16-frame hot-cold order keeps "
+                   "99.6-100 %% of the importance a 32-frame order keeps at 30-50 %% sparsity, 8 frames "
+                   "97.6-99.9 %%; each frame is a dense forward, so the time halves; the first frame's time "
+                   "gives the estimate)")
     p.add_argument("--no-bundle", action="store_true", help="one group per projection instead of q|k|v and gate|up "
                    "bundled (a bundled channel is one larger read)")
     p.add_argument("--no-reorder", action="store_true", help="skip calibration and keep the checkpoint's row order")

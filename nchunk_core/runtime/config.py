@@ -16,8 +16,7 @@ import torch
 
 from nchunk_core.store.naming import DTYPES
 from nchunk_core.runtime.select import SelectionSettings
-from nchunk_core.runtime.setting_values import (FRAME_MODES, FRAME_TOKENS_HELP,  # noqa: F401 (names of this module)
-                                                decoding_value, frame_tokens_value)
+from nchunk_core.runtime.setting_values import decoding_value, frame_tokens_value
 
 MAX_NEW_TOKENS_LIMIT = 4096
 
@@ -65,7 +64,7 @@ class SessionConfig:
     max_new_tokens: int = 32  # default answer length limit
     profile_quick: bool = True  # quick drive profile if none is cached
     max_question_tokens: int = 256  # longer questions are refused
-    frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP; the mode is checked per model at open
+    frame_tokens: str | int = "auto"  # what a frame costs (setting_values.py); the model's adapter checks the mode
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
     overlap: bool = True  # read in pieces and prefetch the next input's rows while computing (overlap.py)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from nchunk_core.runtime.setting_values import DECODING, decoding_value  # noqa: F401 (names of this module)
+from nchunk_core.runtime.setting_values import decoding_value
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
