@@ -193,6 +193,25 @@ def _add_bench(sub):
     ac.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")
     ac.add_argument("--json", action="store_true", help="print one JSON object")
     ac.set_defaults(func=cmd_bench_accuracy)
+    ca = bsub.add_parser("calibration", help="how much the hot-cold order changes with 8, 16, 32 calibration frames",
+                         description="One dense calibration pass, as nchunk convert makes it, over the largest "
+                         "--snapshots count of frames and --held-out more; per streamed input, the hot-cold order of "
+                         "the first n frames for each n against the order of the most frames: overlap of the top-30 "
+                         "%% and top-50 %% rows, Spearman rank correlation, and the importance a chunking selection "
+                         "at 30 %% and 50 %% sparsity keeps on the held-out frames (relative to the reference order; "
+                         "the checkpoint's own order for scale). Prints a table per store; writes "
+                         "bench_calibration.png and bench_calibration.json to --out.")
+    ca.add_argument("stores", metavar="STORE", nargs="*", help="stores to measure (default: the built-in model's)")
+    ca.add_argument("--frames", metavar="FRAMES_DIR", default=None, help="folder of camera frames (default: "
+                    "rendered shape scenes: training scenes calibrate, validation scenes are held out)")
+    ca.add_argument("--snapshots", default="8,16,32", help="calibration frame counts compared (default 8,16,32)")
+    ca.add_argument("--held-out", type=int, default=8, help="frames the selections are scored on (default 8)")
+    ca.add_argument("--frame-tokens", default="auto", help="frame mode of the pass, as nchunk convert's (default auto)")
+    ca.add_argument("--size", default="320x240", help="WxH of the rendered scenes (default 320x240)")
+    ca.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
+    ca.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")
+    ca.add_argument("--json", action="store_true", help="print one JSON object")
+    ca.set_defaults(func=cmd_bench_calibration)
 
 
 def cmd_bench_reader(args) -> int:
@@ -251,6 +270,23 @@ def cmd_bench_accuracy(args) -> int:
                    accuracy_bench.format_table(res) + f"\nplot: {res['plot']}")
 
 
+def cmd_bench_calibration(args) -> int:
+    from nchunk_core.bench import calibration_bench
+    from nchunk_core.demo.model import shipped_store
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    results = [calibration_bench.run(store, args.frames, [int(n) for n in args.snapshots.split(",") if n.strip()],
+                                     args.held_out, args.frame_tokens, width, height, args.threads,
+                                     log=_progress_log(args))
+               for store in (args.stores or [shipped_store()])]
+    json_path, png = calibration_bench.save(results, args.out)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print("\n\n".join(calibration_bench.format_table(r) for r in results) + f"\nplot: {png}\njson: {json_path}")
+    return 0
+
+
 def _add_train_demo(sub):
     from nchunk_core.demo.train_settings import Settings  # no torch: the defaults only
 
@@ -299,8 +335,11 @@ def _add_convert(sub):
     p.add_argument("store", metavar="STORE", help="store directory to create")
     p.add_argument("--calib", metavar="FRAMES_DIR", default=None, help="folder of PNG/JPEG camera or video frames "
                    "for calibration (default: a few synthetic frames, with a warning)")
-    p.add_argument("--calib-frames", type=int, default=32, help="frames used from FRAMES_DIR, spread over the folder "
-                   "(default 32)")
+    p.add_argument("--calib-frames", type=int, default=16, help="frames used from FRAMES_DIR, spread over the folder "
+                   "(default 16: `nchunk bench calibration` measured that a 16-frame hot-cold order keeps "
+                   "99.6-100 %% of the importance a 32-frame order keeps at 30-50 %% sparsity, 8 frames "
+                   "97.6-99.9 %%; each frame is a dense forward, so the time halves; the first frame's time "
+                   "gives the estimate)")
     p.add_argument("--no-bundle", action="store_true", help="one group per projection instead of q|k|v and gate|up "
                    "bundled (a bundled channel is one larger read)")
     p.add_argument("--no-reorder", action="store_true", help="skip calibration and keep the checkpoint's row order")
@@ -385,6 +424,9 @@ def cmd_verify(args) -> int:
     except StoreError as exc:
         print(f"nchunk verify: {exc}", file=sys.stderr)
         return 1
+    from nchunk_core.runtime.calibrated_mode import describe_calibration  # no torch
+
+    print(describe_calibration(store.model_info))
     print(report)
     return 0 if getattr(report, "ok", True) else 1
 

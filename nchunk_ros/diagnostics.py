@@ -4,9 +4,10 @@ The one place where typed statistics (the session's FrameStats, the worker's Cou
 messages; until here they travel as dataclasses. Each message holds one DiagnosticStatus, named:
 
 - FRAME ("vqa_node: frame"), after every frame appended: the frame's FrameStats (bytes read, reads,
-  I/O, selection, vision and compute seconds, rows read, retained importance, tokens, frames in
-  context, rebuilt), the selection settings and max_frames it was appended with, the session's
-  device, dtype and reader_threads, its topic and stamp; ERROR with the reason when an append failed.
+  I/O, selection, vision and compute seconds, rows read, retained importance, tokens, the frame mode
+  and its visual tokens, frames in context, rebuilt), the selection settings and max_frames it was
+  appended with, the session's device, dtype and reader_threads, its topic and stamp; ERROR with
+  the reason when an append failed.
 - INTAKE ("vqa_node: intake"), once a second; key "silent_topics" lists (comma-separated) the camera
   topics with publishers but no frame for camera_transport.SILENCE_S seconds, and the level is WARN
   while there are any.
@@ -42,8 +43,8 @@ def frame_values(topic: str, stats: FrameStats, config: SessionConfig) -> dict:
         "est_io_s": f"{stats.est_io_s:.6f}", "select_s": f"{stats.select_s:.6f}",
         "vision_s": f"{stats.vision_s:.6f}", "compute_s": f"{stats.compute_s:.6f}",
         "total_s": f"{stats.total_s:.6f}", "rows_read": stats.rows_read, "rows_total": stats.rows_total,
-        "retained": f"{stats.retained:.4f}", "visual_tokens": stats.visual_tokens, "tokens": stats.tokens,
-        "context_tokens": stats.context_tokens, "frames_in_context": stats.frames_in_context,
+        "retained": f"{stats.retained:.4f}", "visual_tokens": stats.visual_tokens, "frame_mode": stats.frame_mode,
+        "tokens": stats.tokens, "context_tokens": stats.context_tokens, "frames_in_context": stats.frames_in_context,
         "rebuilt": stats.rebuilt, "sparsity": f"{stats.selection.sparsity:g}", "method": stats.selection.method,
         "allocation": stats.selection.allocation, "frame_budget_ms": f"{stats.frame_budget_ms:g}",
         "budget_met": "" if stats.budget_met is None else stats.budget_met,

@@ -22,6 +22,7 @@ from rclpy.exceptions import InvalidTopicNameException
 from rclpy.validate_topic_name import validate_topic_name
 
 from nchunk_core.runtime.select import ALLOCATIONS, METHODS, SelectionSettings
+from nchunk_core.runtime.setting_values import DECODING, FRAME_TOKENS_HELP, frame_tokens_value  # no torch
 from nchunk_core.store.naming import DTYPES  # names only: a bad dtype is refused before torch loads
 
 DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -36,9 +37,10 @@ class ParamSpec:
     low: float | None = None  # inclusive range, for numbers
     high: float | None = None
     reload: bool = False  # a change reloads the model (vqa_node.py's docstring)
+    dynamic: bool = False  # takes a string or an integer (frame_tokens: a mode or a number of tokens)
 
     def descriptor(self) -> ParameterDescriptor:
-        d = ParameterDescriptor(description=self.description)
+        d = ParameterDescriptor(description=self.description, dynamic_typing=self.dynamic)
         if self.reload:
             d.additional_constraints = ("a change reloads the model before the next frame or question (setting "
                                         "the current value reloads too: a store replaced on disk is opened "
@@ -89,6 +91,13 @@ PARAMETERS = (
     ParamSpec("max_new_tokens", 32, "answer length limit in tokens: the default of a request and the "
               "most a request may ask for; at most what the model's positions hold beside a frame and a "
               "question (a reload to a smaller model lowers it)", 1, 4096),
+    ParamSpec("frame_tokens", "auto", "what one camera frame costs: " + FRAME_TOKENS_HELP + "; the modes of "
+              "the loaded model are in its log; a change applies from the next frame, frames in context keep "
+              "their tokens (LLaVA-OneVision between video and image modes: the next frame rebuilds the context)",
+              dynamic=True),
+    ParamSpec("decoding", "checkpoint", "checkpoint: greedy with generation_config.json's deterministic settings "
+              "(stop ids, repetition penalty); greedy: plain greedy (stop ids still apply); a change applies "
+              "from the next question"),
     ParamSpec("ask_timeout_s", 30.0, "deadline of a request that gives none, counted from its arrival and "
               "including the wait behind other requests", 0.1, 3600.0),
 )
@@ -98,7 +107,8 @@ RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
 SELECTION_PARAMETERS = ("sparsity", "method", "allocation", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib",
                         "jump_cap_kib")
 SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "ram_budget_mib", "max_new_tokens",
-                      "frame_budget_ms")  # passed to Session.update
+                      "frame_budget_ms", "frame_tokens", "decoding")  # passed to Session.update
+MODEL_PARAMETERS = ("frame_tokens", "decoding")  # the running model checks them (check_parameters' model_check)
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
 RECOMMENDED_PARAMETERS = ("sparsity", "method", "max_frames", "max_new_tokens")  # a store may recommend them
 
@@ -153,6 +163,14 @@ def _store_path_problem(value: str) -> str:
     return ""
 
 
+def _frame_tokens_problem(value) -> str:
+    try:
+        frame_tokens_value(value)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def _topics_problem(topics: list) -> str:
     if not topics:
         return "image_topics is empty: name at least one camera topic"
@@ -167,13 +185,16 @@ def _topics_problem(topics: list) -> str:
 
 
 def check_parameters(changes: dict, current: dict, running: bool,
-                     max_answer_tokens: int | None = None) -> SetParametersResult:
+                     max_answer_tokens: int | None = None, model_check=None) -> SetParametersResult:
     """Whether parameter `changes` (name -> value) may be applied on top of `current`.
 
     Ranges and types are checked by rclpy from the descriptors; this checks everything else.
     `running`: the node has started, so a store_path must name a store directory (at start-up,
     opening the store says what is wrong, and the node exits). `max_answer_tokens`: the running
     model's limit for max_new_tokens (Session.max_answer_tokens), None before a model is open.
+    `model_check(changes)`: why the running model refuses the MODEL_PARAMETERS in `changes` ("" if
+    it takes them), None before a model is open; not asked when the same change reloads the model
+    (the new model checks them as it opens, and a refusal is a failed reload).
     """
     problem = ""
     for name, value in changes.items():
@@ -189,9 +210,18 @@ def check_parameters(changes: dict, current: dict, running: bool,
             problem = f"qos_reliability must be best_effort or reliable, got {value!r}"
         elif name == "image_topics":
             problem = _topics_problem(list(value))
+        elif name == "frame_tokens":
+            problem = _frame_tokens_problem(value)
+        elif name == "decoding" and value not in DECODING:
+            problem = f"decoding must be one of {', '.join(DECODING)}, got {value!r}"
         elif name == "max_new_tokens" and max_answer_tokens is not None and value > max_answer_tokens:
             problem = (f"max_new_tokens {value} is above what the model holds: at most {max_answer_tokens} "
                        f"answer tokens fit beside the prompt, a frame and a question")
+        if problem:
+            return SetParametersResult(successful=False, reason=problem)
+    model_changes = {k: v for k, v in changes.items() if k in MODEL_PARAMETERS}
+    if model_check is not None and model_changes and not set(changes) & set(RELOAD_PARAMETERS):
+        problem = model_check(model_changes)
         if problem:
             return SetParametersResult(successful=False, reason=problem)
     try:

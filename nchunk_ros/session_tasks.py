@@ -8,7 +8,9 @@ answers on ~/answer, and parameters set back after a failed reload.
 A reload opens a new session with the new values (as at start-up) and closes the old one only once
 the new one works; the context then restarts from the newest frame of the old one. When the new
 session cannot be opened, the old one keeps answering, and the parameters that asked for the reload
-are set back to the running session's values (a change back asks for no reload of its own). A
+are set back to the running session's values (a change back asks for no reload of its own), and
+so are a frame_tokens or decoding given with them that the running model cannot take (the others
+apply to it). A
 max_new_tokens above what the new model can hold is lowered to its limit, and the log says so.
 
 A failed read of the store's weights (an I/O error, a file that ended early, a row whose CRC-32C
@@ -37,7 +39,7 @@ from rclpy.parameter import Parameter
 
 from nchunk_core.io.errors import ChecksumError, IoError
 from nchunk_ros import diagnostics
-from nchunk_ros.parameters import RELOAD_PARAMETERS, selection_from
+from nchunk_ros.parameters import MODEL_PARAMETERS, RELOAD_PARAMETERS, selection_from
 from nchunk_ros.worker import AskJob, Frame, Worker
 
 FAILURE_LOG_PERIOD_S = 5.0
@@ -86,12 +88,30 @@ class SessionTasks:
     def frames_in_context(self) -> int:
         return self._session.frames_in_context
 
-    def update_session(self, values: dict) -> None:
-        """Hand the selection settings, max_frames, ram_budget_mib, max_new_tokens and frame_budget_ms of
-        parameter `values` to the session (applied at its next call)."""
+    def update_session(self, values: dict, model_settings: bool = True) -> None:
+        """Hand the selection settings, max_frames, ram_budget_mib, max_new_tokens, frame_budget_ms
+        and, with `model_settings`, frame_tokens and decoding of parameter `values` to the session
+        (applied at its next call; frame_tokens at its next frame). Without: they are for a model
+        being reloaded, which opens with them."""
+        model = {"frame_tokens": values["frame_tokens"], "decoding": values["decoding"]} if model_settings else {}
         self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
                              ram_budget_mib=values["ram_budget_mib"], frame_budget_ms=values["frame_budget_ms"],
-                             max_new_tokens=min(values["max_new_tokens"], self._session.max_answer_tokens))
+                             max_new_tokens=min(values["max_new_tokens"], self._session.max_answer_tokens), **model)
+
+    def model_problem(self, changes: dict) -> str:
+        """Why the running model refuses the frame_tokens or decoding in parameter `changes` ("" if it
+        takes them): a frame mode it lacks, a generation_config.json that does not load."""
+        from nchunk_core.runtime.decoding import DecodingSettings
+
+        session = self._session
+        try:
+            if "frame_tokens" in changes:
+                session.adapter.check_frame_tokens(changes["frame_tokens"])
+            if "decoding" in changes:
+                DecodingSettings.load(session.store.path, session.stop_ids, changes["decoding"])
+        except (ValueError, OSError) as exc:
+            return str(exc)
+        return ""
 
     def _stopping(self) -> bool:
         """The session's cancel check: true once the worker stops (node shutdown)."""
@@ -289,7 +309,11 @@ class SessionTasks:
                 if current[k] == failed[k] != self._session_values[k]]
         if not back:  # changed again meanwhile: the next reload tries that
             return
+        config = self._session.config  # frame_tokens or decoding meant for the new model: kept if this one takes them
+        back += [Parameter(k, value=getattr(config, k)) for k in MODEL_PARAMETERS
+                 if current[k] != getattr(config, k) and self.model_problem({k: current[k]})]
         result = self._node.set_parameters_atomically(back)  # the node then finds nothing to reload
+        self.update_session(self._node.parameter_values())
         names = ", ".join(f"{p.name} {p.value!r}" for p in back)
         if result.successful:
             self._node.get_logger().info(f"parameters set back to the running model's: {names}")

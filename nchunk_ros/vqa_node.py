@@ -32,7 +32,9 @@ The node is a shell around three parts:
 
 Parameters (config/vqa.yaml documents each) apply without a restart. The selection settings
 (sparsity, method, chunk_*) and max_frames apply from the next frame or question (a max_frames
-below the frames in context makes the next frame rebuild the context); image_topics and
+below the frames in context makes the next frame rebuild the context); frame_tokens applies from
+the next frame (frames in context keep their tokens) and decoding from the next question, each
+refused at once with the reason when the running model has no such mode or generation settings; image_topics and
 qos_reliability re-subscribe at once; max_append_rate_hz, max_new_tokens and ask_timeout_s apply at
 once (max_new_tokens up to what the model holds). store_path, device, dtype and reader_threads
 reload the model, also when set to the value they have (a store replaced on disk is opened again):
@@ -163,7 +165,8 @@ class VQANode(Node):
     def _validate(self, params):
         changes = {p.name: p.value for p in params}
         limit = self.session.max_answer_tokens if self._running else None
-        return check_parameters(changes, dict(self._values), self._running, limit)
+        model_check = self._tasks.model_problem if self._running else None
+        return check_parameters(changes, dict(self._values), self._running, limit, model_check)
 
     def _apply(self, params) -> None:
         try:
@@ -183,14 +186,15 @@ class VQANode(Node):
         if not self._running or not (changed or reopen):
             return
         v = self._values
-        if changed & set(SESSION_PARAMETERS):
-            self._tasks.update_session(v)
+        if changed & set(SESSION_PARAMETERS):  # frame_tokens and decoding: for the model a reload opens
+            self._tasks.update_session(v, model_settings=not (changed | reopen) & set(RELOAD_PARAMETERS))
         if changed & set(SELECTION_PARAMETERS):
             windows = selection_from(v).windows
             self.get_logger().info(f"selection from the next frame: {v['method']} at sparsity {v['sparsity']:g}"
                                    + ("" if windows is None else f", windows {windows}"))
-        if "max_frames" in changed:
-            self.get_logger().info(f"max_frames {v['max_frames']} from the next frame")
+        for name, when in (("max_frames", "frame"), ("frame_tokens", "frame"), ("decoding", "question")):
+            if name in changed:
+                self.get_logger().info(f"{name} {v[name]!r} from the next {when}")
         if "max_append_rate_hz" in changed:
             self._worker.set_append_rate(v["max_append_rate_hz"])
         if changed & set(SUBSCRIPTION_PARAMETERS):

@@ -132,3 +132,30 @@ def test_allocation_and_frame_budget_parameters():
     budget = {spec.name: spec for spec in PARAMETERS}["frame_budget_ms"].descriptor()
     assert budget.floating_point_range[0].from_value == 0.0  # negative budgets are refused by rclpy
     assert {"allocation", "frame_budget_ms"} <= set(parameters.SESSION_PARAMETERS)  # no reload
+
+
+def test_frame_tokens_and_decoding_are_checked_for_form_and_by_the_running_model():
+    def reason(model_check=None, **changes):
+        result = check_parameters(changes, DEFAULTS, True, model_check=model_check)
+        return "" if result.successful else result.reason
+
+    assert reason(frame_tokens="tiles", decoding="greedy") == ""
+    assert reason(frame_tokens=256) == reason(frame_tokens="256") == ""  # a number of tokens, as int or digits
+    for bad in ("tile", 0, -3, 1.5, True, ""):
+        assert "frame_tokens must be auto" in reason(frame_tokens=bad), bad
+    assert "decoding must be one of checkpoint, greedy" in reason(decoding="sample")
+    asked = []
+
+    def model_check(changes):
+        asked.append(dict(changes))
+        return "frame_tokens='video' is not a frame mode of smolvlm" if changes.get("frame_tokens") == "video" else ""
+
+    assert "not a frame mode of smolvlm" in reason(model_check, frame_tokens="video", sparsity=0.2)
+    assert reason(model_check, decoding="greedy") == ""
+    assert asked == [{"frame_tokens": "video"}, {"decoding": "greedy"}]  # only the model's parameters
+    assert reason(model_check, frame_tokens="video", store_path="") == ""  # the new model checks it as it opens
+    assert reason(model_check, sparsity=0.2) == "" and len(asked) == 2
+    d = parameters.SPECS["frame_tokens"].descriptor()
+    assert d.dynamic_typing and not parameters.SPECS["decoding"].descriptor().dynamic_typing
+    assert {"frame_tokens", "decoding"} <= set(parameters.SESSION_PARAMETERS)
+    assert not {"frame_tokens", "decoding"} & set(parameters.RELOAD_PARAMETERS)

@@ -253,6 +253,54 @@ def test_conversion_estimates_calibration_time_first(stores):
         assert estimate < next(i for i, m in enumerate(log) if m.startswith("store written"))
 
 
+# layout -> the frame mode auto calibrates in (a published checkpoint has a chat template: the cheapest)
+CALIBRATED = {"idefics3": "image", "smolvlm": "image", "llava_onevision": "video", "qwen2_5_vl": "image"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_store_records_its_calibration_frame_mode(stores, layout, capsys):
+    """The manifest says which frame mode calibrated the row order; opening the store logs it, and a
+    session in another mode logs a note (a store without the field opens with no note)."""
+    from nchunk_core import cli
+    from nchunk_core.store import Store
+
+    store = stores[layout][0]
+    calibration = Store.open(store).model_info["calibration"]
+    assert (calibration["frame_mode"], calibration["frame_tokens"]) == (CALIBRATED[layout], "auto")
+    assert calibration["visual_tokens"] == adapter_for_store(store).encode_frame(frame(10)).num_visual_tokens
+    assert cli.main(["verify", str(store)]) == 0
+    assert f"frame mode {CALIBRATED[layout]} ({calibration['visual_tokens']} visual tokens" in capsys.readouterr().out
+
+    def logged(**cfg):
+        log = []
+        Session.open(store, SessionConfig(**cfg), log=log.append, table=LatencyTable.synthetic()).close()
+        return log
+
+    same = logged()
+    assert any(f"frame mode {CALIBRATED[layout]}" in m for m in same) and not any("note:" in m for m in same)
+    other = "tiles" if layout != "qwen2_5_vl" else 64
+    notes = [m for m in logged(frame_tokens=other) if m.startswith("note:")]
+    assert len(notes) == 1 and f"calibrated in {CALIBRATED[layout]}" in notes[0], notes
+
+
+def adapter_for_store(store):
+    """The adapter a session on `store` encodes frames with (auto)."""
+    with Session.open(store, SessionConfig(), table=LatencyTable.synthetic()) as session:
+        return session.adapter
+
+
+def test_a_store_without_the_calibration_frame_mode_opens_quietly(stores, tmp_path):
+    store = shutil.copytree(stores["smolvlm"][0], tmp_path / "older")
+    manifest = json.loads((store / "manifest.json").read_text())
+    for key in ("frame_mode", "token_budget", "visual_tokens"):
+        del manifest["model"]["calibration"][key]
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    log = []
+    Session.open(store, SessionConfig(frame_tokens="tiles"), log=log.append, table=LatencyTable.synthetic()).close()
+    assert not any(m.startswith("note:") for m in log)
+    assert any("frame_tokens 'auto' (frame mode not recorded" in m for m in log), log
+
+
 PENALTY = 0.5
 
 
@@ -273,6 +321,15 @@ def test_decoding_follows_the_generation_config(references, stores, tmp_path):
     assert penalised.token_ids == transformers_answer(model, inputs, repetition_penalty=PENALTY)[0]
     assert greedy.token_ids == transformers_answer(model, inputs, repetition_penalty=1.0)[0]
     assert penalised.token_ids != greedy.token_ids
+    # the same, changed on an open session: from the next question, the frames left as they were
+    with Session.open(store, SessionConfig(max_new_tokens=NEW_TOKENS), table=LatencyTable.synthetic()) as session:
+        for seed in (1, 2):
+            session.append_frame(frame(seed))
+        assert session.ask(QUESTION).token_ids == penalised.token_ids
+        session.update(decoding="greedy")
+        assert session.ask(QUESTION).token_ids == greedy.token_ids
+        session.update(decoding="checkpoint")
+        assert session.ask(QUESTION).token_ids == penalised.token_ids
 
 
 # ---------------------------------------------------------------- checkpoints without a template

@@ -568,3 +568,42 @@ def test_tied_embeddings(built, tmp_path):
         logits, pos = adapter.append(chunk, cache, pos)
     assert (seen[-1] - logits[0]).abs().max() <= 1e-4
     session.close()
+
+
+def test_frame_tokens_update_applies_from_the_next_frame(built):
+    """A new frame mode costs the next frame, not the frames in context; a question before it sees
+    the frames as they were. A mode the model lacks is refused and changes nothing."""
+    session = open_session(built, "smolvlm")  # the tiny checkpoint has no chat template: its processor's tiles
+    first = session.append_frame(make_frame(seed=1))
+    assert first.frame_mode == "tiles"
+    for bad, match in (("video", "not a frame mode of smolvlm"), (64, "no pixel budget"), ("tile", "frame_tokens")):
+        with pytest.raises(ValueError, match=match):
+            session.update(frame_tokens=bad)
+    session.update(frame_tokens="image", decoding="greedy")
+    asked = session.ask(QUESTION, max_new_tokens=2)
+    assert session.adapter.frame_mode == "tiles" and session.decoding.mode == "greedy"
+    assert asked.context_tokens == first.context_tokens + asked.question_tokens
+    second = session.append_frame(make_frame(seed=2))
+    assert second.frame_mode == session.adapter.frame_mode == "image" and not second.rebuilt
+    assert second.visual_tokens < first.visual_tokens
+    assert session.frames_in_context == 2 and second.context_tokens == first.context_tokens + second.tokens
+    session.close()
+
+
+def test_a_frame_mode_with_other_prompt_pieces_rebuilds_the_context_in_it(built):
+    """LLaVA-OneVision from video to image frames: the next frame rebuilds the context, the kept
+    frames re-encoded as images, so it is the conversation an image-mode session would have."""
+    seeds = (1, 2, 3)
+    session = open_session(built, "llava_onevision-video")
+    for seed in seeds[:2]:
+        assert session.append_frame(make_frame(seed=seed)).frame_mode == "video"
+    session.update(frame_tokens="image")
+    last = session.append_frame(make_frame(seed=seeds[2]))
+    assert last.rebuilt and last.frame_mode == "image" and session.frames_in_context == 3
+    reference = open_session(built, "llava_onevision-video", frame_tokens="image")
+    for seed in seeds:
+        reference.append_frame(make_frame(seed=seed))
+    assert session.context_tokens == reference.context_tokens
+    assert session.ask(QUESTION).token_ids == reference.ask(QUESTION).token_ids
+    session.close()
+    reference.close()

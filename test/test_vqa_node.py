@@ -340,6 +340,76 @@ def test_max_frames_changes_at_run_time(rig):
         tester.set_params(max_frames=8)
 
 
+def test_frame_tokens_and_decoding_change_at_run_time(rig):
+    """frame_tokens costs the next frame (the frames in context keep theirs), decoding the next
+    question; values the running model cannot take are refused with the reason, and change nothing."""
+    node, tester = rig.node, rig.tester
+    seen = len(tester.frame_statuses())
+    feed(tester, node, frames=1, seed=110)
+    tiles = wait_for(lambda: tester.frame_statuses()[seen:], what="the frame's statistics")[-1]
+    assert tiles["frame_mode"] == "tiles"  # auto on a store without a chat template: the processor's layout
+    refused = {"video": "not a frame mode of smolvlm", "bogus": "frame_tokens must be auto", 64: "no pixel budget"}
+    for value, reason in refused.items():
+        (result,) = tester.set_params(frame_tokens=value)
+        assert not result.successful and reason in result.reason, (value, result.reason)
+    (result,) = tester.set_params(decoding="sample")
+    assert not result.successful and "decoding must be one of checkpoint, greedy" in result.reason
+    assert (tester.get_param("frame_tokens"), tester.get_param("decoding")) == ("auto", "checkpoint")
+    try:
+        assert all(r.successful for r in tester.set_params(frame_tokens="image", decoding="greedy"))
+        in_context = node.session.frames_in_context
+        seen = len(tester.frame_statuses())
+        feed(tester, node, frames=1, seed=111)
+        image = wait_for(lambda: tester.frame_statuses()[seen:], what="the next frame's statistics")[-1]
+        assert image["frame_mode"] == "image" and int(image["visual_tokens"]) < int(tiles["visual_tokens"])
+        if in_context < int(image["max_frames"]):  # no rebuild: the earlier frames stayed as they were
+            assert image["rebuilt"] == "False" and int(image["frames_in_context"]) == in_context + 1
+        r = tester.call()
+        assert r.success, r.error
+        assert node.session.decoding.mode == "greedy" and node.session.config.frame_tokens == "image"
+    finally:
+        assert all(r.successful for r in tester.set_params(frame_tokens="auto", decoding="checkpoint"))
+    feed(tester, node, frames=1, seed=112)
+    wait_for(lambda: tester.frame_statuses()[-1]["frame_mode"] == "tiles", what="tiles again")
+
+
+def test_a_frame_mode_the_new_model_lacks_fails_its_reload(rig, node_store, tiny_stores, tmp_path):
+    """frame_tokens video is LLaVA-OneVision's: a reload from it to the SmolVLM store fails with the
+    reason, store_path is set back and the running model keeps answering."""
+    from nchunk_core.io.profile import cache_path
+
+    node, tester = rig.node, rig.tester
+    llava = tiny_stores["llava_onevision"]
+    LatencyTable.synthetic().save(cache_path(llava, 6))
+    try:
+        assert tester.set_params_atomically(store_path=str(llava), frame_tokens="video").successful
+        wait_for(lambda: node.session.store.path == llava, what="the LLaVA-OneVision store")
+        feed(tester, node, frames=1, seed=115)
+        wait_for(lambda: tester.frame_statuses()[-1]["frame_mode"] == "video", what="a video frame's statistics")
+        failures = node.counters().reload_failures
+        (result,) = tester.set_params(store_path=str(node_store))  # the new model is asked at the reload
+        assert result.successful
+        wait_for(lambda: node.counters().reload_failures == failures + 1, what="the failed reload")
+        wait_for(lambda: tester.get_param("store_path") == str(llava), what="store_path set back")
+        level, message = wait_for(lambda: tester.reloads and tester.reloads[-1][0] == DiagnosticStatus.ERROR
+                                  and tester.reloads, what="the reload failure on ~/statistics")[-1]
+        assert "not a frame mode of smolvlm" in message and "choose auto, image, tiles" in message, message
+        assert node.session.store.path == llava and tester.call().success
+    finally:
+        assert tester.set_params_atomically(store_path=str(node_store), frame_tokens="auto").successful
+    wait_for(lambda: node.session.store.path == node_store, what="the SmolVLM store again")
+    # a reload that fails sets back the frame mode that came with it, since the running model lacks it
+    broken = shutil.copytree(llava, tmp_path / "broken")
+    (broken / "manifest.json").write_text("{")
+    assert tester.set_params_atomically(store_path=str(broken), frame_tokens="video").successful
+    wait_for(lambda: (tester.get_param("store_path"), tester.get_param("frame_tokens")) == (str(node_store), "auto"),
+             what="store_path and frame_tokens set back")
+    assert node.session.store.path == node_store
+    feed(tester, node, frames=1, seed=116)
+    assert tester.call().success
+    wait_for(lambda: tester.frame_statuses()[-1]["frame_mode"] == "tiles", what="a tiled frame's statistics")
+
+
 def test_nchunk_ask_command(rig, ros_env):
     feed(rig.tester, rig.node, frames=1, seed=70)
     cli = [sys.executable, "-m", "nchunk_ros.cli", "ask"]

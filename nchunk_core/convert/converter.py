@@ -13,7 +13,8 @@ What goes where (store format: store/__init__.py; names: flash_model.py):
   ``calibration/<input>/mean_importance`` float32 [in], the mean over calibration frames of the
   frame's mean |x| per channel, and ``calibration/<input>/active_fraction`` float32 [in], how often
   the channel was in the top half (what the hot–cold order sorts by); the manifest's
-  ``model.calibration`` says how many frames and from where;
+  ``model.calibration`` says how many frames, from where, and in which frame mode (`frame_mode`,
+  `token_budget`, `visual_tokens` per frame: runtime/calibrated_mode.py);
 - the hot–cold permutation per input → permutations.safetensors;
 - the layer-wise sparsity allocation → sparsity_allocation.json (store/allocation.py), measured on
   `allocation_frames` of the calibration frames, spread over them (convert/sensitivity.py);
@@ -179,14 +180,21 @@ class ImportanceRecorder:
         return out
 
 
+# Calibration frames by default: more stop paying at 16 (`nchunk bench calibration`, docs/design.md#converter)
+CALIB_FRAMES = 16
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = "float32", threads: int = 6,
               progress: bool = True, log: Log | None = None,
-              frame_tokens="auto") -> dict[str, dict[str, np.ndarray]]:
+              frame_tokens="auto", mode: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Append `frames` through the store's flash runtime, dense, and record importance per input.
+
+    `mode`, if given, receives the frame mode the frames were encoded in: frame_mode, token_budget
+    (or None) and visual_tokens of the first frame (the manifest's calibration record).
 
     Every frame is a full dense forward (every row read): the time of the first one, logged before
     the others run, gives the estimate of the whole calibration; a progress bar follows the rest.
@@ -204,6 +212,9 @@ def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = 
         t0 = time.perf_counter()
         first = session.append_frame(load_frame(frames[0]))
         first_s = time.perf_counter() - t0
+        if mode is not None:
+            mode.update(frame_mode=session.adapter.frame_mode, token_budget=session.adapter.token_budget,
+                        visual_tokens=first.visual_tokens)
         log(f"calibrating on {len(frames)} frame(s): the first ({first.visual_tokens} visual tokens) took "
             f"{first_s:.1f} s, so about {_duration(first_s * (len(frames) - 1))} for the other "
             f"{len(frames) - 1}")
@@ -253,7 +264,7 @@ def _prepare_destination(dst: Path, overwrite: bool) -> None:
 
 
 def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str = "auto",
-            reorder: bool = True, calib_frames: int = 32, calib_device: str = "cpu",
+            reorder: bool = True, calib_frames: int = CALIB_FRAMES, calib_device: str = "cpu",
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
             recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
             frame_tokens="auto", allocation: bool = True, allocation_frames: int = 8) -> Path:
@@ -293,8 +304,11 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
     try:
         final = first
         if reorder:
-            calibration = calibrate(first, frames, calib_device, calib_dtype, threads, progress, log, frame_tokens)
+            mode = {}
+            calibration = calibrate(first, frames, calib_device, calib_dtype, threads, progress, log, frame_tokens,
+                                    mode)
             info["calibration"] = {"frames": len(frames), "source": frames_source, "frame_tokens": frame_tokens,
+                                   **mode,
                                    "synthetic": calib is None, "active_fraction": 0.5,
                                    "importance": "mean |x| over a frame's tokens, per input channel"}
             final = work / "store"

@@ -13,7 +13,7 @@ max + 1, which is *less* than the cache length; so the adapter tracks it, never 
 model's own `rope_deltas` bookkeeping assumes a single vision prefill and is bypassed by always
 passing `position_ids`).
 
-What a frame costs is the adapter's frame mode (`frame_tokens`, see config.FRAME_TOKENS_HELP): the model's
+What a frame costs is the adapter's frame mode (`frame_tokens`, see setting_values.FRAME_TOKENS_HELP): the model's
 video mode where it has one, a single view or tiles, or a pixel budget; "auto" is the cheapest mode
 the model was trained with. Several frames take the layout the real processor gives several images
 (or the frames of one video). The prompt pieces come from the checkpoint's chat template (prompts.py).
@@ -82,8 +82,8 @@ class VLMAdapter:
         self.model = model
         self.processor = processor
         self.image_token_id = int(model.config.image_token_id)
-        has_template = processor is not None and template_of(processor) is not None
-        self.frame_mode, self.token_budget = self.frame_mode_for(frame_tokens_value(frame_tokens), has_template)
+        self.has_template = processor is not None and template_of(processor) is not None
+        self.frame_mode, self.token_budget = self.check_frame_tokens(frame_tokens)
         self.prompt = self._prompt_pieces()
         self.prompt_prefix, self.frame_prompt = self.prompt.prefix, self.prompt.frame
 
@@ -118,6 +118,14 @@ class VLMAdapter:
         if value not in cls.frame_modes:
             raise ValueError(f"frame_tokens={value!r} is not a frame mode of {cls.arch}; choose {choices}")
         return value, None
+
+    def check_frame_tokens(self, value) -> tuple[str, int | None]:
+        """(frame mode, token budget or None) that the setting `value` gives this model; ValueError if none."""
+        return self.frame_mode_for(frame_tokens_value(value), self.has_template)
+
+    def with_frame_tokens(self, value) -> "VLMAdapter":
+        """An adapter of the same model and processor whose frames cost `value` (a frame_tokens setting)."""
+        return type(self)(self.model, self.processor, frame_tokens=value)
 
     def builtin_prompt(self) -> PromptPieces:
         cls = type(self)

@@ -15,27 +15,10 @@ import numpy as np
 import torch
 
 from nchunk_core.store.naming import DTYPES
-from nchunk_core.runtime.decoding import decoding_value
 from nchunk_core.runtime.select import SelectionSettings
+from nchunk_core.runtime.setting_values import decoding_value, frame_tokens_value
 
 MAX_NEW_TOKENS_LIMIT = 4096
-
-FRAME_MODES = ("video", "image", "tiles")
-FRAME_TOKENS_HELP = ("auto (the cheapest mode the model was trained with), video, image, tiles, or a number "
-                     "of visual tokens per frame (models with a pixel budget: qwen2_5_vl)")
-
-
-def frame_tokens_value(value) -> str | int:
-    """A frame_tokens setting checked for form: "auto", a mode name, or a positive number of tokens
-    (a string of digits, as a ROS parameter may give, is a number). Whether the model has that mode
-    is checked by its adapter."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    if isinstance(value, str) and (value == "auto" or value in FRAME_MODES):
-        return value
-    raise ValueError(f"frame_tokens must be {FRAME_TOKENS_HELP}; got {value!r}")
 
 
 def positive_int(name: str, value, upper: int | None = None) -> int:
@@ -81,7 +64,7 @@ class SessionConfig:
     max_new_tokens: int = 32  # default answer length limit
     profile_quick: bool = True  # quick drive profile if none is cached
     max_question_tokens: int = 256  # longer questions are refused
-    frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP; the mode is checked per model at open
+    frame_tokens: str | int = "auto"  # what a frame costs (setting_values.py); the model's adapter checks the mode
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
     overlap: bool = True  # read in pieces and prefetch the next input's rows while computing (overlap.py)

@@ -22,20 +22,15 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from nchunk_core.runtime.setting_values import decoding_value
+
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
-DECODING = ("checkpoint", "greedy")
 # generation settings that would change a deterministic answer but are not applied (name: default)
 NOT_APPLIED = {"num_beams": 1, "no_repeat_ngram_size": 0, "min_new_tokens": None, "bad_words_ids": None,
                "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
                "forced_bos_token_id": None, "forced_eos_token_id": None}
-
-
-def decoding_value(value) -> str:
-    if value not in DECODING:
-        raise ValueError(f"decoding must be one of {', '.join(DECODING)}, got {value!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)

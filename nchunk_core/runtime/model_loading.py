@@ -8,6 +8,7 @@ from typing import Callable
 
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
+from nchunk_core.runtime.calibrated_mode import describe_calibration
 from nchunk_core.runtime.config import SessionConfig
 from nchunk_core.runtime.flash_model import FlashVLM, build_flash_model
 from nchunk_core.runtime.layers import Workspace
@@ -49,5 +50,6 @@ def load_model(store_path, cfg: SessionConfig, log: Callable[[str], None],
         reader.close()
         raise
     log(f"opened {store.path}: {flash.arch}, {len(store.groups)} streamed groups, "
-        f"{sum(g.nbytes for g in store.groups.values()) / 2**20:.1f} MiB on the drive")
+        f"{sum(g.nbytes for g in store.groups.values()) / 2**20:.1f} MiB on the drive; "
+        f"{describe_calibration(store.model_info)}")
     return store, reader, flash, processor

@@ -50,6 +50,7 @@ class FrameStats:
     budget_met: bool | None = None  # with a budget: whether the estimate fit it (False: even at
     # budget_max_sparsity it did not); None without one
     predicted_s: float = 0.0  # with a budget: the estimated frame time planned with
+    frame_mode: str = ""  # the adapter's frame mode this frame was encoded in (frame_tokens); visual_tokens its cost
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@
     s.ask("And now?", deadline=time.monotonic() + 2.0)   # partial answer if decoding runs past it
     s.update(selection=SelectionSettings(0.3, "chunking"))   # applied at the start of the next call
     s.update(frame_budget_ms=300.0)  # each frame's sparsity chosen to fit 300 ms (budget.py)
+    s.update(frame_tokens="tiles", decoding="greedy")   # from the next frame / the next question
     s.reset(keep_newest=True)        # the context restarts from the newest frame
     s.close()
 
@@ -34,6 +35,10 @@ Context policy:
   frame as it came (for `reset(keep_newest=True)`). A smaller `max_frames` given to `update` while
   more frames are in context makes the next append rebuild.
 - A failed call leaves the context as it was before the call (the cache is truncated back).
+- A new `frame_tokens` applies from the next frame: frames in context keep their tokens, unless the
+  new mode changes the conversation's prompt pieces (LLaVA-OneVision's video mode against its image
+  modes): then the next frame rebuilds the context, its kept frames re-encoded in the new mode. A
+  new `decoding` applies from the next question.
 - `cancel` (append_frame, ask, reset) is asked at every layer boundary: once true, the call raises
   `Cancelled` there (cancel.py), the context as it was (reset: empty). `on_token` streams answers.
 
@@ -65,12 +70,13 @@ from nchunk_core.runtime.budget import FrameBudget, io_estimator
 from nchunk_core.runtime.cancel import CancelCheck, cancellable
 from nchunk_core.runtime.decoding import DecodingSettings, greedy_decode
 from nchunk_core.runtime.config import (MAX_NEW_TOKENS_LIMIT, SessionConfig, check_budget_ms, check_selection,
-                                        positive_int, ram_budget_value)
+                                        frame_tokens_value, positive_int, ram_budget_value)
 from nchunk_core.runtime.frames import as_frame_image, check_stamp, kept_copy
 from nchunk_core.runtime.kv_cache import copy_cache, truncate_cache
 from nchunk_core.runtime.model_loading import load_model
 from nchunk_core.runtime.processors import stop_token_ids
 from nchunk_core.runtime.results import Answer, FrameStats, call_totals, overlap_totals
+from nchunk_core.runtime.calibrated_mode import frame_mode_note
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store
 
@@ -126,6 +132,9 @@ class Session:
             reader.close()
             raise
         log(session.adapter.describe())
+        note = frame_mode_note(store.model_info, session.adapter)
+        if note:
+            log(note)
         log(f"decoding: {session.decoding.describe()}")
         return session
 
@@ -166,6 +175,7 @@ class Session:
         self._context_tokens = 0
         self._newest = None
         self._prefixed = False
+        self._relayout = False  # a new frame mode changed the prompt pieces: the next frame rebuilds
         self._context_ids: list[torch.Tensor] = []  # [1, T] ids of each chunk in the cache, in order
 
     def _check_open(self) -> None:
@@ -183,10 +193,10 @@ class Session:
 
     def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None,
                ram_budget_mib: float | None = None, max_new_tokens: int | None = None,
-               frame_budget_ms: float | None = None) -> None:
-        """Change the selection settings, max_frames, the row cache's RAM budget, max_new_tokens or
-        frame_budget_ms; applied at the start of the next call (a new RAM budget re-reads the cached
-        rows then).
+               frame_budget_ms: float | None = None, frame_tokens=None, decoding: str | None = None) -> None:
+        """Change the selection settings, max_frames, the row cache's RAM budget, max_new_tokens,
+        frame_budget_ms or decoding, applied at the start of the next call (a new RAM budget re-reads
+        the cached rows then), or frame_tokens, applied at the next frame (the module docstring).
 
         None leaves a setting unchanged. A refused value raises ValueError and changes nothing. A
         max_frames below the frames in context makes the next append rebuild the context.
@@ -202,6 +212,12 @@ class Session:
             change["ram_budget_mib"] = ram_budget_value(ram_budget_mib)
         if frame_budget_ms is not None:
             change["frame_budget_ms"] = check_budget_ms(frame_budget_ms)
+        if frame_tokens is not None:
+            self.adapter.check_frame_tokens(frame_tokens)  # a mode this model has
+            change["frame_tokens"] = frame_tokens_value(frame_tokens)
+        if decoding is not None:
+            DecodingSettings.load(self.store.path, self.stop_ids, decoding)  # a generation config that loads
+            change["decoding"] = decoding
         with self._pending_lock:
             self._pending.update(change)
 
@@ -211,9 +227,12 @@ class Session:
         frame, replay (a kept frame re-encoded by a rebuild), question, answer. None removes it."""
         self._flash.observer = observer
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self, frame: bool = True) -> None:
+        """Put the pending updates in force; a new frame_tokens only when a `frame` is appended."""
         with self._pending_lock:
             pending, self._pending = self._pending, {}
+            if not frame and "frame_tokens" in pending:
+                self._pending["frame_tokens"] = pending.pop("frame_tokens")
         old, self._cfg = self._cfg, dataclasses.replace(self._cfg, **pending)
         cfg = self._cfg
         self._flash.selection = cfg.selection  # also puts back what a budgeted frame chose
@@ -229,6 +248,25 @@ class Session:
         if old.max_frames != cfg.max_frames:
             self._kept = collections.deque(self._kept, maxlen=cfg.max_frames // 2)
             self._log(f"max_frames now {cfg.max_frames}")
+        if old.decoding != cfg.decoding:
+            self.decoding = DecodingSettings.load(self.store.path, self.stop_ids, cfg.decoding)
+            self._log(f"decoding now {cfg.decoding}: {self.decoding.describe()}")
+        if old.frame_tokens != cfg.frame_tokens:
+            self._set_frame_tokens(cfg.frame_tokens)
+
+    def _set_frame_tokens(self, value) -> None:
+        """Frames from now on cost `value`; a change of prompt pieces rebuilds at this frame."""
+        adapter = self.adapter.with_frame_tokens(value)
+        prefix = adapter.encode_text(adapter.prompt_prefix)
+        if adapter.prompt != self.adapter.prompt and self._frames:
+            self._relayout = True
+            self._prefixed = self._prefixed and torch.equal(prefix.input_ids, self._prefix.input_ids)
+        self.adapter, self._prefix = adapter, prefix
+        self._log(f"frame_tokens now {value!r}: {adapter.describe()}" + (
+            "; the context is rebuilt in this mode" if self._relayout else "; frames in context keep theirs"))
+        note = frame_mode_note(self.store.model_info, adapter)
+        if note:
+            self._log(note)
 
     # -- appending ----------------------------------------------------------------------------------
     def _append(self, chunk: Chunk, cache: DynamicCache, position: int, phase: str):
@@ -275,7 +313,7 @@ class Session:
         self._frame_tokens = max(self._frame_tokens, chunk.num_tokens)
         prep_s = time.perf_counter() - t0
         before = self._cache.get_seq_length()
-        rebuilt = self._frames >= self._cfg.max_frames or (
+        rebuilt = self._relayout or self._frames >= self._cfg.max_frames or (
             self._next_position + chunk.num_tokens + self._reserve() > self.max_positions)
         plan = None
         if self._cfg.frame_budget_ms:  # this frame's sparsity from the budget (budget.py)
@@ -314,6 +352,7 @@ class Session:
             vision_s=vision_s, total_s=total_s, frames_in_context=self._frames, rebuilt=rebuilt, stamp=stamp,
             selection=self._flash.selection, max_frames=self._cfg.max_frames, frame_budget_ms=self._cfg.frame_budget_ms,
             budget_met=None if plan is None else plan.met, predicted_s=0.0 if plan is None else plan.predicted_s,
+            frame_mode=self.adapter.frame_mode,
             **totals, **overlap)
 
     def _rebuild(self, chunk: Chunk) -> float:
@@ -330,7 +369,7 @@ class Session:
         position = self._fill(cache, position, chunks)  # the old context stays intact if this fails
         self._cache, self._next_position = cache, position
         self._context_ids = [self._prefix.input_ids] + [c.input_ids for c, _ in chunks if c is not self._prefix]
-        self._prefixed = True
+        self._prefixed, self._relayout = True, False
         self._frames = len(replay) + 1
         if replay:  # with max_frames 1 every frame starts a new context: nothing worth a log line
             self._log(f"context rebuilt with the last {len(replay)} frame(s) and the new one")
@@ -370,7 +409,7 @@ class Session:
 
         with self._lock, cancellable(self._flash, cancel):
             self._check_open()
-            self._apply_pending()
+            self._apply_pending(frame=False)
             if self._frames == 0:
                 raise ValueError("no frame in context yet: append a camera frame before asking")
             n_question = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

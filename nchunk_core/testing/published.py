@@ -258,16 +258,26 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def build_published(layout: str, out_dir, seed: int = 0) -> Path:
-    """Write a small checkpoint in the published layout `layout` to `out_dir` (see module docstring)."""
+def build_published(layout: str, out_dir, seed: int = 0, dimensions: str = "tiny",
+                    text_layers: int | None = None) -> Path:
+    """Write a checkpoint in the published layout `layout` to `out_dir` (see module docstring):
+    `dimensions` "tiny" (the test backbone) or "published" (the real sizes, published_dimensions.py,
+    with `text_layers` decoder layers if given)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if layout not in PUBLISHED:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if dimensions not in ("tiny", "published"):
+        raise ValueError(f"dimensions must be tiny or published, got {dimensions!r}")
     spec = PUBLISHED[layout]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", spec.config)
+    config = spec.config
+    if dimensions == "published":
+        from nchunk_core.testing.published_dimensions import sized_config
+
+        config = sized_config(layout, config, text_layers)
+    _write_json(out / "config.json", config)
     config = AutoConfig.from_pretrained(str(out), local_files_only=True)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
