@@ -78,6 +78,27 @@ def test_dense_with_overlap_and_cache_is_exact(tmp_path, reader, bundled, overla
         assert s.hit_bytes == s.bytes and s.wasted_bytes == 0
 
 
+def test_prefetch_reads_rows_chosen_twice_and_leaves_unused_ones_out(tmp_path, reader):
+    """An input called again gets, read ahead, the rows both of its last two calls chose; the rows
+    of it the new selection does not use are wasted reads, never part of the product."""
+    store, weights = make_store(tmp_path / "s")
+    layer = layer_for(store, reader, [SelectionSettings(0.5, "magnitude")], overlap=True)
+    chosen, wasted = [], 0
+    for seed in range(6):
+        x = torch.randn(3, IN, generator=torch.Generator().manual_seed(seed))
+        for y, want in zip(layer(x), reference(layer, weights, x)):
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+        chosen.append(set(layer.select(x[:, layer.perm]).row_indices().tolist()))
+        s = layer.last_stats
+        if seed >= 2:
+            prefetched = chosen[-3] & chosen[-2]
+            assert s.hit_bytes == len(prefetched & chosen[-1]) * layer.row_bytes
+            assert s.wasted_bytes == len(prefetched - chosen[-1]) * layer.row_bytes
+            wasted += s.wasted_bytes
+        assert s.bytes == len(chosen[-1]) * layer.row_bytes
+    assert wasted > 0  # random inputs: some prefetched rows went unused, and the products stayed exact
+
+
 @pytest.mark.parametrize("method", ["chunking", "magnitude", "dp"])
 def test_cache_serves_rows_without_changing_the_product(tmp_path, reader, method):
     """At any sparsity the layer computes x[S] · W[S] for its selection S; the cache only changes which

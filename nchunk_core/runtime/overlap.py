@@ -5,14 +5,17 @@ One `RowStream` per model (owned by its Workspace) serves every FlashProjections
 
 - **Pieces.** The rows a call must read are split into pieces of about PIECE_BYTES (at most
   MAX_PIECES), each its own request; the layer multiplies the pieces that have landed while the rest
-  are in flight (y += x[:, piece] @ W[piece]).
+  are in flight (y += x[:, piece] @ W[piece]). Pieces are few and large: every piece costs a pass
+  over the output y and a parallel region of the matmul, and on a machine of few cores each extra
+  region is a chance for a reader thread to stall one of the matmul's threads.
 - **Prefetch.** The stream learns the order in which inputs are called (the decoder's layer order)
-  and remembers the rows each input read last time. When input A is called it queues, behind A's
-  own reads, the rows that the next input B read at its previous call (frames of a video are
-  similar, and at sparsity 0 they are all of B's rows). When B is called, its selection is compared
-  with what was prefetched: rows in both are hits (used from the prefetch buffer), rows only in the
-  selection are read now, prefetched rows outside the selection are multiplied by a zero input
-  (never used, only read). What is computed never depends on what was prefetched.
+  and remembers the rows each input read at its last two calls. When input A is called it queues,
+  behind A's own reads, the rows that the next input B read at both of its last two calls (frames
+  of a video are similar; rows chosen twice in a row are the ones likely chosen again, and at
+  sparsity 0 they are all of B's rows). When B is called, its selection is compared with what was
+  prefetched: rows in both are hits (used from the prefetch buffer), rows only in the selection are
+  read now, prefetched rows outside the selection are left out of the product (the layer gathers
+  the used rows; they were only read). What is computed never depends on what was prefetched.
 - **Buffers.** Reads land in host buffers of a small pool (pinned on CUDA), grown on demand and
   reused: at most one prefetch in flight besides the running call.
 
@@ -31,8 +34,9 @@ from nchunk_core.io.reader import ChecksumError, IoError, Reader
 from nchunk_core.store import GroupInfo
 from nchunk_core.store.naming import torch_dtype
 
-PIECE_BYTES = 2 << 20  # bytes of all groups of an input per piece (the matmul stays efficient)
-MAX_PIECES = 8
+PIECE_BYTES = 8 << 20  # bytes of all groups of an input per piece (the matmul stays efficient)
+MAX_PIECES = 4
+POOL_BUFFERS = 4  # read buffers kept (a call's own reads, its prefetched rows, the next prefetch)
 ALIGN = 4096
 
 
@@ -145,7 +149,7 @@ class RowStream:
         self._inputs: dict[str, tuple[list[GroupInfo], list]] = {}  # key -> (groups, handles)
         self._pool: list[torch.Tensor] = []  # free host buffers
         self._copies: dict[int, object] = {}  # data_ptr -> CUDA event after the last copy from it
-        self._last_runs: dict[str, np.ndarray] = {}  # key -> uncached runs its last call read
+        self._last_rows: dict[str, list[np.ndarray]] = {}  # key -> uncached rows of its last two calls
         self._next: dict[str, str] = {}  # key -> the key called after it last time
         self._prev: str | None = None
         self._prefetch: dict[str, Inflight] = {}
@@ -160,9 +164,9 @@ class RowStream:
             self.release([inflight])
         self._prefetch.clear()
         if key is None:
-            self._last_runs.clear()
+            self._last_rows.clear()
         else:
-            self._last_runs.pop(key, None)
+            self._last_rows.pop(key, None)
 
     # -- buffers ----------------------------------------------------------------------------------
     def _take(self, nbytes: int) -> torch.Tensor:
@@ -170,7 +174,7 @@ class RowStream:
         for i, b in enumerate(self._pool):
             if b.numel() >= nbytes and (best is None or b.numel() < self._pool[best].numel()):
                 best = i
-        if best is None and len(self._pool) >= 2:  # growing: drop the smallest, the pool stays small
+        if best is None and len(self._pool) >= POOL_BUFFERS:  # growing: drop the smallest, the pool stays small
             self._pool.pop(min(range(len(self._pool)), key=lambda i: self._pool[i].numel()))
         if best is not None:
             buf = self._pool.pop(best)
@@ -219,6 +223,14 @@ class RowStream:
         rows = np.concatenate([b.rows for b in blocks]) if blocks else np.zeros(0, dtype=np.int64)
         return Inflight(key, rows, buf, blocks, row_bytes)
 
+    def likely_runs(self, key: str) -> np.ndarray:
+        """Runs [k, 2] worth prefetching for `key`: the rows its last two calls both read (one call: its rows)."""
+        last = self._last_rows.get(key, [])
+        if not last:
+            return np.zeros((0, 2), dtype=np.int64)
+        rows = last[0] if len(last) == 1 else np.intersect1d(last[0], last[1], assume_unique=True)
+        return row_runs(rows)
+
     def fetch(self, key: str, runs: np.ndarray) -> Fetched:
         """Blocks holding the rows `runs` [k, 2] of input `key` (prefetched or read now), and queue the
         prefetch of the input expected next."""
@@ -254,8 +266,10 @@ class RowStream:
             owned.append(inflight)
             blocks.extend(inflight.blocks)
             miss_bytes = len(inflight.rows) * inflight.row_bytes
-        self._last_runs[key] = runs
+        self._last_rows[key] = (self._last_rows.get(key, []) + [wanted])[-2:]
         nxt = self._next.get(key)
-        if self.overlap and nxt is not None and nxt not in self._prefetch and len(self._last_runs.get(nxt, ())):
-            self._prefetch[nxt] = self._submit(nxt, self._last_runs[nxt])
+        if self.overlap and nxt is not None and nxt not in self._prefetch:
+            likely = self.likely_runs(nxt)
+            if len(likely):
+                self._prefetch[nxt] = self._submit(nxt, likely)
         return Fetched(blocks, owned, miss_bytes + hit_bytes, hit_bytes, wasted_bytes, t0)
