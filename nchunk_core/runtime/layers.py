@@ -68,7 +68,7 @@ class Workspace:
     the copies to the device are asynchronous.
     """
 
-    def __init__(self, reader: Reader, device: torch.device, overlap: bool = True):
+    def __init__(self, reader: Reader, device: torch.device, overlap: bool | str = True):
         self.reader = reader
         self.device = torch.device(device)
         self.lock = threading.Lock()
@@ -245,7 +245,7 @@ class FlashProjections(nn.Module):
         with ws.lock:
             c = ws.cache.rows(self.input_name)
             cached, uncached = split_at(sel.runs, c)
-            fetched = ws.stream.fetch(self.input_name, uncached)
+            fetched = ws.stream.fetch(self.input_name, uncached, tokens=xf.shape[0])
             t0 = time.perf_counter()
             xc = xf.to(self.compute_dtype)  # [N, rows]
             blocks = fetched.blocks

@@ -20,7 +20,8 @@ One `RowStream` per model (owned by its Workspace) serves every FlashProjections
   reused: at most one prefetch in flight besides the running call.
 
 Without overlap (`overlap=False`) a call reads its rows as one piece and waits for all of them, as
-the runtime did before.
+the runtime did before. With `overlap="auto"` each pass through the layers runs with or without
+overlap as measured faster (overlap_choice.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from nchunk_core.io.reader import ChecksumError, IoError, Reader
+from nchunk_core.runtime.overlap_choice import OverlapChoice
 from nchunk_core.store import GroupInfo
 from nchunk_core.store.naming import torch_dtype
 
@@ -142,10 +144,16 @@ class Fetched:
 class RowStream:
     """Pieces, prefetch and read buffers of one model's flash layers (see the module docstring)."""
 
-    def __init__(self, reader: Reader, device: torch.device, overlap: bool = True):
+    def __init__(self, reader: Reader, device: torch.device, overlap: bool | str = True):
         self.reader = reader
         self.device = torch.device(device)
-        self.overlap = bool(overlap)
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"overlap must be True, False or 'auto', got {overlap!r}")
+        self.choice = OverlapChoice() if overlap == "auto" else None
+        self.overlap = bool(overlap)  # the mode of the pass running now (fixed unless choice)
+        self._first: str | None = None  # the input whose call starts a pass
+        self._pass: tuple[int, bool, float] | None = None  # tokens, overlap, start of the running pass
+        self._last_end = 0.0  # when the last call released its buffers
         self._inputs: dict[str, tuple[list[GroupInfo], list]] = {}  # key -> (groups, handles)
         self._pool: list[torch.Tensor] = []  # free host buffers
         self._copies: dict[int, object] = {}  # data_ptr -> CUDA event after the last copy from it
@@ -163,6 +171,7 @@ class RowStream:
             inflight.settle()
             self.release([inflight])
         self._prefetch.clear()
+        self._first, self._pass = None, None
         if key is None:
             self._last_rows.clear()
         else:
@@ -189,6 +198,7 @@ class RowStream:
 
     def release(self, owned: list[Inflight]) -> None:
         """Give the buffers of a finished call back to the pool (reads settled by the caller)."""
+        self._last_end = time.perf_counter()
         for inflight in owned:
             if self.device.type == "cuda":
                 event = torch.cuda.Event()
@@ -231,11 +241,24 @@ class RowStream:
         rows = last[0] if len(last) == 1 else np.intersect1d(last[0], last[1], assume_unique=True)
         return row_runs(rows)
 
-    def fetch(self, key: str, runs: np.ndarray) -> Fetched:
+    def _start_pass(self, key: str, tokens: int, now: float) -> None:
+        """With a choice: at the first input's call, time the pass that ended and pick this one's mode."""
+        if self._first is None:
+            self._first = key
+        if key != self._first:
+            return
+        if self._pass is not None:
+            self.choice.record(self._pass[0], self._pass[1], self._last_end - self._pass[2])
+        self.overlap = self.choice.choose(tokens)
+        self._pass = (tokens, self.overlap, now)
+
+    def fetch(self, key: str, runs: np.ndarray, tokens: int = 1) -> Fetched:
         """Blocks holding the rows `runs` [k, 2] of input `key` (prefetched or read now), and queue the
-        prefetch of the input expected next."""
+        prefetch of the input expected next. `tokens`: the call's tokens (what sizes a pass)."""
         t0 = time.perf_counter()
-        if self._prev is not None and self.overlap:
+        if self.choice is not None:
+            self._start_pass(key, tokens, t0)
+        if self._prev is not None:
             self._next[self._prev] = key
         self._prev = key
         slot = self._prefetch.pop(key, None)
