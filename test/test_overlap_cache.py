@@ -78,6 +78,22 @@ def test_dense_with_overlap_and_cache_is_exact(tmp_path, reader, bundled, overla
         assert s.hit_bytes == s.bytes and s.wasted_bytes == 0
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_blocks_multiplied_in_parts_are_exact(tmp_path, reader, monkeypatch, sparsity):
+    """Blocks converted and multiplied a few rows at a time (parts) give the same product."""
+    import nchunk_core.runtime.layers as layers
+
+    monkeypatch.setattr(layers, "PART_BYTES", 16 * 1024)  # 25 rows of 160 fp32 outputs per part
+    store, weights = make_store(tmp_path / "s")
+    layer = layer_for(store, reader, [SelectionSettings(sparsity, "chunking")], overlap=True, cache_rows=IN // 4)
+    assert layer.workspace.part_rows(layers.Block(np.arange(IN), [torch.zeros(IN, 160, dtype=torch.float16)]),
+                                     torch.float32) == 25
+    for seed in range(3):
+        x = torch.randn(6, IN, generator=torch.Generator().manual_seed(seed))
+        for y, want in zip(layer(x), reference(layer, weights, x)):
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+
+
 def test_prefetch_reads_rows_chosen_twice_and_leaves_unused_ones_out(tmp_path, reader):
     """An input called again gets, read ahead, the rows both of its last two calls chose; the rows
     of it the new selection does not use are wasted reads, never part of the product."""
