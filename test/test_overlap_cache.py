@@ -78,6 +78,18 @@ def test_dense_with_overlap_and_cache_is_exact(tmp_path, reader, bundled, overla
         assert s.hit_bytes == s.bytes and s.wasted_bytes == 0
 
 
+def test_block_parts_leave_out_unused_rows():
+    from nchunk_core.runtime.overlap import Block
+
+    w = torch.arange(10 * 2, dtype=torch.float16).view(10, 2)
+    use = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 0], dtype=bool)
+    parts = Block(np.arange(10, 20), [w], use).parts(4)  # rows 10-13 all used, 14-17 none, 18-19 half
+    assert [p.rows.tolist() for p in parts] == [[10, 11, 12, 13], [18, 19]]
+    assert parts[0].use is None and parts[1].use.tolist() == [True, False]
+    assert torch.equal(parts[1].weights[0], w[8:10])
+    assert Block(np.arange(3), [w[:3]]).parts(4)[0].rows.tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 def test_blocks_multiplied_in_parts_are_exact(tmp_path, reader, monkeypatch, sparsity):
     """Blocks converted and multiplied a few rows at a time (parts) give the same product."""

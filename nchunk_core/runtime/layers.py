@@ -91,7 +91,7 @@ class Workspace:
             keep = np.flatnonzero(block.use)
             rows, index = rows[keep], torch.from_numpy(keep).to(self.device)
             weights = [torch.index_select(w, 0, index, out=self._flat((w.dtype, "gather", slot, g),
-                                                                      len(keep) * w.shape[1]).view(len(keep), -1))
+                                                                      len(keep) * w.shape[1]).view(len(keep), w.shape[1]))
                        for g, w in enumerate(weights)]  # [k, out_g]
         return self.columns(x, perm, rows), [self.compute_weights(w, dtype, (slot, g)) for g, w in enumerate(weights)]
 

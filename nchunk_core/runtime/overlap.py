@@ -94,12 +94,17 @@ class Block:
     groups: list[str] = dataclasses.field(default_factory=list)  # the group each request reads
 
     def parts(self, rows: int) -> list["Block"]:
-        """This block (its reads done) as consecutive blocks of at most `rows` rows."""
+        """This block (its reads done) as consecutive blocks of at most `rows` rows, leaving out
+        those that hold no used row."""
         if len(self.rows) <= rows:
             return [self]
-        return [Block(self.rows[i:i + rows], [w[i:i + rows] for w in self.weights],
-                      None if self.use is None else self.use[i:i + rows])
-                for i in range(0, len(self.rows), rows)]
+        out = []
+        for i in range(0, len(self.rows), rows):
+            use = None if self.use is None else self.use[i:i + rows]
+            if use is None or use.any():
+                out.append(Block(self.rows[i:i + rows], [w[i:i + rows] for w in self.weights],
+                                 None if use is None or use.all() else use))
+        return out
 
     def wait(self) -> tuple[float, float]:
         """Wait for the reads: (seconds blocked, time the last read finished on perf_counter's clock).
