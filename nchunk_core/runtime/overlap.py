@@ -68,18 +68,21 @@ def split_pieces(runs: np.ndarray, row_bytes: int, piece_bytes: int = PIECE_BYTE
     if total == 0:
         return []
     piece_rows = max(1, piece_bytes // row_bytes, -(-total // max_pieces))
-    pieces, current, room = [], [], piece_rows
-    for start, length in runs.tolist():
-        while length > 0:
-            take = min(length, room)
-            current.append((start, take))
-            start, length, room = start + take, length - take, room - take
-            if room == 0:
-                pieces.append(np.array(current, dtype=np.int64))
-                current, room = [], piece_rows
-    if current:
-        pieces.append(np.array(current, dtype=np.int64))
-    return pieces
+    runs = runs[runs[:, 1] > 0]
+    ends = np.cumsum(runs[:, 1])  # [k] rows up to the end of each run
+    cuts = np.arange(piece_rows, total, piece_rows, dtype=np.int64)  # piece boundaries, in rows
+    # every run split at the boundaries inside it: [run start, boundaries..., run end] in rows
+    owner = np.searchsorted(ends, cuts, side="right")  # [c] run holding each boundary
+    inside = cuts > ends[owner] - runs[owner, 1]  # not at the run's own start
+    first = ends - runs[:, 1]  # [k] rows before each run
+    points = np.sort(np.concatenate([first, cuts[inside]]))
+    which = np.searchsorted(ends, points, side="right")  # [m] run of each sub-run
+    lengths = np.diff(np.concatenate([points, [total]]))
+    starts = runs[which, 0] + points - first[which]
+    sub = np.stack([starts, lengths], axis=1).astype(np.int64)  # [m, 2]
+    piece = points // piece_rows  # [m] piece of each sub-run
+    bounds = np.flatnonzero(np.diff(piece)) + 1
+    return np.split(sub, bounds)
 
 
 @dataclasses.dataclass
