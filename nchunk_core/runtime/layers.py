@@ -3,14 +3,16 @@
 `FlashProjections` replaces a set of projections that share one input (q|k|v, gate|up, o, down).
 For every call it
 
-1. gathers the input into stored-row order (the hot–cold permutation) and computes the importance
-   of each input channel, the mean of |x| over the call's tokens (a whole frame shares one selection),
+1. computes the importance of each input channel, the mean of |x| over the call's tokens (a whole
+   frame shares one selection), in stored-row order (the hot–cold permutation),
 2. selects rows with the configured method and sparsity (select.py),
 3. takes the selected rows that are cached in RAM (row_cache.py) and reads the others through the
    direct-I/O reader into reusable buffers, in pieces (overlap.py), the reader checking each row
    against its CRC-32C, and
 4. computes y = Σ_pieces x[..., piece] @ Wᵀ[piece] (+ bias) for each projection, multiplying each
-   piece as soon as it has landed while the rest are still in flight.
+   piece as soon as it has landed while the rest are still in flight: the piece's used rows are
+   converted to the compute dtype in parts of about PART_BYTES and multiplied part by part
+   (`Workspace.operands`).
 
 No backbone weight is held in RAM between calls beyond the row cache's budget. Every call asks its `selection` source for the
 current `SelectionSettings` (the flash model's, flash_model.py), so a change takes effect on the next
@@ -227,6 +229,7 @@ class FlashProjections(nn.Module):
         self.handles = [workspace.reader.open(str(g.file)) for g in self.groups]
         workspace.stream.register(input_name, self.groups, self.handles)
         perm = store.permutation(input_name)
+        self._stored_order = None if perm is None else np.asarray(perm, dtype=np.int64)  # [rows] channel of each stored row
         self.register_buffer("perm", None if perm is None else torch.as_tensor(perm, dtype=torch.long),
                              persistent=False)
         biases = biases or {}
@@ -251,7 +254,7 @@ class FlashProjections(nn.Module):
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.rows)  # [N, rows] original channel order
         importance = xf.abs().float().mean(dim=0).cpu().numpy()  # [rows]
-        sel = self._select(importance if self.perm is None else importance[self.perm.cpu().numpy()])
+        sel = self._select(importance if self.perm is None else importance[self._stored_order])
         ws = self.workspace
         with ws.lock:
             c = ws.cache.rows(self.input_name)
