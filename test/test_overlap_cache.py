@@ -96,6 +96,7 @@ def test_blocks_multiplied_in_parts_are_exact(tmp_path, reader, monkeypatch, spa
     import nchunk_core.runtime.layers as layers
 
     monkeypatch.setattr(layers, "PART_BYTES", 16 * 1024)  # 25 rows of 160 fp32 outputs per part
+    monkeypatch.setattr(layers, "MAX_PARTS", 16)
     store, weights = make_store(tmp_path / "s")
     layer = layer_for(store, reader, [SelectionSettings(sparsity, "chunking")], overlap=True, cache_rows=IN // 4)
     assert layer.workspace.part_rows(layers.Block(np.arange(IN), [torch.zeros(IN, 160, dtype=torch.float16)]),

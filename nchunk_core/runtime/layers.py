@@ -37,7 +37,8 @@ from nchunk_core.runtime.select import Selection, SelectionSettings
 from nchunk_core.store import GroupInfo, Store
 from nchunk_core.store.naming import torch_dtype
 
-PART_BYTES = 2 << 20  # converted weights per matmul on the CPU (Workspace.part_rows)
+PART_BYTES = 4 << 20  # converted weights per matmul on the CPU (Workspace.part_rows)
+MAX_PARTS = 4  # per block: each part is a parallel region of the matmul, which a busy core stalls
 
 
 @dataclasses.dataclass
@@ -104,7 +105,7 @@ class Workspace:
         if self.device.type != "cpu" or all(w.dtype == dtype for w in block.weights):
             return max(1, len(block.rows))
         width = sum(w.shape[1] for w in block.weights)
-        return max(16, PART_BYTES // (width * dtype.itemsize))
+        return max(16, PART_BYTES // (width * dtype.itemsize), -(-len(block.rows) // MAX_PARTS))
 
     @staticmethod
     def columns(x: torch.Tensor, perm: torch.Tensor | None, rows: np.ndarray) -> torch.Tensor:
