@@ -78,6 +78,56 @@ def test_dense_with_overlap_and_cache_is_exact(tmp_path, reader, bundled, overla
         assert s.hit_bytes == s.bytes and s.wasted_bytes == 0
 
 
+def test_block_parts_leave_out_unused_rows():
+    from nchunk_core.runtime.overlap import Block
+
+    w = torch.arange(10 * 2, dtype=torch.float16).view(10, 2)
+    use = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 0], dtype=bool)
+    parts = Block(np.arange(10, 20), [w], use).parts(4)  # rows 10-13 all used, 14-17 none, 18-19 half
+    assert [p.rows.tolist() for p in parts] == [[10, 11, 12, 13], [18, 19]]
+    assert parts[0].use is None and parts[1].use.tolist() == [True, False]
+    assert torch.equal(parts[1].weights[0], w[8:10])
+    assert Block(np.arange(3), [w[:3]]).parts(4)[0].rows.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_blocks_multiplied_in_parts_are_exact(tmp_path, reader, monkeypatch, sparsity):
+    """Blocks converted and multiplied a few rows at a time (parts) give the same product."""
+    import nchunk_core.runtime.layers as layers
+
+    monkeypatch.setattr(layers, "PART_BYTES", 16 * 1024)  # 25 rows of 160 fp32 outputs per part
+    monkeypatch.setattr(layers, "MAX_PARTS", 16)
+    store, weights = make_store(tmp_path / "s")
+    layer = layer_for(store, reader, [SelectionSettings(sparsity, "chunking")], overlap=True, cache_rows=IN // 4)
+    assert layer.workspace.part_rows(layers.Block(np.arange(IN), [torch.zeros(IN, 160, dtype=torch.float16)]),
+                                     torch.float32) == 25
+    for seed in range(3):
+        x = torch.randn(6, IN, generator=torch.Generator().manual_seed(seed))
+        for y, want in zip(layer(x), reference(layer, weights, x)):
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+
+
+def test_prefetch_reads_rows_chosen_twice_and_leaves_unused_ones_out(tmp_path, reader):
+    """An input called again gets, read ahead, the rows both of its last two calls chose; the rows
+    of it the new selection does not use are wasted reads, never part of the product."""
+    store, weights = make_store(tmp_path / "s")
+    layer = layer_for(store, reader, [SelectionSettings(0.5, "magnitude")], overlap=True)
+    chosen, wasted = [], 0
+    for seed in range(6):
+        x = torch.randn(3, IN, generator=torch.Generator().manual_seed(seed))
+        for y, want in zip(layer(x), reference(layer, weights, x)):
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+        chosen.append(set(layer.select(x[:, layer.perm]).row_indices().tolist()))
+        s = layer.last_stats
+        if seed >= 2:
+            prefetched = chosen[-3] & chosen[-2]
+            assert s.hit_bytes == len(prefetched & chosen[-1]) * layer.row_bytes
+            assert s.wasted_bytes == len(prefetched - chosen[-1]) * layer.row_bytes
+            wasted += s.wasted_bytes
+        assert s.bytes == len(chosen[-1]) * layer.row_bytes
+    assert wasted > 0  # random inputs: some prefetched rows went unused, and the products stayed exact
+
+
 @pytest.mark.parametrize("method", ["chunking", "magnitude", "dp"])
 def test_cache_serves_rows_without_changing_the_product(tmp_path, reader, method):
     """At any sparsity the layer computes x[S] · W[S] for its selection S; the cache only changes which

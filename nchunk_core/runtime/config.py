@@ -67,7 +67,9 @@ class SessionConfig:
     frame_tokens: str | int = "auto"  # what a frame costs (setting_values.py); the model's adapter checks the mode
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
-    overlap: bool = True  # read in pieces and prefetch the next input's rows while computing (overlap.py)
+    # read in pieces and prefetch the next input's rows while computing (overlap.py); "auto": on or off
+    # per pass through the layers, as measured faster on this machine (overlap_choice.py)
+    overlap: bool | str = True
     # > 0: each frame's sparsity is chosen so that its estimated time fits this many ms (budget.py),
     # from 0 up to budget_max_sparsity; selection.sparsity is then ignored for frames. 0: off.
     frame_budget_ms: float = 0.0
@@ -96,8 +98,8 @@ class SessionConfig:
         self.frame_tokens = frame_tokens_value(self.frame_tokens)
         decoding_value(self.decoding)
         self.ram_budget_mib = ram_budget_value(self.ram_budget_mib)
-        if not isinstance(self.overlap, bool):
-            raise ValueError(f"overlap must be True or False, got {self.overlap!r}")
+        if not (isinstance(self.overlap, bool) or self.overlap == "auto"):
+            raise ValueError(f"overlap must be True, False or 'auto', got {self.overlap!r}")
         self.frame_budget_ms = check_budget_ms(self.frame_budget_ms)
         value = self.budget_max_sparsity
         if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)

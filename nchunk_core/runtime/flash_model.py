@@ -231,7 +231,6 @@ def _swap_projections(flash_model: FlashVLM, store: Store, table: LatencyTable, 
             flash = FlashProjections(store, name, table, lambda name=name: flash_model.settings_for(name),
                                      workspace, dtype=dtype,
                                      biases=biases, stats_sink=flash_model.stats).to(device)
-            flash.biases = {n: b.to(device) for n, b in flash.biases.items()}
             if flash.outputs != paths:
                 raise StoreFormatError(f"{store.path}: input {name!r} holds outputs {flash.outputs}, "
                                        f"expected {paths}")

@@ -3,14 +3,16 @@
 `FlashProjections` replaces a set of projections that share one input (q|k|v, gate|up, o, down).
 For every call it
 
-1. gathers the input into stored-row order (the hot–cold permutation) and computes the importance
-   of each input channel, the mean of |x| over the call's tokens (a whole frame shares one selection),
+1. computes the importance of each input channel, the mean of |x| over the call's tokens (a whole
+   frame shares one selection), in stored-row order (the hot–cold permutation),
 2. selects rows with the configured method and sparsity (select.py),
 3. takes the selected rows that are cached in RAM (row_cache.py) and reads the others through the
    direct-I/O reader into reusable buffers, in pieces (overlap.py), the reader checking each row
    against its CRC-32C, and
 4. computes y = Σ_pieces x[..., piece] @ Wᵀ[piece] (+ bias) for each projection, multiplying each
-   piece as soon as it has landed while the rest are still in flight.
+   piece as soon as it has landed while the rest are still in flight: the piece's used rows are
+   converted to the compute dtype in parts of about PART_BYTES and multiplied part by part
+   (`Workspace.operands`).
 
 No backbone weight is held in RAM between calls beyond the row cache's budget. Every call asks its `selection` source for the
 current `SelectionSettings` (the flash model's, flash_model.py), so a change takes effect on the next
@@ -34,6 +36,9 @@ from nchunk_core.runtime.row_cache import RowCache, select_cached
 from nchunk_core.runtime.select import Selection, SelectionSettings
 from nchunk_core.store import GroupInfo, Store
 from nchunk_core.store.naming import torch_dtype
+
+PART_BYTES = 4 << 20  # converted weights per matmul on the CPU (Workspace.part_rows)
+MAX_PARTS = 4  # per block: each part is a parallel region of the matmul, which a busy core stalls
 
 
 @dataclasses.dataclass
@@ -59,38 +64,82 @@ class CallStats:
 
 class Workspace:
     """What the layers of one model share: the reader, the row stream (read buffers, pieces,
-    prefetch; overlap.py), the row cache (row_cache.py) and conversion scratch (grown on demand).
+    prefetch; overlap.py), the row cache (row_cache.py) and scratch buffers (grown on demand, kept).
 
-    On CUDA the host buffers are pinned so the copies to the device are asynchronous.
+    `operands` turns a block of rows into what one matmul takes: the input columns of its used rows
+    and their weights in the compute dtype. Weights are converted into a reused scratch buffer (one
+    pass, no allocation); rows a block holds but the call does not use are left out by a gather
+    first, so a matmul never runs over rows that do not count. On CUDA the host buffers are pinned so
+    the copies to the device are asynchronous.
     """
 
-    def __init__(self, reader: Reader, device: torch.device, overlap: bool = True):
+    def __init__(self, reader: Reader, device: torch.device, overlap: bool | str = True):
         self.reader = reader
         self.device = torch.device(device)
         self.lock = threading.Lock()
         self.stream = RowStream(reader, self.device, overlap)
         self.cache = RowCache()
-        self._scratch: dict[tuple, torch.Tensor] = {}  # (dtype, slot) -> flat buffer on the device
+        self._scratch: dict[tuple, torch.Tensor] = {}  # (dtype, role, slot) -> flat buffer on the device
 
-    def compute_weights(self, w: torch.Tensor, dtype: torch.dtype, slot: int) -> torch.Tensor:
-        """w [n, out] (storage dtype, host or device) in `dtype` on the device, in a reused buffer."""
-        if w.dtype == dtype and w.device == self.device:
+    def operands(self, x: torch.Tensor, perm: torch.Tensor | None, block: Block, dtype: torch.dtype,
+                 slot: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(x [N, k], per group w [k, out_g] in `dtype`) for the k rows of `block` the call uses.
+
+        x: [N, rows] the call's input in original channel order, `perm` [rows] the stored row ->
+        channel map (None: identity). Scratch `slot` alternates so that a block's buffers are not
+        overwritten while the previous block's matmul may still read them (CUDA streams).
+        """
+        rows, weights = block.rows, [self.on_device(w, (slot, g)) for g, w in enumerate(block.weights)]
+        if block.use is not None:  # gather the used rows (storage dtype) before converting
+            keep = np.flatnonzero(block.use)
+            rows, index = rows[keep], torch.from_numpy(keep).to(self.device)
+            weights = [torch.index_select(w, 0, index, out=self._flat((w.dtype, "gather", slot, g),
+                                                                      len(keep) * w.shape[1]).view(len(keep), w.shape[1]))
+                       for g, w in enumerate(weights)]  # [k, out_g]
+        return self.columns(x, perm, rows), [self.compute_weights(w, dtype, (slot, g)) for g, w in enumerate(weights)]
+
+    def part_rows(self, block: Block, dtype: torch.dtype) -> int:
+        """Rows of `block` converted and multiplied at a time: on the CPU about PART_BYTES of converted
+        weights, which the matmul then reads from the cache the conversion left them in (whole
+        blocks of a few MiB and more went through memory twice and cost 5-20 % more)."""
+        if self.device.type != "cpu" or all(w.dtype == dtype for w in block.weights):
+            return max(1, len(block.rows))
+        width = sum(w.shape[1] for w in block.weights)
+        return max(16, PART_BYTES // (width * dtype.itemsize), -(-len(block.rows) // MAX_PARTS))
+
+    @staticmethod
+    def columns(x: torch.Tensor, perm: torch.Tensor | None, rows: np.ndarray) -> torch.Tensor:
+        """x [N, rows] (original channel order) -> x [N, k] at stored rows `rows` [k] (ascending)."""
+        if perm is None and len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            return x[:, int(rows[0]):int(rows[0]) + len(rows)]  # a run: a view, no copy
+        index = torch.from_numpy(rows)
+        if perm is not None:
+            index = perm.index_select(0, index.to(perm.device))
+        return x.index_select(1, index.to(x.device))
+
+    def on_device(self, w: torch.Tensor, slot) -> torch.Tensor:
+        """w on the compute device: pinned host rows are copied asynchronously into a reused buffer."""
+        if w.device == self.device:
             return w
-        if w.device != self.device:  # pinned host rows: asynchronous copy, then convert on the device
-            staged = self._flat((w.dtype, "stage", slot), w.numel()).view(w.shape)
-            staged.copy_(w, non_blocking=True)
-            w = staged
-            if w.dtype == dtype:
-                return w
-        out = self._flat((dtype, slot), w.numel()).view(w.shape)
+        staged = self._flat((w.dtype, "stage", slot), w.numel()).view(w.shape)
+        return staged.copy_(w, non_blocking=True)
+
+    def compute_weights(self, w: torch.Tensor, dtype: torch.dtype, slot) -> torch.Tensor:
+        """w [n, out] (storage dtype, on the device) in `dtype`, converted into a reused buffer."""
+        if w.dtype == dtype:
+            return w
+        out = self._flat((dtype, "compute", slot), w.numel()).view(w.shape)
         return out.copy_(w)
 
     def _flat(self, key: tuple, numel: int) -> torch.Tensor:
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < numel:
+            buf = None  # free the old buffer before allocating the larger one
+            self._scratch.pop(key, None)
             buf = torch.empty(numel, dtype=key[0], device=self.device)
             self._scratch[key] = buf
         return buf[:numel]
+
 
 def combined_table(table: LatencyTable, row_bytes: list[int]) -> LatencyTable:
     """Cost of reading r rows from each of several groups, as a table over bytes of all groups.
@@ -181,15 +230,22 @@ class FlashProjections(nn.Module):
         self.handles = [workspace.reader.open(str(g.file)) for g in self.groups]
         workspace.stream.register(input_name, self.groups, self.handles)
         perm = store.permutation(input_name)
+        self._stored_order = None if perm is None else np.asarray(perm, dtype=np.int64)  # [rows] channel of each stored row
         self.register_buffer("perm", None if perm is None else torch.as_tensor(perm, dtype=torch.long),
                              persistent=False)
         biases = biases or {}
-        self.biases = {n: biases[n].to(dtype) for n in self.outputs if biases.get(n) is not None}
+        parts = [biases[n].to(dtype) if biases.get(n) is not None else torch.zeros(o, dtype=dtype)
+                 for n, o in zip(self.outputs, self.out_features)]
+        self.register_buffer("bias", torch.cat(parts) if any(biases.get(n) is not None for n in self.outputs)
+                             else None, persistent=False)  # [Σout], zero where a projection has none
 
     # -- the three steps ------------------------------------------------------------------------
     def select(self, xs: torch.Tensor) -> Selection:
         """xs: [N, rows] input already in stored-row order."""
-        importance = xs.abs().float().mean(dim=0).cpu().numpy()  # [rows]
+        return self._select(xs.abs().float().mean(dim=0).cpu().numpy())
+
+    def _select(self, importance: np.ndarray) -> Selection:
+        """importance: float32 [rows] in stored-row order."""
         settings = self.selection()
         return select_cached(importance, settings.budget(self.rows), self.workspace.cache.rows(self.input_name),
                              settings.method, self.table, self.row_bytes, settings.windows)
@@ -197,41 +253,45 @@ class FlashProjections(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: [..., rows] -> one tensor [..., out_j] per projection, in `self.outputs` order."""
         lead = x.shape[:-1]
-        xf = x.reshape(-1, self.rows)  # [N, rows]
-        xs = xf if self.perm is None else xf.index_select(1, self.perm.to(x.device))  # stored-row order
-        sel = self.select(xs)
+        xf = x.reshape(-1, self.rows)  # [N, rows] original channel order
+        importance = xf.abs().float().mean(dim=0).cpu().numpy()  # [rows]
+        sel = self._select(importance if self.perm is None else importance[self._stored_order])
         ws = self.workspace
         with ws.lock:
             c = ws.cache.rows(self.input_name)
             cached, uncached = split_at(sel.runs, c)
-            fetched = ws.stream.fetch(self.input_name, uncached)
+            fetched = ws.stream.fetch(self.input_name, uncached, tokens=xf.shape[0])
             t0 = time.perf_counter()
-            xc = xs.to(self.compute_dtype)  # [N, rows]
-            ys = [torch.zeros(xc.shape[0], g.row_width, dtype=self.compute_dtype, device=x.device)
-                  for g in self.groups]  # [N, out_g] per group
+            xc = xf.to(self.compute_dtype)  # [N, rows]
             blocks = fetched.blocks
             if len(cached):
                 rows = run_rows(cached)
                 use = None if len(rows) == c else np.isin(np.arange(c), rows)
                 blocks = [Block(np.arange(c), ws.cache.weights(self.input_name), use)] + blocks
+            ys: list[torch.Tensor] = []  # [N, out_g] per group
             wait_s, io_end = 0.0, fetched.first_submit
-            for slot, block in enumerate(blocks):
+            slot = 0
+            for block in blocks:
                 waited, done = block.wait()
                 wait_s, io_end = wait_s + waited, max(io_end, done)
-                xb = xc.index_select(1, torch.as_tensor(block.rows, device=x.device))  # [N, n]
-                if block.use is not None:
-                    xb = xb * torch.as_tensor(block.use, device=x.device, dtype=xb.dtype)  # unused rows: 0
-                for y, w in zip(ys, block.weights):
-                    y.addmm_(xb, ws.compute_weights(w, self.compute_dtype, slot % 2))
+                for part in block.parts(ws.part_rows(block, self.compute_dtype)):
+                    xb, weights = ws.operands(xc, self.perm, part, self.compute_dtype, slot % 2)  # [N, k], [k, out_g]
+                    slot += 1
+                    if not ys:
+                        ys = [torch.mm(xb, w) for w in weights]
+                    else:
+                        for y, w in zip(ys, weights):
+                            y.addmm_(xb, w)
+            if not ys:  # nothing selected
+                ys = [torch.zeros(xc.shape[0], g.row_width, dtype=self.compute_dtype, device=x.device)
+                      for g in self.groups]
             for inflight in fetched.owned:
                 wait_s += inflight.settle()
             ws.stream.release(fetched.owned)
         y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]  # [N, Σout]
-        outs = []
-        for name, part in zip(self.outputs, torch.split(y, self.out_features, dim=1)):
-            if name in self.biases:
-                part = part + self.biases[name].to(part.device)
-            outs.append(part.reshape(*lead, part.shape[-1]).to(x.dtype))
+        if self.bias is not None:
+            y.add_(self.bias)
+        outs = [part.reshape(*lead, part.shape[-1]).to(x.dtype) for part in torch.split(y, self.out_features, dim=1)]
         compute_s = time.perf_counter() - t0 - wait_s
         io_s = max(0.0, io_end - fetched.first_submit) if fetched.bytes_read else 0.0
         cached_bytes = int(cached[:, 1].sum()) * self.row_bytes if len(cached) else 0

@@ -5,19 +5,23 @@ One `RowStream` per model (owned by its Workspace) serves every FlashProjections
 
 - **Pieces.** The rows a call must read are split into pieces of about PIECE_BYTES (at most
   MAX_PIECES), each its own request; the layer multiplies the pieces that have landed while the rest
-  are in flight (y += x[:, piece] @ W[piece]).
+  are in flight (y += x[:, piece] @ W[piece]). Pieces are few and large: every piece costs a pass
+  over the output y and a parallel region of the matmul, and on a machine of few cores each extra
+  region is a chance for a reader thread to stall one of the matmul's threads.
 - **Prefetch.** The stream learns the order in which inputs are called (the decoder's layer order)
-  and remembers the rows each input read last time. When input A is called it queues, behind A's
-  own reads, the rows that the next input B read at its previous call (frames of a video are
-  similar, and at sparsity 0 they are all of B's rows). When B is called, its selection is compared
-  with what was prefetched: rows in both are hits (used from the prefetch buffer), rows only in the
-  selection are read now, prefetched rows outside the selection are multiplied by a zero input
-  (never used, only read). What is computed never depends on what was prefetched.
+  and remembers the rows each input read at its last two calls. When input A is called it queues,
+  behind A's own reads, the rows that the next input B read at both of its last two calls (frames
+  of a video are similar; rows chosen twice in a row are the ones likely chosen again, and at
+  sparsity 0 they are all of B's rows). When B is called, its selection is compared with what was
+  prefetched: rows in both are hits (used from the prefetch buffer), rows only in the selection are
+  read now, prefetched rows outside the selection are left out of the product (the layer gathers
+  the used rows; they were only read). What is computed never depends on what was prefetched.
 - **Buffers.** Reads land in host buffers of a small pool (pinned on CUDA), grown on demand and
   reused: at most one prefetch in flight besides the running call.
 
 Without overlap (`overlap=False`) a call reads its rows as one piece and waits for all of them, as
-the runtime did before.
+the runtime did before. With `overlap="auto"` each pass through the layers runs with or without
+overlap as measured faster (overlap_choice.py).
 """
 from __future__ import annotations
 
@@ -28,11 +32,13 @@ import numpy as np
 import torch
 
 from nchunk_core.io.reader import ChecksumError, IoError, Reader
+from nchunk_core.runtime.overlap_choice import OverlapChoice
 from nchunk_core.store import GroupInfo
 from nchunk_core.store.naming import torch_dtype
 
-PIECE_BYTES = 2 << 20  # bytes of all groups of an input per piece (the matmul stays efficient)
-MAX_PIECES = 8
+PIECE_BYTES = 8 << 20  # bytes of all groups of an input per piece (the matmul stays efficient)
+MAX_PIECES = 4
+POOL_BUFFERS = 4  # read buffers kept (a call's own reads, its prefetched rows, the next prefetch)
 ALIGN = 4096
 
 
@@ -62,18 +68,21 @@ def split_pieces(runs: np.ndarray, row_bytes: int, piece_bytes: int = PIECE_BYTE
     if total == 0:
         return []
     piece_rows = max(1, piece_bytes // row_bytes, -(-total // max_pieces))
-    pieces, current, room = [], [], piece_rows
-    for start, length in runs.tolist():
-        while length > 0:
-            take = min(length, room)
-            current.append((start, take))
-            start, length, room = start + take, length - take, room - take
-            if room == 0:
-                pieces.append(np.array(current, dtype=np.int64))
-                current, room = [], piece_rows
-    if current:
-        pieces.append(np.array(current, dtype=np.int64))
-    return pieces
+    runs = runs[runs[:, 1] > 0]
+    ends = np.cumsum(runs[:, 1])  # [k] rows up to the end of each run
+    cuts = np.arange(piece_rows, total, piece_rows, dtype=np.int64)  # piece boundaries, in rows
+    # every run split at the boundaries inside it: [run start, boundaries..., run end] in rows
+    owner = np.searchsorted(ends, cuts, side="right")  # [c] run holding each boundary
+    inside = cuts > ends[owner] - runs[owner, 1]  # not at the run's own start
+    first = ends - runs[:, 1]  # [k] rows before each run
+    points = np.sort(np.concatenate([first, cuts[inside]]))
+    which = np.searchsorted(ends, points, side="right")  # [m] run of each sub-run
+    lengths = np.diff(np.concatenate([points, [total]]))
+    starts = runs[which, 0] + points - first[which]
+    sub = np.stack([starts, lengths], axis=1).astype(np.int64)  # [m, 2]
+    piece = points // piece_rows  # [m] piece of each sub-run
+    bounds = np.flatnonzero(np.diff(piece)) + 1
+    return np.split(sub, bounds)
 
 
 @dataclasses.dataclass
@@ -86,6 +95,19 @@ class Block:
     requests: list = dataclasses.field(default_factory=list)  # ReadRequest, one per group
     submitted: float = 0.0
     groups: list[str] = dataclasses.field(default_factory=list)  # the group each request reads
+
+    def parts(self, rows: int) -> list["Block"]:
+        """This block (its reads done) as consecutive blocks of at most `rows` rows, leaving out
+        those that hold no used row."""
+        if len(self.rows) <= rows:
+            return [self]
+        out = []
+        for i in range(0, len(self.rows), rows):
+            use = None if self.use is None else self.use[i:i + rows]
+            if use is None or use.any():
+                out.append(Block(self.rows[i:i + rows], [w[i:i + rows] for w in self.weights],
+                                 None if use is None or use.all() else use))
+        return out
 
     def wait(self) -> tuple[float, float]:
         """Wait for the reads: (seconds blocked, time the last read finished on perf_counter's clock).
@@ -138,14 +160,20 @@ class Fetched:
 class RowStream:
     """Pieces, prefetch and read buffers of one model's flash layers (see the module docstring)."""
 
-    def __init__(self, reader: Reader, device: torch.device, overlap: bool = True):
+    def __init__(self, reader: Reader, device: torch.device, overlap: bool | str = True):
         self.reader = reader
         self.device = torch.device(device)
-        self.overlap = bool(overlap)
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"overlap must be True, False or 'auto', got {overlap!r}")
+        self.choice = OverlapChoice() if overlap == "auto" else None
+        self.overlap = bool(overlap)  # the mode of the pass running now (fixed unless choice)
+        self._first: str | None = None  # the input whose call starts a pass
+        self._pass: tuple[int, bool, float] | None = None  # tokens, overlap, start of the running pass
+        self._last_end = 0.0  # when the last call released its buffers
         self._inputs: dict[str, tuple[list[GroupInfo], list]] = {}  # key -> (groups, handles)
         self._pool: list[torch.Tensor] = []  # free host buffers
         self._copies: dict[int, object] = {}  # data_ptr -> CUDA event after the last copy from it
-        self._last_runs: dict[str, np.ndarray] = {}  # key -> uncached runs its last call read
+        self._last_rows: dict[str, list[np.ndarray]] = {}  # key -> uncached rows of its last two calls
         self._next: dict[str, str] = {}  # key -> the key called after it last time
         self._prev: str | None = None
         self._prefetch: dict[str, Inflight] = {}
@@ -159,10 +187,11 @@ class RowStream:
             inflight.settle()
             self.release([inflight])
         self._prefetch.clear()
+        self._first, self._pass = None, None
         if key is None:
-            self._last_runs.clear()
+            self._last_rows.clear()
         else:
-            self._last_runs.pop(key, None)
+            self._last_rows.pop(key, None)
 
     # -- buffers ----------------------------------------------------------------------------------
     def _take(self, nbytes: int) -> torch.Tensor:
@@ -170,7 +199,7 @@ class RowStream:
         for i, b in enumerate(self._pool):
             if b.numel() >= nbytes and (best is None or b.numel() < self._pool[best].numel()):
                 best = i
-        if best is None and len(self._pool) >= 2:  # growing: drop the smallest, the pool stays small
+        if best is None and len(self._pool) >= POOL_BUFFERS:  # growing: drop the smallest, the pool stays small
             self._pool.pop(min(range(len(self._pool)), key=lambda i: self._pool[i].numel()))
         if best is not None:
             buf = self._pool.pop(best)
@@ -185,6 +214,7 @@ class RowStream:
 
     def release(self, owned: list[Inflight]) -> None:
         """Give the buffers of a finished call back to the pool (reads settled by the caller)."""
+        self._last_end = time.perf_counter()
         for inflight in owned:
             if self.device.type == "cuda":
                 event = torch.cuda.Event()
@@ -219,11 +249,32 @@ class RowStream:
         rows = np.concatenate([b.rows for b in blocks]) if blocks else np.zeros(0, dtype=np.int64)
         return Inflight(key, rows, buf, blocks, row_bytes)
 
-    def fetch(self, key: str, runs: np.ndarray) -> Fetched:
+    def likely_runs(self, key: str) -> np.ndarray:
+        """Runs [k, 2] worth prefetching for `key`: the rows its last two calls both read (one call: its rows)."""
+        last = self._last_rows.get(key, [])
+        if not last:
+            return np.zeros((0, 2), dtype=np.int64)
+        rows = last[0] if len(last) == 1 else np.intersect1d(last[0], last[1], assume_unique=True)
+        return row_runs(rows)
+
+    def _start_pass(self, key: str, tokens: int, now: float) -> None:
+        """With a choice: at the first input's call, time the pass that ended and pick this one's mode."""
+        if self._first is None:
+            self._first = key
+        if key != self._first:
+            return
+        if self._pass is not None:
+            self.choice.record(self._pass[0], self._pass[1], self._last_end - self._pass[2])
+        self.overlap = self.choice.choose(tokens)
+        self._pass = (tokens, self.overlap, now)
+
+    def fetch(self, key: str, runs: np.ndarray, tokens: int = 1) -> Fetched:
         """Blocks holding the rows `runs` [k, 2] of input `key` (prefetched or read now), and queue the
-        prefetch of the input expected next."""
+        prefetch of the input expected next. `tokens`: the call's tokens (what sizes a pass)."""
         t0 = time.perf_counter()
-        if self._prev is not None and self.overlap:
+        if self.choice is not None:
+            self._start_pass(key, tokens, t0)
+        if self._prev is not None:
             self._next[self._prev] = key
         self._prev = key
         slot = self._prefetch.pop(key, None)
@@ -254,8 +305,10 @@ class RowStream:
             owned.append(inflight)
             blocks.extend(inflight.blocks)
             miss_bytes = len(inflight.rows) * inflight.row_bytes
-        self._last_runs[key] = runs
+        self._last_rows[key] = (self._last_rows.get(key, []) + [wanted])[-2:]
         nxt = self._next.get(key)
-        if self.overlap and nxt is not None and nxt not in self._prefetch and len(self._last_runs.get(nxt, ())):
-            self._prefetch[nxt] = self._submit(nxt, self._last_runs[nxt])
+        if self.overlap and nxt is not None and nxt not in self._prefetch:
+            likely = self.likely_runs(nxt)
+            if len(likely):
+                self._prefetch[nxt] = self._submit(nxt, likely)
         return Fetched(blocks, owned, miss_bytes + hit_bytes, hit_bytes, wasted_bytes, t0)
