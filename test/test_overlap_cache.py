@@ -29,12 +29,12 @@ def make_store(path, bundled=True):
     return Store.open(path), weights
 
 
-def layer_for(store, reader, settings, overlap=True, cache_rows=0, device="cpu"):
+def layer_for(store, reader, settings, overlap=True, cache_rows=0, device="cpu", policy="static"):
     ws = Workspace(reader, device, overlap)
     layer = FlashProjections(store, "l0.mlp_in", LatencyTable.synthetic(), lambda: settings[0], ws)
     if cache_rows:
         ws.cache = RowCache.load(reader, {"l0.mlp_in": (layer.groups, layer.handles)}, {"l0.mlp_in": cache_rows},
-                                 device, 1 << 30)
+                                 device, 1 << 30, policy)
     return layer
 
 
@@ -99,6 +99,46 @@ def test_cache_serves_rows_without_changing_the_product(tmp_path, reader, method
         assert s.bytes == (IN // 2 - IN // 4) * cached.row_bytes < plain.last_stats.bytes
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_frame_policy_swaps_in_read_rows_without_changing_the_product(tmp_path, reader, sparsity):
+    """The "frame" policy replaces cached rows by rows a call read; every later call still computes
+    x[S] · W[S] for its selection S (dense at sparsity 0), and the cached rows hold the stored weights."""
+    store, weights = make_store(tmp_path / "s")
+    settings = [SelectionSettings(sparsity, "chunking")]
+    layer = layer_for(store, reader, settings, cache_rows=IN // 4, policy="frame")
+    cache = layer.workspace.cache
+    for seed in range(4):
+        x = torch.randn(5, IN, generator=torch.Generator().manual_seed(seed))
+        x[:, layer.perm[-40:]] *= 50.0  # the back rows matter most: the cache should move there
+        # the selection of the call (the policy changes the cache after it)
+        wants = reference(layer, weights, x) if sparsity else [x @ weights[n].float().T for n, _ in OUTS]
+        outs = layer(x)
+        for y, want in zip(outs, wants):
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-3)
+        held = cache.indices("l0.mlp_in")
+        assert len(held) == IN // 4 == len(set(held.tolist()))
+        assert layer.last_stats.rows == settings[0].budget(IN)
+    assert cache.swapped_rows > 0 and set(range(IN - 40, IN)) <= set(held.tolist())
+    stored = layer.perm[torch.as_tensor(held)]  # original channels of the cached rows
+    for w, (n, o) in zip(cache.weights("l0.mlp_in")[0].split([o for _, o in OUTS], dim=1), OUTS):
+        assert torch.equal(w, weights[n][:, stored].T)
+
+
+def test_select_cached_on_any_set_of_rows():
+    imp = np.random.default_rng(1).random(100).astype(np.float32)
+    held = np.array([3, 50, 51, 97], dtype=np.int64)
+    sel = select_cached(imp, 30, held, "chunking", LatencyTable.synthetic(), 1024, None)
+    rows = sel.row_indices()
+    assert len(rows) == 30 and set(held.tolist()) <= set(rows.tolist())
+    assert sel.retained == pytest.approx(imp[rows].sum() / imp.sum(), rel=1e-5)
+    assert sel.est_latency_s > 0.0
+    few = select_cached(imp, 2, held, "magnitude", LatencyTable.synthetic(), 1024, None)
+    assert sorted(few.row_indices().tolist()) == sorted(held[np.argsort(-imp[held])[:2]].tolist())
+    prefix = select_cached(imp, 30, np.arange(10), "chunking", LatencyTable.synthetic(), 1024, None)
+    assert np.array_equal(prefix.runs, select_cached(imp, 30, 10, "chunking", LatencyTable.synthetic(), 1024,
+                                                     None).runs)
+
+
 def test_budget_within_the_cache_reads_nothing(tmp_path, reader):
     store, weights = make_store(tmp_path / "s")
     settings = [SelectionSettings(0.9, "chunking")]
@@ -135,6 +175,8 @@ def test_ram_budget_is_validated(value):
         SessionConfig(ram_budget_mib=value)
     with pytest.raises(ValueError, match="overlap"):
         SessionConfig(overlap="yes")
+    with pytest.raises(ValueError, match="cache_policy"):
+        SessionConfig(cache_policy="lru")
     assert SessionConfig(ram_budget_mib=64).ram_budget_mib == 64.0
 
 

@@ -55,7 +55,11 @@ CALIB_FRAMES = 8
 MODEL_VERSION = 1
 METHODS = ("floor", "in_ram", *FLASH_METHODS, "accelerate")
 DEFAULT_METHODS = ("in_ram", "dense", "magnitude", "chunking", "accelerate")
-CACHE_FRACTION = 0.25  # of the backbone's bytes, the "+ cache" row
+CACHE_FRACTION = 0.25  # of the backbone's bytes, the "+ cache" rows
+CACHE_POLICIES = ("static", "frame")  # row_cache.POLICIES, SessionConfig's default first
+# The "+ cache" rows also run at these sparsities above --sparsity, so that the bytes they read can be
+# interpolated at the retained importance of the row without cache (session_report.matched_cache_bytes).
+CACHE_SWEEP = (0.05, 0.1, 0.2)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -183,7 +187,8 @@ def _run_flash(spec: dict) -> list[dict]:
 
     cfg = SessionConfig(selection=SelectionSettings(spec["sparsity"], spec["method"]), reader_threads=spec["threads"],
                         max_frames=spec["frames"] + 1, overlap=spec.get("overlap", False),
-                        ram_budget_mib=spec.get("ram_budget_mib", 0.0))
+                        ram_budget_mib=spec.get("ram_budget_mib", 0.0),
+                        cache_policy=spec.get("cache_policy", CACHE_POLICIES[0]))
     out = []
     with Session.open(spec["store"], cfg) as session:
         for frame in bench_frames(spec["frames"]):
@@ -305,9 +310,41 @@ def _variants(methods, sparsity: float, sweep) -> list[tuple[str, str, float, di
     out = [(*v, {}) for v in out]
     if "chunking" in methods:
         label = f"chunking {sparsity:.0%}"
-        out += [(f"{label} + overlap", "chunking", sparsity, {"overlap": True}),
-                (f"{label} + cache", "chunking", sparsity, {"overlap": True, "cache": CACHE_FRACTION}),
-                (f"{label} in RAM", "chunking", sparsity, {"overlap": True, "cache": 1.0})]
+        out.append((f"{label} + overlap", "chunking", sparsity, {"overlap": True}))
+        for policy in CACHE_POLICIES:
+            for s in [sparsity] + [round(sparsity + d, 4) for d in CACHE_SWEEP if sparsity + d < 0.95]:
+                name = f"chunking {s:.0%} + cache" + ("" if policy == CACHE_POLICIES[0] else f" ({policy})")
+                out.append((name, "chunking", s, {"overlap": True, "cache": CACHE_FRACTION, "cache_policy": policy}))
+        out.append((f"{label} in RAM", "chunking", sparsity, {"overlap": True, "cache": 1.0}))
+    return out
+
+
+def child_spec(entry: dict, store_dir: Path, model_dir: Path, frames: int, threads: int, directory: Path,
+               store_bytes: int) -> dict:
+    """What child_main needs to run one row of `_variants` (entry: its label, method, sparsity, extras)."""
+    return {"method": entry["method"], "sparsity": entry["sparsity"], "store": str(store_dir),
+            "model": str(model_dir), "frames": frames, "threads": threads,
+            "offload_folder": str(directory / "offload"), "overlap": entry.get("overlap", False),
+            "ram_budget_mib": entry.get("cache", 0.0) * store_bytes / 2**20,
+            "cache_policy": entry.get("cache_policy", CACHE_POLICIES[0])}
+
+
+def collect(runs: dict) -> list[dict]:
+    """Rows of the result from every round's child results: medians, and the largest memory figures."""
+    out = []
+    for entry in runs.values():
+        good = [x for x in entry["rounds"] if "error" not in x]
+        if not good:
+            out.append({**entry, "error": entry["rounds"][0]["error"]})
+            continue
+        entry["summary"] = _summary([x["frames"] for x in good]) if good[0]["frames"] else None
+        for key in ("peak_rss_mib", "ru_maxrss_mib", "steady_rss_mib", "steady_anon_mib", "steady_file_mib"):
+            entry[key] = max(x.get(key, 0.0) for x in good)
+        out.append(entry)
+    ref = next((r for r in out if r["method"] == "in_ram" and "peak_rss_mib" in r), None)
+    for r in out:
+        if ref is not None and "peak_rss_mib" in r:
+            r["rss_vs_in_ram"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
     return out
 
 
@@ -339,29 +376,12 @@ def run(directory, frames: int = 4, sparsity: float = 0.5, sweep=(), methods=DEF
             for label, method, s, extra in _variants(methods, sparsity, sweep)}
     for r in range(rounds):
         for label, entry in runs.items():
-            spec = {"method": entry["method"], "sparsity": entry["sparsity"], "store": str(store_dir),
-                    "model": str(model_dir), "frames": frames, "threads": threads,
-                    "offload_folder": str(directory / "offload"), "overlap": entry.get("overlap", False),
-                    "ram_budget_mib": entry.get("cache", 0.0) * store_bytes / 2**20}
             log(f"round {r + 1}/{rounds}: {label} in a fresh process")
-            result = _spawn(spec, timeout)
+            result = _spawn(child_spec(entry, store_dir, model_dir, frames, threads, directory, store_bytes), timeout)
             entry["rounds"].append(result)
             if "error" in result:
                 log(f"  {label} failed: {result['error'][0]}")
-    out = []
-    for entry in runs.values():
-        good = [x for x in entry["rounds"] if "error" not in x]
-        if not good:
-            out.append({**entry, "error": entry["rounds"][0]["error"]})
-            continue
-        entry["summary"] = _summary([x["frames"] for x in good]) if good[0]["frames"] else None
-        for key in ("peak_rss_mib", "ru_maxrss_mib", "steady_rss_mib", "steady_anon_mib", "steady_file_mib"):
-            entry[key] = max(x.get(key, 0.0) for x in good)
-        out.append(entry)
-    ref = next((r for r in out if r["method"] == "in_ram" and "peak_rss_mib" in r), None)
-    for r in out:
-        if ref is not None and "peak_rss_mib" in r:
-            r["rss_vs_in_ram"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
+    out = collect(runs)
     return {**ratios(out, sparsity), "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "model": model_settings(layers),
             "store_dir": str(store_dir), "backbone_bytes_on_drive": store_bytes, "frames": frames, "rounds": rounds,
             "sparsity": sparsity, "threads": threads,

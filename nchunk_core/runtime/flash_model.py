@@ -172,15 +172,16 @@ class FlashVLM:
         if self.cancel is not None and self.cancel():
             raise Cancelled("stopped at a layer boundary")
 
-    def set_ram_budget(self, budget_bytes: int) -> RowCache:
-        """Replace the row cache by one planned for `budget_bytes` (0: none); the old one is freed first."""
+    def set_ram_budget(self, budget_bytes: int, policy: str = "static") -> RowCache:
+        """Replace the row cache by one planned for `budget_bytes` (0: none) that keeps its rows by
+        `policy` (row_cache.POLICIES); the old one is freed first."""
         ws = self.workspace
         with ws.lock:
             ws.cache = RowCache()
             ws.stream.forget()  # remembered selections may hold rows that become cached
             if budget_bytes > 0:
                 inputs = {name: (layer.groups, layer.handles) for name, layer in self.layers.items()}
-                ws.cache = build_cache(self.store, ws.reader, inputs, ws.device, budget_bytes)
+                ws.cache = build_cache(self.store, ws.reader, inputs, ws.device, budget_bytes, policy)
             return ws.cache
 
     @property

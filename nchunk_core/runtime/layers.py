@@ -29,8 +29,8 @@ from torch import nn
 
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import ChecksumError, IoError, Reader, RowChecksums
-from nchunk_core.runtime.overlap import Block, RowStream, run_rows
-from nchunk_core.runtime.row_cache import RowCache, select_cached
+from nchunk_core.runtime.overlap import RowStream
+from nchunk_core.runtime.row_cache import RowCache
 from nchunk_core.runtime.select import Selection, SelectionSettings
 from nchunk_core.store import GroupInfo, Store
 from nchunk_core.store.naming import torch_dtype
@@ -191,8 +191,8 @@ class FlashProjections(nn.Module):
         """xs: [N, rows] input already in stored-row order."""
         importance = xs.abs().float().mean(dim=0).cpu().numpy()  # [rows]
         settings = self.selection()
-        return select_cached(importance, settings.budget(self.rows), self.workspace.cache.rows(self.input_name),
-                             settings.method, self.table, self.row_bytes, settings.windows)
+        return self.workspace.cache.select(self.input_name, importance, settings.budget(self.rows), settings.method,
+                                           self.table, self.row_bytes, settings.windows)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: [..., rows] -> one tensor [..., out_j] per projection, in `self.outputs` order."""
@@ -202,18 +202,15 @@ class FlashProjections(nn.Module):
         sel = self.select(xs)
         ws = self.workspace
         with ws.lock:
-            c = ws.cache.rows(self.input_name)
-            cached, uncached = split_at(sel.runs, c)
+            cached_block, uncached, cached_rows = ws.cache.split(self.input_name, sel.runs)
             fetched = ws.stream.fetch(self.input_name, uncached)
             t0 = time.perf_counter()
             xc = xs.to(self.compute_dtype)  # [N, rows]
             ys = [torch.zeros(xc.shape[0], g.row_width, dtype=self.compute_dtype, device=x.device)
                   for g in self.groups]  # [N, out_g] per group
             blocks = fetched.blocks
-            if len(cached):
-                rows = run_rows(cached)
-                use = None if len(rows) == c else np.isin(np.arange(c), rows)
-                blocks = [Block(np.arange(c), ws.cache.weights(self.input_name), use)] + blocks
+            if cached_block is not None:
+                blocks = [cached_block] + blocks
             wait_s, io_end = 0.0, fetched.first_submit
             for slot, block in enumerate(blocks):
                 waited, done = block.wait()
@@ -225,6 +222,7 @@ class FlashProjections(nn.Module):
                     y.addmm_(xb, ws.compute_weights(w, self.compute_dtype, slot % 2))
             for inflight in fetched.owned:
                 wait_s += inflight.settle()
+            ws.cache.observe(self.input_name, fetched.blocks)  # the "frame" policy keeps rows it read
             ws.stream.release(fetched.owned)
         y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]  # [N, Σout]
         outs = []
@@ -234,7 +232,7 @@ class FlashProjections(nn.Module):
             outs.append(part.reshape(*lead, part.shape[-1]).to(x.dtype))
         compute_s = time.perf_counter() - t0 - wait_s
         io_s = max(0.0, io_end - fetched.first_submit) if fetched.bytes_read else 0.0
-        cached_bytes = int(cached[:, 1].sum()) * self.row_bytes if len(cached) else 0
+        cached_bytes = cached_rows * self.row_bytes
         self.last_stats = CallStats(self.input_name, xf.shape[0], sel.rows, self.rows, len(sel.runs),
                                     fetched.bytes_read, sel.est_latency_s, io_s, sel.select_s, compute_s,
                                     sel.retained, wait_s, cached_bytes, fetched.hit_bytes, fetched.wasted_bytes)
@@ -242,18 +240,3 @@ class FlashProjections(nn.Module):
             self.stats_sink.append(self.last_stats)
         return tuple(outs)
 
-
-def split_at(runs: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-    """Runs [k, 2] split into those below row `c` (cached) and from `c` on."""
-    if c <= 0 or len(runs) == 0:
-        return runs[:0], runs
-    below, above = [], []
-    for start, length in runs.tolist():
-        if start + length <= c:
-            below.append((start, length))
-        elif start >= c:
-            above.append((start, length))
-        else:
-            below.append((start, c - start))
-            above.append((c, start + length - c))
-    return (np.array(below, dtype=np.int64).reshape(-1, 2), np.array(above, dtype=np.int64).reshape(-1, 2))
