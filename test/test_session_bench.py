@@ -91,9 +91,10 @@ def test_child_runs_every_row(results, label):
 def test_report_ratios_compute_from_the_results(results):
     rows = session_bench.collect(json.loads(json.dumps(results)))  # as the children's JSON comes back
     res = session_report.ratios(rows, SPARSITY)
-    for key in ("best_frame_ratio_vs_in_ram", "best_peak_rss_ratio_vs_in_ram", "exposed_io_fraction",
-                "accelerate_ratio", "cache_bytes_reduction_same_sparsity"):
+    for key in ("best_frame_ratio_vs_in_ram", "best_peak_rss_ratio_vs_in_ram", "accelerate_ratio",
+                "cache_bytes_reduction_same_sparsity"):
         assert isinstance(res[key], float) and res[key] > 0, key
+    assert isinstance(res["exposed_io_fraction"], float) and res["exposed_io_fraction"] >= 0  # 0: all hidden
     assert res["best_flash_row"] in results and res["cache_policy"] == POLICIES[0]
     # at the same sparsity the cached rows are free, so the cache row reads fewer bytes
     assert res["cache_bytes_reduction_same_sparsity"] > 1.0

@@ -14,10 +14,13 @@ mapped file pages too) is its own:
 - ``in_ram``: the checkpoint loaded whole with transformers (fp32 compute), the reference;
 - ``dense``, ``magnitude``, ``chunking``: the nchunk session (fp32 compute, the drive's profiled
   latency table), dense reading every row, the others at --sparsity;
-- with ``chunking``, three more rows at --sparsity: ``+ overlap`` (reads in pieces multiplied as they
-  land, the next input's rows read ahead, overlap.py), ``+ cache`` (and the hottest rows in RAM, 25 %
-  of the backbone's bytes, row_cache.py), and ``in RAM`` (every row cached: the same selection size
-  with no read, the reference for exposed I/O = frame time minus this row's);
+- with ``chunking``, more rows at --sparsity: ``+ overlap`` (reads in pieces multiplied as they
+  land, the next input's rows read ahead, overlap.py), ``+ cache`` (and hot rows in RAM, 25 % of the
+  backbone's bytes, row_cache.py, its default policy), ``+ cache (frame)`` (the other policy), and
+  ``in RAM`` (every row cached: the same selection size with no read, the reference for exposed I/O
+  = frame time minus this row's); the cache rows of both policies also run at CACHE_SWEEP sparsities
+  above --sparsity, so that `cache_bytes_reduction` compares bytes at the same retained importance
+  (session_report.matched_cache_bytes);
 - ``accelerate``: what one would reach for today, transformers' `device_map` with every decoder
   layer on "disk" (accelerate hooks load each layer's weights from the memory-mapped safetensors
   before it runs); the page cache of the checkpoint is dropped before every frame

@@ -94,7 +94,7 @@ def ratios(out: list[dict], sparsity: float) -> dict:
 
 
 def format_table(res: dict) -> str:
-    head = (f"{'method':<16} {'frame ms':>9} {'vision':>7} {'select':>7} {'I/O':>7} {'compute':>8} "
+    head = (f"{'method':<28} {'frame ms':>9} {'vision':>7} {'select':>7} {'I/O':>7} {'compute':>8} "
             f"{'MB read':>8} {'retained':>8} {'RSS MiB':>8} {'peak RSS MiB':>13} {'vs in RAM':>9} {'exposed':>8} "
             f"{'cache hit':>9} {'prefetch hit':>12}")
     lines = [f"Frame append on {res['machine']}: Qwen2.5-VL, Qwen2-0.5B-shaped backbone "
@@ -111,17 +111,17 @@ def format_table(res: dict) -> str:
 
     for r in res["runs"]:
         if "error" in r:
-            lines.append(f"{r['label']:<16} failed: {r['error'][0][:100]}")
+            lines.append(f"{r['label']:<28} failed: {r['error'][0][:100]}")
             continue
         s = r.get("summary") or {}
         ratio = f"{r['rss_vs_in_ram']:.2f}x" if "rss_vs_in_ram" in r else "-"
         if not s:
-            lines.append(f"{r['label']:<16} {'':>9} {'':>7} {'':>7} {'':>7} {'':>8} {'':>8} {'':>8} "
+            lines.append(f"{r['label']:<28} {'':>9} {'':>7} {'':>7} {'':>7} {'':>8} {'':>8} {'':>8} "
                          f"{r['steady_rss_mib'] or 0:>8.0f} {r['peak_rss_mib']:>13.0f} {ratio:>9}")
             continue
         io = ms(s["io_s"]) if s["io_s"] is not None else "in comp"
         retained = f"{s['retained']:.3f}" if s["retained"] is not None else "-"
-        lines.append(f"{r['label']:<16} {ms(s['total_s']):>9} {ms(s['vision_s']):>7} {ms(s['select_s']):>7} {io:>7} "
+        lines.append(f"{r['label']:<28} {ms(s['total_s']):>9} {ms(s['vision_s']):>7} {ms(s['select_s']):>7} {io:>7} "
                      f"{ms(s['compute_s']):>8} {s.get('drive_bytes', s['bytes_read']) / 1e6:>8.0f} {retained:>8} "
                      f"{r['steady_rss_mib'] or 0:>8.0f} {r['peak_rss_mib']:>13.0f} {ratio:>9} "
                      f"{ms(s.get('exposed_io_s')):>8} {pct(s.get('cache_hit_rate')):>9} "
@@ -130,6 +130,11 @@ def format_table(res: dict) -> str:
             "cache_bytes_reduction", "accelerate_ratio")
     lines.append("; ".join(f"{k} {res[k]:.3f}" if isinstance(res.get(k), float) else f"{k} {res.get(k)}"
                            for k in keys))
+    for policy, m in (res.get("cache_matched") or {}).items():
+        lines.append(f"cache ({policy}) at the retained importance of the row without cache: " + (
+            f"sparsity {m['sparsity']:.3f}, {m['bytes_read'] / 1e6:.1f} MB read per frame "
+            f"({m['drive_bytes'] / 1e6:.1f} with prefetch waste): {m['reduction']:.2f}x fewer "
+            f"({m['reduction_drive']:.2f}x)" if m else "outside the sparsities run"))
     return "\n".join(lines)
 
 
