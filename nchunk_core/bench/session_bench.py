@@ -19,7 +19,7 @@ mapped file pages too) is its own:
   backbone's bytes, row_cache.py, its default policy), ``+ cache (frame)`` (the other policy), and
   ``in RAM`` (every row cached: the same selection size with no read, the reference for exposed I/O
   = frame time minus this row's); the cache rows of both policies also run at CACHE_SWEEP sparsities
-  above --sparsity, so that `cache_bytes_reduction` compares bytes at the same retained importance
+  around --sparsity, so that `cache_bytes_reduction` compares bytes at the same retained importance
   (session_report.matched_cache_bytes);
 - ``accelerate``: what one would reach for today, transformers' `device_map` with every decoder
   layer on "disk" (accelerate hooks load each layer's weights from the memory-mapped safetensors
@@ -59,10 +59,10 @@ MODEL_VERSION = 1
 METHODS = ("floor", "in_ram", *FLASH_METHODS, "accelerate")
 DEFAULT_METHODS = ("in_ram", "dense", "magnitude", "chunking", "accelerate")
 CACHE_FRACTION = 0.25  # of the backbone's bytes, the "+ cache" rows
-CACHE_POLICIES = ("static", "frame")  # row_cache.POLICIES, SessionConfig's default first
-# The "+ cache" rows also run at these sparsities above --sparsity, so that the bytes they read can be
+CACHE_POLICIES = ("frame", "static")  # row_cache.POLICIES, SessionConfig's default first
+# The "+ cache" rows also run at these sparsities around --sparsity, so that the bytes they read can be
 # interpolated at the retained importance of the row without cache (session_report.matched_cache_bytes).
-CACHE_SWEEP = (0.05, 0.1, 0.2)
+CACHE_SWEEP = (-0.05, 0.05, 0.1)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def _variants(methods, sparsity: float, sweep) -> list[tuple[str, str, float, di
         label = f"chunking {sparsity:.0%}"
         out.append((f"{label} + overlap", "chunking", sparsity, {"overlap": True}))
         for policy in CACHE_POLICIES:
-            for s in [sparsity] + [round(sparsity + d, 4) for d in CACHE_SWEEP if sparsity + d < 0.95]:
+            for s in [sparsity] + [round(sparsity + d, 4) for d in CACHE_SWEEP if 0.0 <= sparsity + d < 0.95]:
                 name = f"chunking {s:.0%} + cache" + ("" if policy == CACHE_POLICIES[0] else f" ({policy})")
                 out.append((name, "chunking", s, {"overlap": True, "cache": CACHE_FRACTION, "cache_policy": policy}))
         out.append((f"{label} in RAM", "chunking", sparsity, {"overlap": True, "cache": 1.0}))

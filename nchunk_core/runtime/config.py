@@ -85,7 +85,7 @@ class SessionConfig:
     frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP; the mode is checked per model at open
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
-    cache_policy: str = "static"  # which rows the row cache keeps: row_cache.POLICIES
+    cache_policy: str = "frame"  # which rows the row cache keeps: row_cache.POLICIES
     overlap: bool = True  # read in pieces and prefetch the next input's rows while computing (overlap.py)
     # > 0: each frame's sparsity is chosen so that its estimated time fits this many ms (budget.py),
     # from 0 up to budget_max_sparsity; selection.sparsity is then ignored for frames. 0: off.

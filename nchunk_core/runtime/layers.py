@@ -222,7 +222,7 @@ class FlashProjections(nn.Module):
                     y.addmm_(xb, ws.compute_weights(w, self.compute_dtype, slot % 2))
             for inflight in fetched.owned:
                 wait_s += inflight.settle()
-            ws.cache.observe(self.input_name, fetched.blocks)  # the "frame" policy keeps rows it read
+            ws.stream.forget_rows(self.input_name, ws.cache.observe(self.input_name, fetched.blocks))
             ws.stream.release(fetched.owned)
         y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]  # [N, Σout]
         outs = []

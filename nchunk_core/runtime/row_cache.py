@@ -28,7 +28,7 @@ from nchunk_core.store.naming import CALIBRATION_PREFIX, torch_dtype
 
 # "static": the planned front rows stay; "frame": after every call the rows it read replace cached
 # rows whose decayed importance is lower (RowCache.observe).
-POLICIES = ("static", "frame")
+POLICIES = ("frame", "static")  # the first is the default
 SCORE_DECAY = 0.5  # weight of the earlier calls in the "frame" policy's score
 
 
@@ -122,7 +122,7 @@ class RowCache:
     storage dtype on the compute device (slot order).
     """
 
-    def __init__(self, budget_bytes: int = 0, policy: str = "static"):
+    def __init__(self, budget_bytes: int = 0, policy: str = POLICIES[0]):
         self.budget_bytes = int(budget_bytes)
         self.policy = check_policy(policy)
         self._index: dict[str, np.ndarray] = {}  # key -> int64 [c] stored rows, slot order
@@ -168,14 +168,16 @@ class RowCache:
         block = Block(held, self._weights[key], None if use.all() else use)
         return block, row_runs(wanted[~in_cache]), cached
 
-    def observe(self, key: str, blocks: list[Block]) -> None:
+    def observe(self, key: str, blocks: list[Block]) -> np.ndarray:
         """The "frame" policy, after a call has computed and before its read buffers are reused:
         every row's score decays by SCORE_DECAY towards this call's importance, and the rows this
         call read (`blocks`) replace cached rows of lower score, so that the cache holds the
-        best-scoring rows seen so far (no read of its own: only rows already read come in)."""
+        best-scoring rows seen so far (no read of its own: only rows already read come in).
+        Returns the rows that came in (int64 [k]; none with the "static" policy)."""
+        none = np.zeros(0, dtype=np.int64)
         importance = self._pending.pop(key, None)
         if self.policy != "frame" or importance is None or not blocks:
-            return
+            return none
         score = self._score.get(key)
         score = importance.astype(np.float32) if score is None else SCORE_DECAY * score + (1 - SCORE_DECAY) * importance
         self._score[key] = score
@@ -187,7 +189,7 @@ class RowCache:
         fresh = ~np.isin(read, held)
         read, origin, local = read[fresh], origin[fresh], local[fresh]
         if read.size == 0:
-            return
+            return none
         candidates = np.concatenate([held, read])  # [c + m]
         best = np.argpartition(-score[candidates], c - 1)[:c] if candidates.size > c else np.arange(c)
         keep = np.zeros(candidates.size, dtype=bool)
@@ -195,7 +197,7 @@ class RowCache:
         incoming = np.flatnonzero(keep[c:])  # positions in `read`
         slots = np.flatnonzero(~keep[:c])  # evicted slots, as many as incoming
         if incoming.size == 0:
-            return
+            return none
         weights = self._weights[key]
         for i, b in enumerate(blocks):
             mine = origin[incoming] == i
@@ -207,10 +209,11 @@ class RowCache:
                 w.index_copy_(0, dst, bw.index_select(0, src).to(w.device))
         held[slots] = read[incoming]
         self.swapped_rows += int(incoming.size)
+        return read[incoming]
 
     @classmethod
     def load(cls, reader: Reader, inputs: dict[str, tuple[list[GroupInfo], list]], plan: dict[str, int],
-             device, budget_bytes: int, policy: str = "static") -> "RowCache":
+             device, budget_bytes: int, policy: str = POLICIES[0]) -> "RowCache":
         """Read the planned front rows of every input (one sequential read per group)."""
         cache = cls(budget_bytes, policy)
         device = torch.device(device)
@@ -230,7 +233,7 @@ class RowCache:
 
 
 def build_cache(store: Store, reader: Reader, inputs: dict[str, tuple[list[GroupInfo], list]], device,
-                budget_bytes: int, policy: str = "static") -> RowCache:
+                budget_bytes: int, policy: str = POLICIES[0]) -> RowCache:
     """Plan by calibration hotness, then load the front rows (both policies start from them)."""
     entries = {}
     for key, (groups, _) in inputs.items():
