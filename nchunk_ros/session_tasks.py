@@ -87,10 +87,11 @@ class SessionTasks:
         return self._session.frames_in_context
 
     def update_session(self, values: dict) -> None:
-        """Hand the selection settings, max_frames, ram_budget_mib, max_new_tokens and frame_budget_ms of
-        parameter `values` to the session (applied at its next call)."""
+        """Hand the selection settings, max_frames, ram_budget_mib, cache_policy, max_new_tokens and
+        frame_budget_ms of parameter `values` to the session (applied at its next call)."""
         self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
                              ram_budget_mib=values["ram_budget_mib"], frame_budget_ms=values["frame_budget_ms"],
+                             cache_policy=values["cache_policy"],
                              max_new_tokens=min(values["max_new_tokens"], self._session.max_answer_tokens))
 
     def _stopping(self) -> bool:

@@ -11,6 +11,7 @@ from nchunk_core.runtime.overlap import row_runs, run_rows, split_pieces
 from nchunk_core.runtime.row_cache import RowCache, plan_rows, select_cached
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store, StoreWriter
+from nchunk_core.testing.tiny_models import make_frame
 
 IN, OUTS = 256, [("gate_proj", 96), ("up_proj", 64)]
 
@@ -193,3 +194,34 @@ def test_cuda_keeps_pinned_buffers_and_is_exact(tmp_path, reader):
         torch.testing.assert_close(y.cpu(), torch.nn.functional.linear(x, weights[n].float()), rtol=1e-4, atol=1e-3)
     assert all(b.is_pinned() for b in layer.workspace.stream._pool)
     assert all(w.device.type == "cuda" for w in layer.workspace.cache.weights("l0.mlp_in"))
+
+
+def test_session_with_either_cache_policy_at_sparsity_zero_gives_the_dense_logits(tiny_stores):
+    """Three frames and a question through sessions without a cache and with each policy (a third of
+    the backbone's bytes): the same logits at every forward, the same answer, fewer bytes read; a
+    live policy change re-plans the cache."""
+    from nchunk_core.runtime.session import Session
+
+    store = tiny_stores["qwen2_5_vl"]
+    budget = sum(f.stat().st_size for f in store.glob("weights-*.bin")) / 3 / 2**20
+    runs = {}
+    for name, cfg in (("none", {}), ("frame", {"ram_budget_mib": budget, "cache_policy": "frame"}),
+                      ("static", {"ram_budget_mib": budget, "cache_policy": "static"})):
+        with Session.open(store, SessionConfig(selection=SelectionSettings(0.0), max_new_tokens=4, **cfg),
+                          table=LatencyTable.synthetic()) as session:
+            seen = []
+            session.model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out[0, -1].float().clone()))
+            stats = [session.append_frame(make_frame(seed=s)) for s in range(3)]
+            answer = session.ask("What is in the box?")
+            runs[name] = (list(seen), answer.token_ids, stats)
+            if name == "frame":
+                assert session._flash.workspace.cache.swapped_rows > 0  # rows moved between frames
+                session.update(cache_policy="static")
+                session.append_frame(make_frame(seed=9))
+                assert session._flash.workspace.cache.policy == "static"
+    ref, ref_tokens, plain = runs["none"]
+    for name in ("frame", "static"):
+        seen, tokens, stats = runs[name]
+        assert len(seen) == len(ref) and tokens == ref_tokens
+        assert max((a - b).abs().max().item() for a, b in zip(seen, ref)) <= 1e-4
+        assert all(s.cached_bytes > 0 and s.bytes_read < p.bytes_read for s, p in zip(stats, plain))

@@ -132,3 +132,9 @@ def test_allocation_and_frame_budget_parameters():
     budget = {spec.name: spec for spec in PARAMETERS}["frame_budget_ms"].descriptor()
     assert budget.floating_point_range[0].from_value == 0.0  # negative budgets are refused by rclpy
     assert {"allocation", "frame_budget_ms"} <= set(parameters.SESSION_PARAMETERS)  # no reload
+
+
+def test_cache_policy_parameter():
+    assert DEFAULTS["cache_policy"] == "frame" and "cache_policy" in parameters.SESSION_PARAMETERS  # live
+    assert "cache_policy must be one of" in check_parameters({"cache_policy": "lru"}, DEFAULTS, True).reason
+    assert check_parameters({"cache_policy": "static"}, DEFAULTS, True).successful

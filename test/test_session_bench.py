@@ -11,7 +11,8 @@ import pytest
 from nchunk_core.bench import session_bench, session_report
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.profile import cache_path
-from nchunk_core.runtime.row_cache import POLICIES
+from nchunk_core.runtime.config import SessionConfig
+from nchunk_core.runtime.select import CACHE_POLICIES
 
 THREADS = 2
 FRAMES = 2
@@ -58,7 +59,7 @@ def test_every_method_has_a_row():
     for label in ("chunking 50%", "chunking 50% + overlap", "chunking 50% + cache", "chunking 50% in RAM",
                   "chunking 60% + cache", "chunking 50% + cache (static)", "chunking 45% + cache (static)"):
         assert label in labels
-    assert session_bench.CACHE_POLICIES == POLICIES  # the bench names the runtime's policies, default first
+    assert CACHE_POLICIES[0] == SessionConfig().cache_policy  # the "+ cache" row is the runtime's default
 
 
 @pytest.mark.parametrize("label", [v[0] for v in variants()])
@@ -95,7 +96,7 @@ def test_report_ratios_compute_from_the_results(results):
                 "cache_bytes_reduction_same_sparsity"):
         assert isinstance(res[key], float) and res[key] > 0, key
     assert isinstance(res["exposed_io_fraction"], float) and res["exposed_io_fraction"] >= 0  # 0: all hidden
-    assert res["best_flash_row"] in results and res["cache_policy"] == POLICIES[0]
+    assert res["best_flash_row"] in results and res["cache_policy"] == CACHE_POLICIES[0]
     # at the same sparsity the cached rows are free, so the cache row reads fewer bytes
     assert res["cache_bytes_reduction_same_sparsity"] > 1.0
     by = {r["label"]: r for r in rows}

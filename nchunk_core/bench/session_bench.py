@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from nchunk_core.bench.session_report import FLASH_METHODS, ratios
+from nchunk_core.runtime.select import CACHE_POLICIES
 
 BACKBONE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
@@ -59,7 +60,6 @@ MODEL_VERSION = 1
 METHODS = ("floor", "in_ram", *FLASH_METHODS, "accelerate")
 DEFAULT_METHODS = ("in_ram", "dense", "magnitude", "chunking", "accelerate")
 CACHE_FRACTION = 0.25  # of the backbone's bytes, the "+ cache" rows
-CACHE_POLICIES = ("frame", "static")  # row_cache.POLICIES, SessionConfig's default first
 # The "+ cache" rows also run at these sparsities around --sparsity, so that the bytes they read can be
 # interpolated at the retained importance of the row without cache (session_report.matched_cache_bytes).
 CACHE_SWEEP = (-0.05, 0.05, 0.1)

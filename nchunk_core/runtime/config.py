@@ -16,8 +16,7 @@ import torch
 
 from nchunk_core.store.naming import DTYPES
 from nchunk_core.runtime.decoding import decoding_value
-from nchunk_core.runtime.row_cache import check_policy
-from nchunk_core.runtime.select import SelectionSettings
+from nchunk_core.runtime.select import SelectionSettings, check_cache_policy
 
 MAX_NEW_TOKENS_LIMIT = 4096
 
@@ -85,7 +84,7 @@ class SessionConfig:
     frame_tokens: str | int = "auto"  # what a frame costs: FRAME_TOKENS_HELP; the mode is checked per model at open
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
-    cache_policy: str = "frame"  # which rows the row cache keeps: row_cache.POLICIES
+    cache_policy: str = "frame"  # which rows the row cache keeps: select.CACHE_POLICIES
     overlap: bool = True  # read in pieces and prefetch the next input's rows while computing (overlap.py)
     # > 0: each frame's sparsity is chosen so that its estimated time fits this many ms (budget.py),
     # from 0 up to budget_max_sparsity; selection.sparsity is then ignored for frames. 0: off.
@@ -115,7 +114,7 @@ class SessionConfig:
         self.frame_tokens = frame_tokens_value(self.frame_tokens)
         decoding_value(self.decoding)
         self.ram_budget_mib = ram_budget_value(self.ram_budget_mib)
-        check_policy(self.cache_policy)
+        check_cache_policy(self.cache_policy)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be True or False, got {self.overlap!r}")
         self.frame_budget_ms = check_budget_ms(self.frame_budget_ms)

@@ -34,8 +34,8 @@ from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.cancel import CancelCheck, Cancelled
 from nchunk_core.runtime.layers import FlashProjections, Workspace
-from nchunk_core.runtime.row_cache import POLICIES, RowCache, build_cache
-from nchunk_core.runtime.select import SelectionSettings
+from nchunk_core.runtime.row_cache import RowCache, build_cache
+from nchunk_core.runtime.select import CACHE_POLICIES, SelectionSettings
 from nchunk_core.store import Store, StoreFormatError
 from nchunk_core.store.allocation import SparsityAllocation
 from nchunk_core.store.naming import CALIBRATION_PREFIX, input_name
@@ -172,9 +172,9 @@ class FlashVLM:
         if self.cancel is not None and self.cancel():
             raise Cancelled("stopped at a layer boundary")
 
-    def set_ram_budget(self, budget_bytes: int, policy: str = POLICIES[0]) -> RowCache:
+    def set_ram_budget(self, budget_bytes: int, policy: str = CACHE_POLICIES[0]) -> RowCache:
         """Replace the row cache by one planned for `budget_bytes` (0: none) that keeps its rows by
-        `policy` (row_cache.POLICIES); the old one is freed first."""
+        `policy` (select.CACHE_POLICIES); the old one is freed first."""
         ws = self.workspace
         with ws.lock:
             ws.cache = RowCache()

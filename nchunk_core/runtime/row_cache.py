@@ -22,21 +22,11 @@ import torch
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import Reader
 from nchunk_core.runtime.overlap import Block, row_runs, run_rows
-from nchunk_core.runtime.select import ChunkParams, Selection, select
+from nchunk_core.runtime.select import CACHE_POLICIES, ChunkParams, Selection, check_cache_policy, select
 from nchunk_core.store import GroupInfo, Store
 from nchunk_core.store.naming import CALIBRATION_PREFIX, torch_dtype
 
-# "static": the planned front rows stay; "frame": after every call the rows it read replace cached
-# rows whose decayed importance is lower (RowCache.observe).
-POLICIES = ("frame", "static")  # the first is the default
 SCORE_DECAY = 0.5  # weight of the earlier calls in the "frame" policy's score
-
-
-def check_policy(value) -> str:
-    """`value` if it is one of POLICIES; ValueError otherwise."""
-    if value not in POLICIES:
-        raise ValueError(f"cache_policy must be one of {', '.join(POLICIES)}, got {value!r}")
-    return value
 
 
 def hotness(store: Store, input_name: str) -> np.ndarray | None:
@@ -122,9 +112,9 @@ class RowCache:
     storage dtype on the compute device (slot order).
     """
 
-    def __init__(self, budget_bytes: int = 0, policy: str = POLICIES[0]):
+    def __init__(self, budget_bytes: int = 0, policy: str = CACHE_POLICIES[0]):
         self.budget_bytes = int(budget_bytes)
-        self.policy = check_policy(policy)
+        self.policy = check_cache_policy(policy)
         self._index: dict[str, np.ndarray] = {}  # key -> int64 [c] stored rows, slot order
         self._weights: dict[str, list[torch.Tensor]] = {}
         self._score: dict[str, np.ndarray] = {}  # "frame": key -> float32 [rows] decayed importance
@@ -213,7 +203,7 @@ class RowCache:
 
     @classmethod
     def load(cls, reader: Reader, inputs: dict[str, tuple[list[GroupInfo], list]], plan: dict[str, int],
-             device, budget_bytes: int, policy: str = POLICIES[0]) -> "RowCache":
+             device, budget_bytes: int, policy: str = CACHE_POLICIES[0]) -> "RowCache":
         """Read the planned front rows of every input (one sequential read per group)."""
         cache = cls(budget_bytes, policy)
         device = torch.device(device)
@@ -233,7 +223,7 @@ class RowCache:
 
 
 def build_cache(store: Store, reader: Reader, inputs: dict[str, tuple[list[GroupInfo], list]], device,
-                budget_bytes: int, policy: str = POLICIES[0]) -> RowCache:
+                budget_bytes: int, policy: str = CACHE_POLICIES[0]) -> RowCache:
     """Plan by calibration hotness, then load the front rows (both policies start from them)."""
     entries = {}
     for key, (groups, _) in inputs.items():
