@@ -134,7 +134,7 @@ def test_select_cached_on_any_set_of_rows():
     assert sel.retained == pytest.approx(imp[rows].sum() / imp.sum(), rel=1e-5)
     assert sel.est_latency_s > 0.0
     few = select_cached(imp, 2, held, "magnitude", LatencyTable.synthetic(), 1024, None)
-    assert sorted(few.row_indices().tolist()) == sorted(held[np.argsort(-imp[held])[:2]].tolist())
+    assert sorted(few.row_indices().tolist()) == sorted(np.argsort(-imp)[:2].tolist())
     prefix = select_cached(imp, 30, np.arange(10), "chunking", LatencyTable.synthetic(), 1024, None)
     assert np.array_equal(prefix.runs, select_cached(imp, 30, 10, "chunking", LatencyTable.synthetic(), 1024,
                                                      None).runs)
@@ -145,9 +145,14 @@ def test_budget_within_the_cache_reads_nothing(tmp_path, reader):
     settings = [SelectionSettings(0.9, "chunking")]
     layer = layer_for(store, reader, settings, cache_rows=IN // 2)
     x = torch.randn(4, IN)
+    x[:, layer.perm[:IN // 2]] *= 10.0  # the cached (front) rows matter most
     for y, want in zip(layer(x), reference(layer, weights, x)):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
     assert layer.last_stats.bytes == 0 and layer.last_stats.rows == settings[0].budget(IN)
+    x[:, layer.perm[-1]] = 1e3  # one uncached row matters more than any cached one: it alone is read
+    for y, want in zip(layer(x), reference(layer, weights, x)):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-1)
+    assert layer.last_stats.bytes == layer.row_bytes and layer.last_stats.cached_bytes > 0
 
 
 def test_select_cached_keeps_the_budget_and_counts_retained():
@@ -157,8 +162,12 @@ def test_select_cached_keeps_the_budget_and_counts_retained():
     assert len(rows) == 60 and set(range(20)) <= set(rows.tolist())
     assert sel.retained == pytest.approx(imp[rows].sum() / imp.sum(), rel=1e-5)
     small = select_cached(imp, 5, 20, "chunking", LatencyTable.synthetic(), 1024, None)
-    assert sorted(small.row_indices().tolist()) == sorted(np.argsort(-imp[:20])[:5].tolist())
-    assert small.est_latency_s == 0.0
+    # a budget below the cache: its most important rows of all, the uncached ones among them read
+    assert sorted(small.row_indices().tolist()) == sorted(np.argsort(-imp)[:5].tolist())
+    assert (small.est_latency_s > 0.0) == bool((np.argsort(-imp)[:5] >= 20).any())
+    inside = imp.copy()
+    inside[:20] += 1.0  # the cached rows matter most: nothing is read
+    assert select_cached(inside, 5, 20, "chunking", LatencyTable.synthetic(), 1024, None).est_latency_s == 0.0
 
 
 def test_plan_splits_the_budget_by_benefit():

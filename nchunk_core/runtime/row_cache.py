@@ -1,16 +1,23 @@
-"""Hot rows in RAM under a byte budget: the front of every streamed matrix, read once.
+"""Hot rows in RAM under a byte budget: at first the front of every streamed matrix, read once.
 
 After hot–cold reordering the rows most often selected sit at the front of each input's groups, so
-the cache of an input is its first `c` stored rows (every group of the input, storage dtype, on the
+the cache of an input starts as its first `c` stored rows (every group of the input, storage dtype, on the
 compute device). Selection treats cached rows as free, zero I/O and full importance (`select_cached`):
 they are always used, and the method spends the rest of the row budget on the uncached rows, so the
-drive reads only those. A budget at or below the cache takes the most important cached rows.
+drive reads only those. A budget at or below the cache takes the most important rows of all.
 
 How the budget is split (`plan_rows`): a cached row saves its bytes whenever it would have been
 read, so rows are ranked across all matrices by how often they are selected, most often first. The
-static policy takes that frequency from the store's calibration statistics (the fraction of
-calibration inputs in which the channel was in the top half: `hotness`); without them every row
-counts the same and the budget goes to the front of every matrix in proportion to its size.
+plan takes that frequency from the store's calibration statistics (the fraction of calibration
+inputs in which the channel was in the top half: `hotness`); without them every row counts the same
+and the budget goes to the front of every matrix in proportion to its size.
+
+Which rows stay (`select.CACHE_POLICIES`): both policies start from the planned front rows and keep
+each input's row count. "static" keeps them. "frame" scores every row by its importance, decayed by
+SCORE_DECAY at every call, and after each call lets the rows that call read replace cached rows of
+lower score (`RowCache.observe`): frames of a video are similar, so the rows that mattered for the
+last frames are cached for the next, at no read of their own. Its cache is any set of rows:
+`select_cached` then runs the method on the uncached rows side by side and maps the runs back.
 """
 from __future__ import annotations
 
@@ -67,8 +74,11 @@ def select_cached(importance: np.ndarray, budget_rows: int, cached, method: str,
 
     cached: the number of cached front rows (int), or the cached stored-row indices (int64 [c]).
     The cached rows are all used when they fit in the budget and the method picks the others among
-    the uncached rows; otherwise the budget's most important cached rows are used and nothing is read.
-    est_latency_s counts the uncached reads only.
+    the uncached rows. A budget at or below the cache takes the budget's most important rows of all
+    (magnitude, as with every row in RAM): mostly cached rows, and the few uncached ones that matter
+    more are read (restricting it to the cached rows dropped rows that matter: a cache planned by
+    calibration can be larger than an input's budget at a layer-wise sparsity). est_latency_s counts
+    the uncached reads only.
     """
     if isinstance(cached, (int, np.integer)):
         held = np.arange(min(int(cached), importance.size), dtype=np.int64)
@@ -79,11 +89,14 @@ def select_cached(importance: np.ndarray, budget_rows: int, cached, method: str,
         return select(importance, budget_rows, method, table, row_bytes, windows)
     t0 = time.perf_counter()
     total = float(importance.sum())
-    if budget_rows <= c:
-        keep = np.sort(held[np.argpartition(-importance[held], budget_rows - 1)[:budget_rows]]) if budget_rows else []
-        runs = row_runs(np.asarray(keep, dtype=np.int64))
+    if budget_rows <= c:  # the budget's most important rows of all: a cache never hides a row that matters
+        keep = np.sort(np.argpartition(-importance, budget_rows - 1)[:budget_rows]) if budget_rows else []
+        keep = np.asarray(keep, dtype=np.int64)
+        lengths = row_runs(keep[~np.isin(keep, held)])[:, 1]
+        est = float(table.estimate(lengths * row_bytes).sum()) if len(lengths) else 0.0
         kept = float(importance[keep].sum()) if budget_rows else 0.0
-        return Selection(runs, budget_rows, 0.0, kept / total if total > 0 else 1.0, time.perf_counter() - t0, method)
+        return Selection(row_runs(keep), budget_rows, est, kept / total if total > 0 else 1.0,
+                         time.perf_counter() - t0, method)
     prefix = int(held[-1]) == c - 1 and bool(np.all(np.diff(held) == 1)) and int(held[0]) == 0
     if prefix:  # the front rows: the method selects on the rows behind them, runs shift by c
         free = None
