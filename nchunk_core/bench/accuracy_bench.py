@@ -291,7 +291,7 @@ def format_table(res: dict) -> str:
             lines.append(f"{p['budget_ms']:>10.1f}{p['frame_ms']:>9.1f}{p['hits'] / max(1, p['frames']):>9.3f}"
                          f"{p['planned_met']:>12.3f}{p['sparsity_chosen']:>9.3f}{p['accuracy']:>9.3f}")
     for p in res.get("cache_points", []):
-        lines.append(f"{p['method']} {p['sparsity']:.0%} ({p['allocation']}) with a {p['cache_mib']:.2f} MiB row cache: "
+        lines.append(f"{p['method']} {p['sparsity']:.0%} ({p['allocation']}), {p['cache_mib']:.2f} MiB row cache: "
                      f"accuracy {p['accuracy']:.3f} (without {p['accuracy_without_cache']:.3f}; answers agree "
                      f"{p['answers_agree']:.1%}), KiB read {p['kib']:.0f} (without {p['kib_without_cache']:.0f}; "
                      f"{p['cached_kib']:.0f} from RAM), retained {p['retained']:.3f} "
