@@ -21,7 +21,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.exceptions import InvalidTopicNameException
 from rclpy.validate_topic_name import validate_topic_name
 
-from nchunk_core.runtime.select import ALLOCATIONS, METHODS, SelectionSettings
+from nchunk_core.runtime.select import ALLOCATIONS, CACHE_POLICIES, METHODS, SelectionSettings
 from nchunk_core.runtime.setting_values import DECODING, FRAME_TOKENS_HELP, frame_tokens_value  # no torch
 from nchunk_core.store.naming import DTYPES  # names only: a bad dtype is refused before torch loads
 
@@ -67,6 +67,9 @@ PARAMETERS = (
               "max_frames/2 frames and the new one (a change applies from the next frame)", 1, 1024),
     ParamSpec("ram_budget_mib", 0.0, "RAM in MiB for the hottest backbone rows, kept between frames and "
               "never read again (0 = none; a change re-reads the cache before the next frame)", 0.0, 1048576.0),
+    ParamSpec("cache_policy", CACHE_POLICIES[0], "which rows the RAM budget keeps: frame (rows each frame "
+              "read replace cached rows that mattered less lately) or static (the calibration's hottest rows); "
+              "a change re-reads the cache before the next frame"),
     ParamSpec("image_topics", ["/camera/image_raw"], "camera topics; a name ending in /compressed is "
               "sensor_msgs/CompressedImage (JPEG/PNG), any other sensor_msgs/Image; the newest frame of "
               "any of them is appended"),
@@ -106,7 +109,7 @@ DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
 RELOAD_PARAMETERS = tuple(spec.name for spec in PARAMETERS if spec.reload)
 SELECTION_PARAMETERS = ("sparsity", "method", "allocation", "chunk_start_kib", "chunk_step_kib", "chunk_max_kib",
                         "jump_cap_kib")
-SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "ram_budget_mib", "max_new_tokens",
+SESSION_PARAMETERS = (*SELECTION_PARAMETERS, "max_frames", "ram_budget_mib", "cache_policy", "max_new_tokens",
                       "frame_budget_ms", "frame_tokens", "decoding")  # passed to Session.update
 MODEL_PARAMETERS = ("frame_tokens", "decoding")  # the running model checks them (check_parameters' model_check)
 SUBSCRIPTION_PARAMETERS = ("image_topics", "qos_reliability")
@@ -206,6 +209,8 @@ def check_parameters(changes: dict, current: dict, running: bool,
             problem = f"device must be cpu, cuda or cuda:N, got {value!r}"
         elif name == "dtype" and value not in DTYPES:
             problem = f"dtype must be one of {', '.join(DTYPES)}, got {value!r}"
+        elif name == "cache_policy" and value not in CACHE_POLICIES:
+            problem = f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {value!r}"
         elif name == "qos_reliability" and value not in QOS_RELIABILITIES:
             problem = f"qos_reliability must be best_effort or reliable, got {value!r}"
         elif name == "image_topics":

@@ -89,13 +89,14 @@ class SessionTasks:
         return self._session.frames_in_context
 
     def update_session(self, values: dict, model_settings: bool = True) -> None:
-        """Hand the selection settings, max_frames, ram_budget_mib, max_new_tokens, frame_budget_ms
-        and, with `model_settings`, frame_tokens and decoding of parameter `values` to the session
+        """Hand the selection settings, max_frames, ram_budget_mib, cache_policy, max_new_tokens,
+        frame_budget_ms and, with `model_settings`, frame_tokens and decoding of parameter `values` to the session
         (applied at its next call; frame_tokens at its next frame). Without: they are for a model
         being reloaded, which opens with them."""
         model = {"frame_tokens": values["frame_tokens"], "decoding": values["decoding"]} if model_settings else {}
         self._session.update(selection=selection_from(values), max_frames=values["max_frames"],
                              ram_budget_mib=values["ram_budget_mib"], frame_budget_ms=values["frame_budget_ms"],
+                             cache_policy=values["cache_policy"],
                              max_new_tokens=min(values["max_new_tokens"], self._session.max_answer_tokens), **model)
 
     def model_problem(self, changes: dict) -> str:

@@ -42,7 +42,8 @@ def open_session(node, v: dict, settings, stopping: Callable[[], bool]):
     try:
         cfg = SessionConfig(device=v["device"], dtype=v["dtype"], selection=selection_from(v),
                             reader_threads=v["reader_threads"], max_frames=v["max_frames"],
-                            ram_budget_mib=v["ram_budget_mib"], frame_budget_ms=v["frame_budget_ms"],
+                            ram_budget_mib=v["ram_budget_mib"], cache_policy=v["cache_policy"],
+                            frame_budget_ms=v["frame_budget_ms"],
                             max_new_tokens=v["max_new_tokens"], frame_tokens=v["frame_tokens"],
                             decoding=v["decoding"], profile_quick=True)
     except ValueError as exc:

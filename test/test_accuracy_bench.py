@@ -64,3 +64,8 @@ def test_bench_accuracy_runs_on_the_built_in_model(tmp_path, monkeypatch):
     assert len(budgets) == 3 and 0.0 <= res["budget_hit_rate"] <= 1.0
     assert all(0.0 <= p["sparsity_chosen"] <= 0.9 and p["frames"] == 3 for p in budgets)
     assert 0.0 < res["chance_accuracy"] < 1.0
+    # the row cache: every row selected (dense), the same answers; at 50 % fewer bytes from the drive
+    cache = {p["method"]: p for p in res["cache_points"]}
+    assert cache["dense"]["answers_agree"] == 1.0 and cache["dense"]["accuracy"] == res["dense_accuracy"]
+    assert cache["dense"]["cached_kib"] > 0 and cache["dense"]["kib"] < cache["dense"]["kib_without_cache"]
+    assert cache["chunking"]["sparsity"] == 0.5 and cache["chunking"]["kib"] < cache["chunking"]["kib_without_cache"]

@@ -11,6 +11,7 @@ from nchunk_core.runtime.overlap import row_runs, run_rows, split_pieces
 from nchunk_core.runtime.row_cache import RowCache, plan_rows, select_cached
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.store import Store, StoreWriter
+from nchunk_core.testing.tiny_models import make_frame
 
 IN, OUTS = 256, [("gate_proj", 96), ("up_proj", 64)]
 
@@ -29,12 +30,12 @@ def make_store(path, bundled=True):
     return Store.open(path), weights
 
 
-def layer_for(store, reader, settings, overlap=True, cache_rows=0, device="cpu"):
+def layer_for(store, reader, settings, overlap=True, cache_rows=0, device="cpu", policy="static"):
     ws = Workspace(reader, device, overlap)
     layer = FlashProjections(store, "l0.mlp_in", LatencyTable.synthetic(), lambda: settings[0], ws)
     if cache_rows:
         ws.cache = RowCache.load(reader, {"l0.mlp_in": (layer.groups, layer.handles)}, {"l0.mlp_in": cache_rows},
-                                 device, 1 << 30)
+                                 device, 1 << 30, policy)
     return layer
 
 
@@ -149,14 +150,59 @@ def test_cache_serves_rows_without_changing_the_product(tmp_path, reader, method
         assert s.bytes == (IN // 2 - IN // 4) * cached.row_bytes < plain.last_stats.bytes
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_frame_policy_swaps_in_read_rows_without_changing_the_product(tmp_path, reader, sparsity):
+    """The "frame" policy replaces cached rows by rows a call read; every later call still computes
+    x[S] · W[S] for its selection S (dense at sparsity 0), and the cached rows hold the stored weights."""
+    store, weights = make_store(tmp_path / "s")
+    settings = [SelectionSettings(sparsity, "chunking")]
+    layer = layer_for(store, reader, settings, cache_rows=IN // 4, policy="frame")
+    cache = layer.workspace.cache
+    for seed in range(4):
+        x = torch.randn(5, IN, generator=torch.Generator().manual_seed(seed))
+        x[:, layer.perm[-40:]] *= 50.0  # the back rows matter most: the cache should move there
+        # the selection of the call (the policy changes the cache after it)
+        wants = reference(layer, weights, x) if sparsity else [x @ weights[n].float().T for n, _ in OUTS]
+        outs = layer(x)
+        for y, want in zip(outs, wants):
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-3)
+        held = cache.indices("l0.mlp_in")
+        assert len(held) == IN // 4 == len(set(held.tolist()))
+        assert layer.last_stats.rows == settings[0].budget(IN)
+    assert cache.swapped_rows > 0 and set(range(IN - 40, IN)) <= set(held.tolist())
+    stored = layer.perm[torch.as_tensor(held)]  # original channels of the cached rows
+    for w, (n, o) in zip(cache.weights("l0.mlp_in")[0].split([o for _, o in OUTS], dim=1), OUTS):
+        assert torch.equal(w, weights[n][:, stored].T)
+
+
+def test_select_cached_on_any_set_of_rows():
+    imp = np.random.default_rng(1).random(100).astype(np.float32)
+    held = np.array([3, 50, 51, 97], dtype=np.int64)
+    sel = select_cached(imp, 30, held, "chunking", LatencyTable.synthetic(), 1024, None)
+    rows = sel.row_indices()
+    assert len(rows) == 30 and set(held.tolist()) <= set(rows.tolist())
+    assert sel.retained == pytest.approx(imp[rows].sum() / imp.sum(), rel=1e-5)
+    assert sel.est_latency_s > 0.0
+    few = select_cached(imp, 2, held, "magnitude", LatencyTable.synthetic(), 1024, None)
+    assert sorted(few.row_indices().tolist()) == sorted(np.argsort(-imp)[:2].tolist())
+    prefix = select_cached(imp, 30, np.arange(10), "chunking", LatencyTable.synthetic(), 1024, None)
+    assert np.array_equal(prefix.runs, select_cached(imp, 30, 10, "chunking", LatencyTable.synthetic(), 1024,
+                                                     None).runs)
+
+
 def test_budget_within_the_cache_reads_nothing(tmp_path, reader):
     store, weights = make_store(tmp_path / "s")
     settings = [SelectionSettings(0.9, "chunking")]
     layer = layer_for(store, reader, settings, cache_rows=IN // 2)
     x = torch.randn(4, IN)
+    x[:, layer.perm[:IN // 2]] *= 10.0  # the cached (front) rows matter most
     for y, want in zip(layer(x), reference(layer, weights, x)):
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
     assert layer.last_stats.bytes == 0 and layer.last_stats.rows == settings[0].budget(IN)
+    x[:, layer.perm[-1]] = 1e3  # one uncached row matters more than any cached one: it alone is read
+    for y, want in zip(layer(x), reference(layer, weights, x)):
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-1)
+    assert layer.last_stats.bytes == layer.row_bytes and layer.last_stats.cached_bytes > 0
 
 
 def test_select_cached_keeps_the_budget_and_counts_retained():
@@ -166,8 +212,12 @@ def test_select_cached_keeps_the_budget_and_counts_retained():
     assert len(rows) == 60 and set(range(20)) <= set(rows.tolist())
     assert sel.retained == pytest.approx(imp[rows].sum() / imp.sum(), rel=1e-5)
     small = select_cached(imp, 5, 20, "chunking", LatencyTable.synthetic(), 1024, None)
-    assert sorted(small.row_indices().tolist()) == sorted(np.argsort(-imp[:20])[:5].tolist())
-    assert small.est_latency_s == 0.0
+    # a budget below the cache: its most important rows of all, the uncached ones among them read
+    assert sorted(small.row_indices().tolist()) == sorted(np.argsort(-imp)[:5].tolist())
+    assert (small.est_latency_s > 0.0) == bool((np.argsort(-imp)[:5] >= 20).any())
+    inside = imp.copy()
+    inside[:20] += 1.0  # the cached rows matter most: nothing is read
+    assert select_cached(inside, 5, 20, "chunking", LatencyTable.synthetic(), 1024, None).est_latency_s == 0.0
 
 
 def test_plan_splits_the_budget_by_benefit():
@@ -185,6 +235,8 @@ def test_ram_budget_is_validated(value):
         SessionConfig(ram_budget_mib=value)
     with pytest.raises(ValueError, match="overlap"):
         SessionConfig(overlap="yes")
+    with pytest.raises(ValueError, match="cache_policy"):
+        SessionConfig(cache_policy="lru")
     assert SessionConfig(ram_budget_mib=64).ram_budget_mib == 64.0
 
 
@@ -201,3 +253,34 @@ def test_cuda_keeps_pinned_buffers_and_is_exact(tmp_path, reader):
         torch.testing.assert_close(y.cpu(), torch.nn.functional.linear(x, weights[n].float()), rtol=1e-4, atol=1e-3)
     assert all(b.is_pinned() for b in layer.workspace.stream._pool)
     assert all(w.device.type == "cuda" for w in layer.workspace.cache.weights("l0.mlp_in"))
+
+
+def test_session_with_either_cache_policy_at_sparsity_zero_gives_the_dense_logits(tiny_stores):
+    """Three frames and a question through sessions without a cache and with each policy (a third of
+    the backbone's bytes): the same logits at every forward, the same answer, fewer bytes read; a
+    live policy change re-plans the cache."""
+    from nchunk_core.runtime.session import Session
+
+    store = tiny_stores["qwen2_5_vl"]
+    budget = sum(f.stat().st_size for f in store.glob("weights-*.bin")) / 3 / 2**20
+    runs = {}
+    for name, cfg in (("none", {}), ("frame", {"ram_budget_mib": budget, "cache_policy": "frame"}),
+                      ("static", {"ram_budget_mib": budget, "cache_policy": "static"})):
+        with Session.open(store, SessionConfig(selection=SelectionSettings(0.0), max_new_tokens=4, **cfg),
+                          table=LatencyTable.synthetic()) as session:
+            seen = []
+            session.model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out[0, -1].float().clone()))
+            stats = [session.append_frame(make_frame(seed=s)) for s in range(3)]
+            answer = session.ask("What is in the box?")
+            runs[name] = (list(seen), answer.token_ids, stats)
+            if name == "frame":
+                assert session._flash.workspace.cache.swapped_rows > 0  # rows moved between frames
+                session.update(cache_policy="static")
+                session.append_frame(make_frame(seed=9))
+                assert session._flash.workspace.cache.policy == "static"
+    ref, ref_tokens, plain = runs["none"]
+    for name in ("frame", "static"):
+        seen, tokens, stats = runs[name]
+        assert len(seen) == len(ref) and tokens == ref_tokens
+        assert max((a - b).abs().max().item() for a, b in zip(seen, ref)) <= 1e-4
+        assert all(s.cached_bytes > 0 and s.bytes_read < p.bytes_read for s, p in zip(stats, plain))

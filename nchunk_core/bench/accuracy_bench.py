@@ -18,9 +18,17 @@ that time over chunking's. A second figure interpolates along magnitude's Pareto
 point slower than a more accurate one never counts): when reading every row is the fastest way to
 any accuracy, as on this model's small rows, that front is the dense point alone and no chunking
 point is in its range. Chunking points outside the curve's accuracy range have no value.
+
+The row cache (row_cache.py) at CACHE_FRACTION of the backbone's bytes runs in a second session on
+the same frames, at the settings of CACHE_SETTINGS: cached rows are rows read from RAM instead of
+the drive, so where the selection is the same (sparsity 0: every row) every answer must be the
+no-cache one; at a sparsity the cache's free rows change the selection (more rows than the drive
+reads), and its accuracy, bytes and retained importance are reported beside the no-cache point's,
+with the fraction of answers that agree.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -40,6 +48,8 @@ METHODS = ("magnitude", "chunking")
 BUDGET_FACTORS = (0.9, 1.2, 1.6)  # default frame budgets, times the warm-up's median dense frame time
 BUDGET_SLACK = 1.1  # a frame within 10 % of its budget counts as a hit
 WARMUP_FRAMES = 6
+CACHE_FRACTION = 0.25  # of the backbone's bytes on the drive, the row cache of the cache points
+CACHE_SETTINGS = (("dense", 0.0), ("chunking", 0.5))  # (method, sparsity) run with the cache too
 
 
 def settings(methods=METHODS, sparsities=SPARSITIES) -> list[tuple[str, float]]:
@@ -48,7 +58,8 @@ def settings(methods=METHODS, sparsities=SPARSITIES) -> list[tuple[str, float]]:
 
 def _record() -> dict:
     return {"right": {k: 0 for k in scenes.KINDS}, "total": {k: 0 for k in scenes.KINDS}, "io_s": [], "bytes": [],
-            "reads": [], "retained": [], "select_s": [], "total_s": [], "sparsity": [], "met": []}
+            "reads": [], "retained": [], "select_s": [], "total_s": [], "sparsity": [], "met": [], "answers": [],
+            "cached_bytes": []}
 
 
 def _warmup_ms(session, question_set) -> float:
@@ -65,8 +76,10 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
     test = scenes.split_scenes("test", scene_count, seed, FRAME_W, FRAME_H)
     question_set = scenes.question_set(test, seed, "test")
     cfg = SessionConfig(max_frames=1, max_new_tokens=4, reader_threads=threads)
+    cache_mib = CACHE_FRACTION * sum(f.stat().st_size for f in store.glob("weights-*.bin")) / 2**20
     t0 = time.perf_counter()
-    with Session.open(store, cfg, log=lambda m: None) as session:  # quiet: it logs every rebuild
+    with Session.open(store, cfg, log=lambda m: None) as session, \
+            Session.open(store, dataclasses.replace(cfg, ram_budget_mib=cache_mib), log=lambda m: None) as cached:
         sizes = row_bytes(session.store)
         if load_allocation(session.store) is None:  # a store without one runs uniform either way
             allocations = ("uniform",)
@@ -77,26 +90,16 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
             round(f * warmup_ms, 1) for f in BUDGET_FACTORS)
         plan += [("budget", b, "layerwise" if "layerwise" in allocations else "uniform") for b in budgets]
         rec = {key: _record() for key in plan}
+        shipped = "layerwise" if "layerwise" in allocations else "uniform"
+        cache_plan = [key for key in ((m, s, "uniform" if m == "dense" else shipped) for m, s in CACHE_SETTINGS)
+                      if key in rec]
+        cache_rec = {key: _record() for key in cache_plan}
         for n, (scene, questions) in enumerate(question_set):
             frame = scenes.render_scene(scene)
             for key in plan:
-                method, value, allocation = key
-                budgeted = method == "budget"
-                selection = SelectionSettings(0.0 if budgeted else value, "chunking" if method in ("dense", "budget")
-                                              else method, allocation=allocation)
-                session.update(selection, frame_budget_ms=value if budgeted else 0.0)
-                st = session.append_frame(frame)
-                if budgeted:  # the questions at the sparsity the budget chose for the frame
-                    session.update(st.selection)
-                r = rec[key]
-                if n > 0:  # the first append also starts the conversation (prefix): not a frame cost
-                    for name, v in (("io_s", st.io_s), ("bytes", st.bytes_read), ("reads", st.reads),
-                                    ("retained", st.retained), ("select_s", st.select_s), ("total_s", st.total_s),
-                                    ("sparsity", st.selection.sparsity), ("met", st.budget_met)):
-                        r[name].append(v)
-                for q in questions:
-                    r["total"][q.kind] += 1
-                    r["right"][q.kind] += session.ask(q.text).text == q.answer
+                _run_setting(session, key, frame, questions, rec[key], n)
+            for key in cache_plan:
+                _run_setting(cached, key, frame, questions, cache_rec[key], n)
             if (n + 1) % 50 == 0 or n + 1 == len(test):
                 log(f"{n + 1}/{len(test)} scenes, {time.perf_counter() - t0:.0f} s")
     points, budget_points = [], []
@@ -118,9 +121,48 @@ def run(store=None, scene_count: int = TEST_SCENES, seed: int = 0, methods=METHO
     res = summarize(points, store, sizes, len(test), sum(len(q) for _, q in question_set), seed,
                     time.perf_counter() - t0, chance_accuracy(question_set))
     frames = sum(p["frames"] for p in budget_points)
+    res["cache_points"] = [cache_point(key, r, rec[key], cache_mib) for key, r in cache_rec.items()]
     res.update(warmup_dense_frame_ms=warmup_ms, budget_points=budget_points,
                budget_hit_rate=sum(p["hits"] for p in budget_points) / frames if frames else None)
     return res
+
+
+def _run_setting(session, key, frame, questions, r: dict, n: int) -> None:
+    """Append `frame` with the setting `key` (method, sparsity or budget ms, allocation), ask its
+    questions, and add what happened to the record `r` (frame costs from the second scene on)."""
+    method, value, allocation = key
+    budgeted = method == "budget"
+    selection = SelectionSettings(0.0 if budgeted else value, "chunking" if method in ("dense", "budget")
+                                  else method, allocation=allocation)
+    session.update(selection, frame_budget_ms=value if budgeted else 0.0)
+    st = session.append_frame(frame)
+    if budgeted:  # the questions at the sparsity the budget chose for the frame
+        session.update(st.selection)
+    if n > 0:  # the first append also starts the conversation (prefix): not a frame cost
+        for name, v in (("io_s", st.io_s), ("bytes", st.bytes_read), ("reads", st.reads),
+                        ("retained", st.retained), ("select_s", st.select_s), ("total_s", st.total_s),
+                        ("sparsity", st.selection.sparsity), ("met", st.budget_met),
+                        ("cached_bytes", st.cached_bytes)):
+            r[name].append(v)
+    for q in questions:
+        answer = session.ask(q.text).text
+        r["answers"].append(answer)
+        r["total"][q.kind] += 1
+        r["right"][q.kind] += answer == q.answer
+
+
+def cache_point(key, r: dict, plain: dict, cache_mib: float) -> dict:
+    """A setting run with the row cache, beside the same setting without it (`plain`)."""
+    def accuracy(x):
+        return sum(x["right"].values()) / sum(x["total"].values())
+
+    agree = sum(a == b for a, b in zip(r["answers"], plain["answers"])) / max(1, len(r["answers"]))
+    return {"method": key[0], "sparsity": key[1], "allocation": key[2], "cache_mib": cache_mib,
+            "accuracy": accuracy(r), "accuracy_without_cache": accuracy(plain), "answers_agree": agree,
+            "kib": statistics.median(r["bytes"]) / 1024, "kib_without_cache": statistics.median(plain["bytes"]) / 1024,
+            "cached_kib": statistics.median(r["cached_bytes"]) / 1024,
+            "retained": float(np.mean(r["retained"])), "retained_without_cache": float(np.mean(plain["retained"])),
+            "io_ms": statistics.median(r["io_s"]) * 1e3, "io_ms_without_cache": statistics.median(plain["io_s"]) * 1e3}
 
 
 def pareto(points: list[dict]) -> list[dict]:
@@ -248,6 +290,12 @@ def format_table(res: dict) -> str:
         for p in res["budget_points"]:
             lines.append(f"{p['budget_ms']:>10.1f}{p['frame_ms']:>9.1f}{p['hits'] / max(1, p['frames']):>9.3f}"
                          f"{p['planned_met']:>12.3f}{p['sparsity_chosen']:>9.3f}{p['accuracy']:>9.3f}")
+    for p in res.get("cache_points", []):
+        lines.append(f"{p['method']} {p['sparsity']:.0%} ({p['allocation']}), {p['cache_mib']:.2f} MiB row cache: "
+                     f"accuracy {p['accuracy']:.3f} (without {p['accuracy_without_cache']:.3f}; answers agree "
+                     f"{p['answers_agree']:.1%}), KiB read {p['kib']:.0f} (without {p['kib_without_cache']:.0f}; "
+                     f"{p['cached_kib']:.0f} from RAM), retained {p['retained']:.3f} "
+                     f"(without {p['retained_without_cache']:.3f})")
     lines.append(f"dense accuracy {res['dense_accuracy']:.3f}, dense I/O {res['dense_io_ms']:.2f} ms per frame")
     return "\n".join(lines)
 

@@ -14,10 +14,13 @@ mapped file pages too) is its own:
 - ``in_ram``: the checkpoint loaded whole with transformers (fp32 compute), the reference;
 - ``dense``, ``magnitude``, ``chunking``: the nchunk session (fp32 compute, the drive's profiled
   latency table), dense reading every row, the others at --sparsity;
-- with ``chunking``, three more rows at --sparsity: ``+ overlap`` (reads in pieces multiplied as they
-  land, the next input's rows read ahead, overlap.py), ``+ cache`` (and the hottest rows in RAM, 25 %
-  of the backbone's bytes, row_cache.py), and ``in RAM`` (every row cached: the same selection size
-  with no read, the reference for exposed I/O = frame time minus this row's);
+- with ``chunking``, more rows at --sparsity: ``+ overlap`` (reads in pieces multiplied as they
+  land, the next input's rows read ahead, overlap.py), ``+ cache`` (and hot rows in RAM, 25 % of the
+  backbone's bytes, row_cache.py, its default policy), ``+ cache (frame)`` (the other policy), and
+  ``in RAM`` (every row cached: the same selection size with no read, the reference for exposed I/O
+  = frame time minus this row's); the cache rows of both policies also run at CACHE_SWEEP sparsities
+  around --sparsity, so that `cache_bytes_reduction` compares bytes at the same retained importance
+  (session_report.matched_cache_bytes);
 - ``accelerate``: what one would reach for today, transformers' `device_map` with every decoder
   layer on "disk" (accelerate hooks load each layer's weights from the memory-mapped safetensors
   before it runs); the page cache of the checkpoint is dropped before every frame
@@ -43,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from nchunk_core.bench.session_report import FLASH_METHODS, ratios
+from nchunk_core.runtime.select import CACHE_POLICIES
 
 BACKBONE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
@@ -55,7 +59,10 @@ CALIB_FRAMES = 8
 MODEL_VERSION = 1
 METHODS = ("floor", "in_ram", *FLASH_METHODS, "accelerate")
 DEFAULT_METHODS = ("in_ram", "dense", "magnitude", "chunking", "accelerate")
-CACHE_FRACTION = 0.25  # of the backbone's bytes, the "+ cache" row
+CACHE_FRACTION = 0.25  # of the backbone's bytes, the "+ cache" rows
+# The "+ cache" rows also run at these sparsities around --sparsity, so that the bytes they read can be
+# interpolated at the retained importance of the row without cache (session_report.matched_cache_bytes).
+CACHE_SWEEP = (-0.05, 0.05, 0.1)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -183,7 +190,8 @@ def _run_flash(spec: dict) -> list[dict]:
 
     cfg = SessionConfig(selection=SelectionSettings(spec["sparsity"], spec["method"]), reader_threads=spec["threads"],
                         max_frames=spec["frames"] + 1, overlap=spec.get("overlap", False),
-                        ram_budget_mib=spec.get("ram_budget_mib", 0.0))
+                        ram_budget_mib=spec.get("ram_budget_mib", 0.0),
+                        cache_policy=spec.get("cache_policy", CACHE_POLICIES[0]))
     out = []
     with Session.open(spec["store"], cfg) as session:
         for frame in bench_frames(spec["frames"]):
@@ -305,9 +313,41 @@ def _variants(methods, sparsity: float, sweep) -> list[tuple[str, str, float, di
     out = [(*v, {}) for v in out]
     if "chunking" in methods:
         label = f"chunking {sparsity:.0%}"
-        out += [(f"{label} + overlap", "chunking", sparsity, {"overlap": True}),
-                (f"{label} + cache", "chunking", sparsity, {"overlap": True, "cache": CACHE_FRACTION}),
-                (f"{label} in RAM", "chunking", sparsity, {"overlap": True, "cache": 1.0})]
+        out.append((f"{label} + overlap", "chunking", sparsity, {"overlap": True}))
+        for policy in CACHE_POLICIES:
+            for s in [sparsity] + [round(sparsity + d, 4) for d in CACHE_SWEEP if 0.0 <= sparsity + d < 0.95]:
+                name = f"chunking {s:.0%} + cache" + ("" if policy == CACHE_POLICIES[0] else f" ({policy})")
+                out.append((name, "chunking", s, {"overlap": True, "cache": CACHE_FRACTION, "cache_policy": policy}))
+        out.append((f"{label} in RAM", "chunking", sparsity, {"overlap": True, "cache": 1.0}))
+    return out
+
+
+def child_spec(entry: dict, store_dir: Path, model_dir: Path, frames: int, threads: int, directory: Path,
+               store_bytes: int) -> dict:
+    """What child_main needs to run one row of `_variants` (entry: its label, method, sparsity, extras)."""
+    return {"method": entry["method"], "sparsity": entry["sparsity"], "store": str(store_dir),
+            "model": str(model_dir), "frames": frames, "threads": threads,
+            "offload_folder": str(directory / "offload"), "overlap": entry.get("overlap", False),
+            "ram_budget_mib": entry.get("cache", 0.0) * store_bytes / 2**20,
+            "cache_policy": entry.get("cache_policy", CACHE_POLICIES[0])}
+
+
+def collect(runs: dict) -> list[dict]:
+    """Rows of the result from every round's child results: medians, and the largest memory figures."""
+    out = []
+    for entry in runs.values():
+        good = [x for x in entry["rounds"] if "error" not in x]
+        if not good:
+            out.append({**entry, "error": entry["rounds"][0]["error"]})
+            continue
+        entry["summary"] = _summary([x["frames"] for x in good]) if good[0]["frames"] else None
+        for key in ("peak_rss_mib", "ru_maxrss_mib", "steady_rss_mib", "steady_anon_mib", "steady_file_mib"):
+            entry[key] = max(x.get(key, 0.0) for x in good)
+        out.append(entry)
+    ref = next((r for r in out if r["method"] == "in_ram" and "peak_rss_mib" in r), None)
+    for r in out:
+        if ref is not None and "peak_rss_mib" in r:
+            r["rss_vs_in_ram"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
     return out
 
 
@@ -339,29 +379,12 @@ def run(directory, frames: int = 4, sparsity: float = 0.5, sweep=(), methods=DEF
             for label, method, s, extra in _variants(methods, sparsity, sweep)}
     for r in range(rounds):
         for label, entry in runs.items():
-            spec = {"method": entry["method"], "sparsity": entry["sparsity"], "store": str(store_dir),
-                    "model": str(model_dir), "frames": frames, "threads": threads,
-                    "offload_folder": str(directory / "offload"), "overlap": entry.get("overlap", False),
-                    "ram_budget_mib": entry.get("cache", 0.0) * store_bytes / 2**20}
             log(f"round {r + 1}/{rounds}: {label} in a fresh process")
-            result = _spawn(spec, timeout)
+            result = _spawn(child_spec(entry, store_dir, model_dir, frames, threads, directory, store_bytes), timeout)
             entry["rounds"].append(result)
             if "error" in result:
                 log(f"  {label} failed: {result['error'][0]}")
-    out = []
-    for entry in runs.values():
-        good = [x for x in entry["rounds"] if "error" not in x]
-        if not good:
-            out.append({**entry, "error": entry["rounds"][0]["error"]})
-            continue
-        entry["summary"] = _summary([x["frames"] for x in good]) if good[0]["frames"] else None
-        for key in ("peak_rss_mib", "ru_maxrss_mib", "steady_rss_mib", "steady_anon_mib", "steady_file_mib"):
-            entry[key] = max(x.get(key, 0.0) for x in good)
-        out.append(entry)
-    ref = next((r for r in out if r["method"] == "in_ram" and "peak_rss_mib" in r), None)
-    for r in out:
-        if ref is not None and "peak_rss_mib" in r:
-            r["rss_vs_in_ram"] = r["peak_rss_mib"] / ref["peak_rss_mib"]
+    out = collect(runs)
     return {**ratios(out, sparsity), "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "model": model_settings(layers),
             "store_dir": str(store_dir), "backbone_bytes_on_drive": store_bytes, "frames": frames, "rounds": rounds,
             "sparsity": sparsity, "threads": threads,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from nchunk_core.store.naming import DTYPES
-from nchunk_core.runtime.select import SelectionSettings
+from nchunk_core.runtime.select import SelectionSettings, check_cache_policy
 from nchunk_core.runtime.setting_values import decoding_value, frame_tokens_value
 
 MAX_NEW_TOKENS_LIMIT = 4096
@@ -67,6 +67,7 @@ class SessionConfig:
     frame_tokens: str | int = "auto"  # what a frame costs (setting_values.py); the model's adapter checks the mode
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
+    cache_policy: str = "frame"  # which rows the row cache keeps: select.CACHE_POLICIES
     # read in pieces and prefetch the next input's rows while computing (overlap.py); "auto": on or off
     # per pass through the layers, as measured faster on this machine (overlap_choice.py)
     overlap: bool | str = True
@@ -98,6 +99,7 @@ class SessionConfig:
         self.frame_tokens = frame_tokens_value(self.frame_tokens)
         decoding_value(self.decoding)
         self.ram_budget_mib = ram_budget_value(self.ram_budget_mib)
+        check_cache_policy(self.cache_policy)
         if not (isinstance(self.overlap, bool) or self.overlap == "auto"):
             raise ValueError(f"overlap must be True, False or 'auto', got {self.overlap!r}")
         self.frame_budget_ms = check_budget_ms(self.frame_budget_ms)

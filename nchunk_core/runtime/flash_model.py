@@ -35,7 +35,7 @@ from nchunk_core.io.latency import LatencyTable
 from nchunk_core.runtime.cancel import CancelCheck, Cancelled
 from nchunk_core.runtime.layers import FlashProjections, Workspace
 from nchunk_core.runtime.row_cache import RowCache, build_cache
-from nchunk_core.runtime.select import SelectionSettings
+from nchunk_core.runtime.select import CACHE_POLICIES, SelectionSettings
 from nchunk_core.store import Store, StoreFormatError
 from nchunk_core.store.allocation import SparsityAllocation
 from nchunk_core.store.naming import CALIBRATION_PREFIX, input_name
@@ -172,15 +172,16 @@ class FlashVLM:
         if self.cancel is not None and self.cancel():
             raise Cancelled("stopped at a layer boundary")
 
-    def set_ram_budget(self, budget_bytes: int) -> RowCache:
-        """Replace the row cache by one planned for `budget_bytes` (0: none); the old one is freed first."""
+    def set_ram_budget(self, budget_bytes: int, policy: str = CACHE_POLICIES[0]) -> RowCache:
+        """Replace the row cache by one planned for `budget_bytes` (0: none) that keeps its rows by
+        `policy` (select.CACHE_POLICIES); the old one is freed first."""
         ws = self.workspace
         with ws.lock:
             ws.cache = RowCache()
             ws.stream.forget()  # remembered selections may hold rows that become cached
             if budget_bytes > 0:
                 inputs = {name: (layer.groups, layer.handles) for name, layer in self.layers.items()}
-                ws.cache = build_cache(self.store, ws.reader, inputs, ws.device, budget_bytes)
+                ws.cache = build_cache(self.store, ws.reader, inputs, ws.device, budget_bytes, policy)
             return ws.cache
 
     @property

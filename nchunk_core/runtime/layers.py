@@ -31,11 +31,10 @@ from torch import nn
 
 from nchunk_core.io.latency import LatencyTable
 from nchunk_core.io.reader import ChecksumError, IoError, Reader, RowChecksums
-from nchunk_core.runtime.overlap import Block, RowStream, run_rows
-from nchunk_core.runtime.row_cache import RowCache, select_cached
+from nchunk_core.runtime.overlap import Block, RowStream
+from nchunk_core.runtime.row_cache import RowCache
 from nchunk_core.runtime.select import Selection, SelectionSettings
 from nchunk_core.store import GroupInfo, Store
-from nchunk_core.store.naming import torch_dtype
 
 PART_BYTES = 4 << 20  # converted weights per matmul on the CPU (Workspace.part_rows)
 MAX_PARTS = 4  # per block: each part is a parallel region of the matmul, which a busy core stalls
@@ -247,8 +246,8 @@ class FlashProjections(nn.Module):
     def _select(self, importance: np.ndarray) -> Selection:
         """importance: float32 [rows] in stored-row order."""
         settings = self.selection()
-        return select_cached(importance, settings.budget(self.rows), self.workspace.cache.rows(self.input_name),
-                             settings.method, self.table, self.row_bytes, settings.windows)
+        return self.workspace.cache.select(self.input_name, importance, settings.budget(self.rows), settings.method,
+                                           self.table, self.row_bytes, settings.windows)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: [..., rows] -> one tensor [..., out_j] per projection, in `self.outputs` order."""
@@ -258,16 +257,13 @@ class FlashProjections(nn.Module):
         sel = self._select(importance if self.perm is None else importance[self._stored_order])
         ws = self.workspace
         with ws.lock:
-            c = ws.cache.rows(self.input_name)
-            cached, uncached = split_at(sel.runs, c)
+            cached_block, uncached, cached_rows = ws.cache.split(self.input_name, sel.runs)
             fetched = ws.stream.fetch(self.input_name, uncached, tokens=xf.shape[0])
             t0 = time.perf_counter()
             xc = xf.to(self.compute_dtype)  # [N, rows]
             blocks = fetched.blocks
-            if len(cached):
-                rows = run_rows(cached)
-                use = None if len(rows) == c else np.isin(np.arange(c), rows)
-                blocks = [Block(np.arange(c), ws.cache.weights(self.input_name), use)] + blocks
+            if cached_block is not None:
+                blocks = [cached_block] + blocks
             ys: list[torch.Tensor] = []  # [N, out_g] per group
             wait_s, io_end = 0.0, fetched.first_submit
             slot = 0
@@ -287,6 +283,7 @@ class FlashProjections(nn.Module):
                       for g in self.groups]
             for inflight in fetched.owned:
                 wait_s += inflight.settle()
+            ws.stream.forget_rows(self.input_name, ws.cache.observe(self.input_name, fetched.blocks))
             ws.stream.release(fetched.owned)
         y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]  # [N, Σout]
         if self.bias is not None:
@@ -294,7 +291,7 @@ class FlashProjections(nn.Module):
         outs = [part.reshape(*lead, part.shape[-1]).to(x.dtype) for part in torch.split(y, self.out_features, dim=1)]
         compute_s = time.perf_counter() - t0 - wait_s
         io_s = max(0.0, io_end - fetched.first_submit) if fetched.bytes_read else 0.0
-        cached_bytes = int(cached[:, 1].sum()) * self.row_bytes if len(cached) else 0
+        cached_bytes = cached_rows * self.row_bytes
         self.last_stats = CallStats(self.input_name, xf.shape[0], sel.rows, self.rows, len(sel.runs),
                                     fetched.bytes_read, sel.est_latency_s, io_s, sel.select_s, compute_s,
                                     sel.retained, wait_s, cached_bytes, fetched.hit_bytes, fetched.wasted_bytes)
@@ -302,18 +299,3 @@ class FlashProjections(nn.Module):
             self.stats_sink.append(self.last_stats)
         return tuple(outs)
 
-
-def split_at(runs: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
-    """Runs [k, 2] split into those below row `c` (cached) and from `c` on."""
-    if c <= 0 or len(runs) == 0:
-        return runs[:0], runs
-    below, above = [], []
-    for start, length in runs.tolist():
-        if start + length <= c:
-            below.append((start, length))
-        elif start >= c:
-            above.append((start, length))
-        else:
-            below.append((start, c - start))
-            above.append((c, start + length - c))
-    return (np.array(below, dtype=np.int64).reshape(-1, 2), np.array(above, dtype=np.int64).reshape(-1, 2))

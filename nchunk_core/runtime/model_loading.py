@@ -44,7 +44,7 @@ def load_model(store_path, cfg: SessionConfig, log: Callable[[str], None],
     try:
         flash = build_flash_model(store, table, cfg.selection, Workspace(reader, cfg.device, cfg.overlap),
                                   device=cfg.device, dtype=torch_dtype(cfg.dtype), allocation=allocation)
-        flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20))
+        flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20), cfg.cache_policy)
         processor = load_processor(store.path, flash.arch)
     except BaseException:
         reader.close()

@@ -37,6 +37,17 @@ METHODS = ("dense", "magnitude", "chunking", "dp")
 # allocation (store/allocation.py; uniform when the store has none), "uniform" gives every matrix
 # the same sparsity.
 ALLOCATIONS = ("layerwise", "uniform")
+# Which rows the row cache (row_cache.py) keeps, the first the default: "frame" lets the rows each
+# call read replace cached rows of lower decayed importance (RowCache.observe); "static" keeps the
+# planned front rows.
+CACHE_POLICIES = ("frame", "static")
+
+
+def check_cache_policy(value) -> str:
+    """`value` if it is one of CACHE_POLICIES; ValueError otherwise (the one check of a policy name)."""
+    if value not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}, got {value!r}")
+    return value
 
 
 class WindowRows(NamedTuple):

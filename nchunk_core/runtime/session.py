@@ -77,7 +77,7 @@ from nchunk_core.runtime.model_loading import load_model
 from nchunk_core.runtime.processors import stop_token_ids
 from nchunk_core.runtime.results import Answer, FrameStats, call_totals, overlap_totals
 from nchunk_core.runtime.calibrated_mode import frame_mode_note
-from nchunk_core.runtime.select import SelectionSettings
+from nchunk_core.runtime.select import SelectionSettings, check_cache_policy
 from nchunk_core.store import Store
 
 QUESTION_TEMPLATE_TOKENS = 16  # positions kept for the question prompt's template beyond max_question_tokens
@@ -193,10 +193,12 @@ class Session:
 
     def update(self, selection: SelectionSettings | None = None, max_frames: int | None = None,
                ram_budget_mib: float | None = None, max_new_tokens: int | None = None,
-               frame_budget_ms: float | None = None, frame_tokens=None, decoding: str | None = None) -> None:
-        """Change the selection settings, max_frames, the row cache's RAM budget, max_new_tokens,
-        frame_budget_ms or decoding, applied at the start of the next call (a new RAM budget re-reads
-        the cached rows then), or frame_tokens, applied at the next frame (the module docstring).
+               frame_budget_ms: float | None = None, cache_policy: str | None = None, frame_tokens=None,
+               decoding: str | None = None) -> None:
+        """Change the selection settings, max_frames, the row cache's RAM budget or policy,
+        max_new_tokens, frame_budget_ms or decoding, applied at the start of the next call (a new RAM
+        budget or policy re-reads the cached rows then), or frame_tokens, applied at the next frame
+        (the module docstring).
 
         None leaves a setting unchanged. A refused value raises ValueError and changes nothing. A
         max_frames below the frames in context makes the next append rebuild the context.
@@ -218,6 +220,8 @@ class Session:
         if decoding is not None:
             DecodingSettings.load(self.store.path, self.stop_ids, decoding)  # a generation config that loads
             change["decoding"] = decoding
+        if cache_policy is not None:
+            change["cache_policy"] = check_cache_policy(cache_policy)
         with self._pending_lock:
             self._pending.update(change)
 
@@ -242,9 +246,10 @@ class Session:
             self._log(f"frame_budget_ms now {cfg.frame_budget_ms:g}" + (" (off)" if not cfg.frame_budget_ms else ""))
         if old.selection != cfg.selection:
             self._log(f"selection now {cfg.selection.method} at sparsity {cfg.selection.sparsity:g}")
-        if old.ram_budget_mib != cfg.ram_budget_mib:
-            cache = self._flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20))
-            self._log(f"row cache now {cache.nbytes / 2**20:.1f} MiB (budget {cfg.ram_budget_mib:g} MiB)")
+        if (old.ram_budget_mib, old.cache_policy) != (cfg.ram_budget_mib, cfg.cache_policy):
+            cache = self._flash.set_ram_budget(int(cfg.ram_budget_mib * 2**20), cfg.cache_policy)
+            self._log(f"row cache now {cache.nbytes / 2**20:.1f} MiB (budget {cfg.ram_budget_mib:g} MiB, "
+                      f"policy {cfg.cache_policy})")
         if old.max_frames != cfg.max_frames:
             self._kept = collections.deque(self._kept, maxlen=cfg.max_frames // 2)
             self._log(f"max_frames now {cfg.max_frames}")
