@@ -195,10 +195,8 @@ class RowStream:
 
     def forget_rows(self, key: str, rows: np.ndarray) -> None:
         """Leave `rows` of input `key` out of its next prefetch (they moved into the row cache)."""
-        runs = self._last_runs.get(key)
-        if runs is not None and len(runs) and len(rows):
-            last = run_rows(runs)
-            self._last_runs[key] = row_runs(last[~np.isin(last, rows)])
+        if len(rows) and key in self._last_rows:
+            self._last_rows[key] = [last[~np.isin(last, rows)] for last in self._last_rows[key]]
 
     # -- buffers ----------------------------------------------------------------------------------
     def _take(self, nbytes: int) -> torch.Tensor:
