@@ -20,6 +20,7 @@ and the allocation of an average sparsity that hurts least (the store's sparsity
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -54,13 +55,44 @@ def _relative_error2(h: torch.Tensor, ref: torch.Tensor) -> float:
     return float((num / den).mean())
 
 
+def _layer_of(store: Store, inputs: list[str]) -> dict[str, int]:
+    """Decoder layer of each input (0 for one outside the decoder: nothing before it is skipped)."""
+    layer = {g.input: g.layer for g in store.groups.values()}
+    return {name: layer.get(name) or 0 for name in inputs}
+
+
+@contextmanager
+def _replayed(layers, recorded: list, k: int):
+    """Decoder layers 0..k-1 return their outputs recorded in the reference pass instead of
+    computing them again (their inputs and weights are the reference's); restored on exit."""
+    saved = [layer.__dict__.get("forward") for layer in layers[:k]]
+    try:
+        for layer, out in zip(layers[:k], recorded):
+            layer.forward = lambda *args, _out=out, **kwargs: _out
+        yield
+    finally:
+        for layer, forward in zip(layers[:k], saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 \
+        else f"{seconds / 3600:.1f} h"
+
+
 def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
             threads: int = 6, progress: bool = True, log: Log | None = None, method: str = "magnitude",
-            table: LatencyTable | None = None, frame_tokens="auto") -> dict:
+            table: LatencyTable | None = None, frame_tokens="auto", skip_unchanged_layers: bool = True) -> dict:
     """Output error per input and level (see the module docstring).
 
-    frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode. Returns {"inputs": [N names], "error": float64
-    [N, L], "levels": [L], "frames": n, "seconds": s}.
+    frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode.
+    skip_unchanged_layers: replay the reference pass's outputs of the layers before the perturbed
+    input's (the same error, fewer layer passes); False runs every layer of every pass.
+    Returns {"inputs": [N names], "error": float64 [N, L], "levels": [L], "frames": n, "seconds": s,
+    "layer_passes": decoder layers run}.
     """
     log = log or (lambda message: None)
     levels = tuple(float(x) for x in levels)
@@ -77,43 +109,68 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
                                   Workspace(reader, device), device=device, dtype=torch_dtype(dtype))
         adapter = adapter_class(flash.arch)(flash.model, load_processor(store.path, flash.arch),
                                             frame_tokens=frame_tokens)
+        decoder = adapter.decoder_layers(flash.model)
         inputs = list(flash.layers)
-        outputs: list[torch.Tensor] = []
+        first_layer = _layer_of(store, inputs) if skip_unchanged_layers else dict.fromkeys(inputs, 0)
+        # inputs of one layer run one after another: they share the replayed prefix
+        order = sorted(range(len(inputs)), key=lambda i: (first_layer[inputs[i]], i))
+        n_layers = len(decoder)
+        per_frame = n_layers + len(levels) * sum(n_layers - first_layer[name] for name in inputs)
+        total = len(frames) * per_frame  # decoder layer passes
+        log(f"sensitivity of {len(inputs)} inputs at {len(levels)} levels on {len(frames)} frame(s): "
+            f"{len(frames) * (1 + len(inputs) * len(levels))} appends, {total} decoder layer passes"
+            + (f" ({1 - per_frame / (n_layers * (1 + len(inputs) * len(levels))):.0%} skipped: layers before "
+               "the perturbed input replay the reference)" if skip_unchanged_layers else ""))
+        recorded: list = []  # the reference pass's output of every decoder layer
 
-        def keep_output(module, args, out):
-            outputs.append((out[0] if isinstance(out, tuple) else out).detach().float())
+        def record(module, args, out):
+            recorded.append(out.detach() if torch.is_tensor(out) else out)
 
-        hook = adapter.decoder_layers(flash.model)[-1].register_forward_hook(keep_output)
+        hooks = [layer.register_forward_hook(record) for layer in decoder]
         try:
             base = DynamicCache()
             _, position = adapter.append(adapter.encode_text(adapter.prompt_prefix), base, 0)
             error = np.zeros((len(inputs), len(levels)))
-            total = len(frames) * (1 + len(inputs) * len(levels))
-            with tqdm(total=total, desc="sensitivity", unit="append", disable=not progress) as bar:
-                for frame in frames:
+            done = 0
+            with tqdm(total=total, desc="sensitivity", unit="layer", disable=not progress) as bar:
+                for f, frame in enumerate(frames):
                     chunk = adapter.encode_frame(frame)
 
-                    def run(overrides):
+                    def run(overrides, k=0):
+                        """Last decoder layer's output [T, D] (float32), layers before k replayed."""
+                        nonlocal done
                         flash.overrides = overrides
-                        outputs.clear()
-                        adapter.append(chunk, copy_cache(base), position)
-                        bar.update()
-                        return outputs[-1].reshape(-1, outputs[-1].shape[-1])  # [T, D]
+                        recorded.clear()
+                        with _replayed(decoder, reference, k):
+                            adapter.append(chunk, copy_cache(base), position)
+                        out = recorded[-1][0] if isinstance(recorded[-1], tuple) else recorded[-1]
+                        bar.update(n_layers - k)
+                        done += n_layers - k
+                        return out.detach().float().reshape(-1, out.shape[-1])
 
+                    reference: list = []
                     ref = run(None)
-                    for i, name in enumerate(inputs):
+                    reference = list(recorded)
+                    for n, i in enumerate(order):
+                        k = first_layer[inputs[i]]
+                        t_input = time.perf_counter()
                         for j, level in enumerate(levels):
-                            h = run({name: SelectionSettings(level, method, allocation="uniform")})
+                            h = run({inputs[i]: SelectionSettings(level, method, allocation="uniform")}, k)
                             error[i, j] += _relative_error2(h, ref)
+                        if f == 0 and n == 0:  # the first measured appends: the estimate of the rest
+                            rate = (time.perf_counter() - t_input) / (len(levels) * (n_layers - k))
+                            log(f"sensitivity: {len(levels)} appends took {time.perf_counter() - t_input:.1f} s, "
+                                f"so about {_duration(rate * (total - done))} for the rest")
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             flash.overrides = None
     finally:
         reader.close()
     seconds = time.perf_counter() - t0
     log(f"sensitivity of {len(inputs)} inputs at {len(levels)} levels on {len(frames)} frame(s): {seconds:.0f} s")
     return {"inputs": inputs, "error": error / len(frames), "levels": list(levels), "frames": len(frames),
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1), "layer_passes": total}
 
 
 def _hull(x: np.ndarray, y: np.ndarray) -> list[int]:
