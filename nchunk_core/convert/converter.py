@@ -32,11 +32,14 @@ resident part, which the runtime keeps in RAM anyway, is held until each store i
    full dense forward, so the time of the first one is logged as an estimate of the rest, and a
    progress bar follows them;
 4. rewrite the store permuted hot–cold, group by group from the first store, then delete the first;
-5. measure each input's sensitivity on the new store and write the sparsity allocation.
+5. measure each input's sensitivity on the new store and write the sparsity allocation; the plan
+   (appends and decoder layer passes) and, after the first input's appends, the estimated time of
+   the rest are logged before the bulk of it runs, and a progress bar counts the layer passes.
 
 The work directory needs about twice the backbone's size on the drive while step 4 runs. With
 `reorder=False` steps 3-5 are skipped (identity order, no calibration, uniform sparsity); with
-`allocation=False` step 5 is (it costs 1 + inputs x 10 frame appends per frame).
+`allocation=False` step 5 is (per frame it costs 1 + inputs x levels appends, each running the
+decoder from the perturbed input's layer on: about half of that many full appends).
 """
 from __future__ import annotations
 

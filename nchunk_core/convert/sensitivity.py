@@ -7,8 +7,15 @@ and the allocation of an average sparsity that hurts least (the store's sparsity
    row read (the reference), then once per input and level with that input alone sparsified
    (magnitude selection, the best rows for that count) and every other input dense. The error is
    the squared relative error of the last decoder layer's output over the frame's tokens (each
-   token's error over its own norm, averaged), averaged over frames: `error[i, l]`. Cost: per frame
-   1 + inputs x levels appends of one frame (the built-in model: 16 x 10, about 0.02 s each).
+   token's error over its own norm, averaged), averaged over frames: `error[i, l]`. An input of
+   decoder layer k leaves layers 0..k-1 as they were in the reference, so the reference pass
+   records every layer's output and a perturbed pass replays them (those layers' forward returns
+   the recorded output) and runs only layers k..L-1; inputs are taken layer by layer. The error is
+   the same as running every layer (test_sensitivity.py); the KV cache is a throwaway copy per
+   pass, and positions and the mask are made before the first layer. Cost per frame: L + levels x
+   sum over inputs of (L - k) decoder layer passes, about half of (1 + inputs x levels) x L; the
+   plan and, after the first input's appends, the estimated time are logged, and the progress bar
+   counts layer passes.
 2. **Allocation** (`allocate`), greedy as TEAL's calibration: start with every input dense and keep
    giving the next step of sparsity to the input whose output error grows least per byte saved,
    until every input is at the top level. Errors of separate inputs are taken to add (squared
