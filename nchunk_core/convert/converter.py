@@ -16,7 +16,8 @@ What goes where (store format: store/__init__.py; names: flash_model.py):
   ``model.calibration`` says how many frames and from where;
 - the hot–cold permutation per input → permutations.safetensors;
 - the layer-wise sparsity allocation → sparsity_allocation.json (store/allocation.py), measured on
-  `allocation_frames` of the calibration frames, spread over them (convert/sensitivity.py);
+  `allocation_frames` (4: sensitivity.DEFAULT_FRAMES) of the calibration frames, spread over them
+  (convert/sensitivity.py);
 - config.json, generation_config.json, tokenizer and processor files → copied next to the manifest;
 - the manifest's `recommended` settings (store/recommended.py): `recommended` when given (what the
   caller validated), else CONVERTED: sparsity 0, which reads every row and reproduces the checkpoint.
@@ -259,7 +260,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             reorder: bool = True, calib_frames: int = 32, calib_device: str = "cpu",
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
             recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
-            frame_tokens="auto", allocation: bool = True, allocation_frames: int = 8) -> Path:
+            frame_tokens="auto", allocation: bool = True, allocation_frames: int = 4) -> Path:
     """Convert the checkpoint in `model_dir` into a store at `store_dir` (see the module docstring)."""
     log = log or (lambda message: None)
     if recommended is not None and not isinstance(recommended, Recommended):
