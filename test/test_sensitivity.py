@@ -19,7 +19,7 @@ def test_skipping_unchanged_layers_measures_the_same_error(arch, tiny_stores, ca
     fast = measure(tiny_stores[arch], frames, LEVELS, progress=False, log=messages.append)
     assert fast["inputs"] == plain["inputs"]
     assert np.all(plain["error"] > 0)  # every input's sparsity moves the output
-    np.testing.assert_allclose(fast["error"], plain["error"], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(fast["error"], plain["error"], rtol=1e-4, atol=0)
     # layers 0..L-1 once per frame, then per input and level the layers from its own on
     layers = {g.input: g.layer for g in Store.open(tiny_stores[arch]).groups.values()}
     n_layers = max(layers.values()) + 1

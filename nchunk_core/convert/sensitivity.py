@@ -36,7 +36,7 @@ and the allocation of an average sparsity that hurts least (the store's sparsity
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -94,6 +94,29 @@ def _replayed(layers, recorded: list, k: int):
                 layer.forward = forward
 
 
+@contextmanager
+def _vision_once(model):
+    """The frame's image features computed at its first pass and reused by the others (the same
+    pixels through the same vision tower): `get_image_features` of the inner model memoised."""
+    inner = getattr(model, "model", None)
+    compute = getattr(inner, "get_image_features", None)
+    if compute is None:
+        yield
+        return
+    memo: list = []
+
+    def once(*args, **kwargs):
+        if not memo:
+            memo.append(compute(*args, **kwargs))
+        return memo[0]
+
+    inner.get_image_features = once
+    try:
+        yield
+    finally:
+        del inner.get_image_features
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 \
         else f"{seconds / 3600:.1f} h"
@@ -106,7 +129,8 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
 
     frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode.
     skip_unchanged_layers: replay the reference pass's outputs of the layers before the perturbed
-    input's (the same error, fewer layer passes); False runs every layer of every pass.
+    input's and compute the frame's image features once (the same error, less work); False runs
+    the vision tower and every layer at every pass.
     Returns {"inputs": [N names], "error": float64 [N, L], "levels": [L], "frames": n, "seconds": s,
     "layer_passes": decoder layers run}.
     """
@@ -165,18 +189,20 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
                         return out.detach().float().reshape(-1, out.shape[-1])
 
                     reference: list = []
-                    ref = run(None)
-                    reference = list(recorded)
-                    for n, i in enumerate(order):
-                        k = first_layer[inputs[i]]
-                        t_input = time.perf_counter()
-                        for j, level in enumerate(levels):
-                            h = run({inputs[i]: SelectionSettings(level, method, allocation="uniform")}, k)
-                            error[i, j] += _relative_error2(h, ref)
-                        if f == 0 and n == 0:  # the first measured appends: the estimate of the rest
-                            rate = (time.perf_counter() - t_input) / (len(levels) * (n_layers - k))
-                            log(f"sensitivity: {len(levels)} appends took {time.perf_counter() - t_input:.1f} s, "
-                                f"so about {_duration(rate * (total - done))} for the rest")
+                    frame_scope = _vision_once(flash.model) if skip_unchanged_layers else nullcontext()
+                    with frame_scope:
+                        ref = run(None)
+                        reference = list(recorded)
+                        for n, i in enumerate(order):
+                            k = first_layer[inputs[i]]
+                            t_input = time.perf_counter()
+                            for j, level in enumerate(levels):
+                                h = run({inputs[i]: SelectionSettings(level, method, allocation="uniform")}, k)
+                                error[i, j] += _relative_error2(h, ref)
+                            if f == 0 and n == 0:  # the first measured appends: the estimate of the rest
+                                rate = (time.perf_counter() - t_input) / (len(levels) * (n_layers - k))
+                                log(f"sensitivity: {len(levels)} appends took {time.perf_counter() - t_input:.1f} s, "
+                                    f"so about {_duration(rate * (total - done))} for the rest")
         finally:
             for hook in hooks:
                 hook.remove()
