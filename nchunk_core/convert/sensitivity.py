@@ -12,7 +12,9 @@ and the allocation of an average sparsity that hurts least (the store's sparsity
    records every layer's output and a perturbed pass replays them (those layers' forward returns
    the recorded output) and runs only layers k..L-1; inputs are taken layer by layer. The error is
    the same as running every layer (test_sensitivity.py); the KV cache is a throwaway copy per
-   pass, and positions and the mask are made before the first layer. Cost per frame: L + levels x
+   pass, and positions and the mask are made before the first layer. The frame's image features
+   are computed at the reference pass and reused by the others (the vision tower otherwise ran
+   at every append and dominated the built-in model's time). Cost per frame: L + levels x
    sum over inputs of (L - k) decoder layer passes, about half of (1 + inputs x levels) x L; the
    plan and, after the first input's appends, the estimated time are logged, and the progress bar
    counts layer passes.
