@@ -17,7 +17,8 @@ What goes where (store format: store/__init__.py; names: flash_model.py):
   `token_budget`, `visual_tokens` per frame: runtime/calibrated_mode.py);
 - the hot–cold permutation per input → permutations.safetensors;
 - the layer-wise sparsity allocation → sparsity_allocation.json (store/allocation.py), measured on
-  `allocation_frames` of the calibration frames, spread over them (convert/sensitivity.py);
+  `allocation_frames` (4: sensitivity.DEFAULT_FRAMES) of the calibration frames, spread over them
+  (convert/sensitivity.py);
 - config.json, generation_config.json, tokenizer and processor files → copied next to the manifest;
 - the manifest's `recommended` settings (store/recommended.py): `recommended` when given (what the
   caller validated), else CONVERTED: sparsity 0, which reads every row and reproduces the checkpoint.
@@ -33,11 +34,14 @@ resident part, which the runtime keeps in RAM anyway, is held until each store i
    full dense forward, so the time of the first one is logged as an estimate of the rest, and a
    progress bar follows them;
 4. rewrite the store permuted hot–cold, group by group from the first store, then delete the first;
-5. measure each input's sensitivity on the new store and write the sparsity allocation.
+5. measure each input's sensitivity on the new store and write the sparsity allocation; the plan
+   (appends and decoder layer passes) and, after the first input's appends, the estimated time of
+   the rest are logged before the bulk of it runs, and a progress bar counts the layer passes.
 
 The work directory needs about twice the backbone's size on the drive while step 4 runs. With
 `reorder=False` steps 3-5 are skipped (identity order, no calibration, uniform sparsity); with
-`allocation=False` step 5 is (it costs 1 + inputs x 10 frame appends per frame).
+`allocation=False` step 5 is (per frame it costs 1 + inputs x levels appends, each running the
+decoder from the perturbed input's layer on: about half of that many full appends).
 """
 from __future__ import annotations
 
@@ -267,7 +271,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             reorder: bool = True, calib_frames: int = CALIB_FRAMES, calib_device: str = "cpu",
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
             recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
-            frame_tokens="auto", allocation: bool = True, allocation_frames: int = 8) -> Path:
+            frame_tokens="auto", allocation: bool = True, allocation_frames: int = 4) -> Path:
     """Convert the checkpoint in `model_dir` into a store at `store_dir` (see the module docstring)."""
     log = log or (lambda message: None)
     if recommended is not None and not isinstance(recommended, Recommended):

@@ -7,8 +7,26 @@ and the allocation of an average sparsity that hurts least (the store's sparsity
    row read (the reference), then once per input and level with that input alone sparsified
    (magnitude selection, the best rows for that count) and every other input dense. The error is
    the squared relative error of the last decoder layer's output over the frame's tokens (each
-   token's error over its own norm, averaged), averaged over frames: `error[i, l]`. Cost: per frame
-   1 + inputs x levels appends of one frame (the built-in model: 16 x 10, about 0.02 s each).
+   token's error over its own norm, averaged), averaged over frames: `error[i, l]`. An input of
+   decoder layer k leaves layers 0..k-1 as they were in the reference, so the reference pass
+   records every layer's output and a perturbed pass replays them (those layers' forward returns
+   the recorded output) and runs only layers k..L-1; inputs are taken layer by layer. The error is
+   the same as running every layer (test_sensitivity.py); the KV cache is a throwaway copy per
+   pass, and positions and the mask are made before the first layer. The frame's image features
+   are computed at the reference pass and reused by the others (the vision tower otherwise ran
+   at every append and dominated the built-in model's time). Cost per frame: L + levels x
+   sum over inputs of (L - k) decoder layer passes, about half of (1 + inputs x levels) x L; the
+   plan and, after the first input's appends, the estimated time are logged, and the progress bar
+   counts layer passes.
+   Defaults, measured on the built-in model (8 training scenes, allocations at averages 0.3 / 0.5
+   against the one from 8 frames x 10 levels; MAD: mean |difference| of per-input sparsity, then
+   the additive error the allocation predicts on the 8-frame curves, default 0.054 / 0.247):
+   4 frames x 10 levels 0.020 / 0.032, error 0.055 / 0.255 (another 4 frames: 0.033 / 0.034,
+   0.059 / 0.254, so this is the frames' own spread); 8 frames x 5 levels (.2 .4 .6 .8 .95) 0.022
+   / 0.058, 0.059 / 0.258; 8 x 6 levels 0.052 / 0.035; 2 frames 0.024 / 0.053, 0.056 / 0.266;
+   1 frame 0.044 / 0.114, 0.062 / 0.334; 3 levels 0.106 / 0.111. Fewer levels move the allocation
+   more than fewer frames at the same cost, so LEVELS stay 10 and the converter takes
+   DEFAULT_FRAMES = 4 (half of the 8 before); uniform sparsity would predict 0.161 / 0.500.
 2. **Allocation** (`allocate`), greedy as TEAL's calibration: start with every input dense and keep
    giving the next step of sparsity to the input whose output error grows least per byte saved,
    until every input is at the top level. Errors of separate inputs are taken to add (squared
@@ -20,6 +38,7 @@ and the allocation of an average sparsity that hurts least (the store's sparsity
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +61,7 @@ from nchunk_core.store.naming import torch_dtype
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # per-input sparsities measured
 GRID_STEP = 0.025  # of average sparsity, between the allocation's grid points
-DEFAULT_FRAMES = 8  # calibration frames used for sensitivity (each costs 1 + inputs x levels appends)
+DEFAULT_FRAMES = 4  # calibration frames the converter measures sensitivity on (see the docstring's figures)
 
 Log = Callable[[str], None]
 
@@ -54,13 +73,68 @@ def _relative_error2(h: torch.Tensor, ref: torch.Tensor) -> float:
     return float((num / den).mean())
 
 
+def _layer_of(store: Store, inputs: list[str]) -> dict[str, int]:
+    """Decoder layer of each input (0 for one outside the decoder: nothing before it is skipped)."""
+    layer = {g.input: g.layer for g in store.groups.values()}
+    return {name: layer.get(name) or 0 for name in inputs}
+
+
+@contextmanager
+def _replayed(layers, recorded: list, k: int):
+    """Decoder layers 0..k-1 return their outputs recorded in the reference pass instead of
+    computing them again (their inputs and weights are the reference's); restored on exit."""
+    saved = [layer.__dict__.get("forward") for layer in layers[:k]]
+    try:
+        for layer, out in zip(layers[:k], recorded):
+            layer.forward = lambda *args, _out=out, **kwargs: _out
+        yield
+    finally:
+        for layer, forward in zip(layers[:k], saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+@contextmanager
+def _vision_once(model):
+    """The frame's image features computed at its first pass and reused by the others (the same
+    pixels through the same vision tower): `get_image_features` of the inner model memoised."""
+    inner = getattr(model, "model", None)
+    compute = getattr(inner, "get_image_features", None)
+    if compute is None:
+        yield
+        return
+    memo: list = []
+
+    def once(*args, **kwargs):
+        if not memo:
+            memo.append(compute(*args, **kwargs))
+        return memo[0]
+
+    inner.get_image_features = once
+    try:
+        yield
+    finally:
+        del inner.get_image_features
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 \
+        else f"{seconds / 3600:.1f} h"
+
+
 def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
             threads: int = 6, progress: bool = True, log: Log | None = None, method: str = "magnitude",
-            table: LatencyTable | None = None, frame_tokens="auto") -> dict:
+            table: LatencyTable | None = None, frame_tokens="auto", skip_unchanged_layers: bool = True) -> dict:
     """Output error per input and level (see the module docstring).
 
-    frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode. Returns {"inputs": [N names], "error": float64
-    [N, L], "levels": [L], "frames": n, "seconds": s}.
+    frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode.
+    skip_unchanged_layers: replay the reference pass's outputs of the layers before the perturbed
+    input's and compute the frame's image features once (the same error, less work); False runs
+    the vision tower and every layer at every pass.
+    Returns {"inputs": [N names], "error": float64 [N, L], "levels": [L], "frames": n, "seconds": s,
+    "layer_passes": decoder layers run}.
     """
     log = log or (lambda message: None)
     levels = tuple(float(x) for x in levels)
@@ -77,43 +151,70 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
                                   Workspace(reader, device), device=device, dtype=torch_dtype(dtype))
         adapter = adapter_class(flash.arch)(flash.model, load_processor(store.path, flash.arch),
                                             frame_tokens=frame_tokens)
+        decoder = adapter.decoder_layers(flash.model)
         inputs = list(flash.layers)
-        outputs: list[torch.Tensor] = []
+        first_layer = _layer_of(store, inputs) if skip_unchanged_layers else dict.fromkeys(inputs, 0)
+        # inputs of one layer run one after another: they share the replayed prefix
+        order = sorted(range(len(inputs)), key=lambda i: (first_layer[inputs[i]], i))
+        n_layers = len(decoder)
+        per_frame = n_layers + len(levels) * sum(n_layers - first_layer[name] for name in inputs)
+        total = len(frames) * per_frame  # decoder layer passes
+        log(f"sensitivity of {len(inputs)} inputs at {len(levels)} levels on {len(frames)} frame(s): "
+            f"{len(frames) * (1 + len(inputs) * len(levels))} appends, {total} decoder layer passes"
+            + (f" ({1 - per_frame / (n_layers * (1 + len(inputs) * len(levels))):.0%} skipped: layers before "
+               "the perturbed input replay the reference)" if skip_unchanged_layers else ""))
+        recorded: list = []  # the reference pass's output of every decoder layer
 
-        def keep_output(module, args, out):
-            outputs.append((out[0] if isinstance(out, tuple) else out).detach().float())
+        def record(module, args, out):
+            recorded.append(out.detach() if torch.is_tensor(out) else out)
 
-        hook = adapter.decoder_layers(flash.model)[-1].register_forward_hook(keep_output)
+        hooks = [layer.register_forward_hook(record) for layer in decoder]
         try:
             base = DynamicCache()
             _, position = adapter.append(adapter.encode_text(adapter.prompt_prefix), base, 0)
             error = np.zeros((len(inputs), len(levels)))
-            total = len(frames) * (1 + len(inputs) * len(levels))
-            with tqdm(total=total, desc="sensitivity", unit="append", disable=not progress) as bar:
-                for frame in frames:
+            done = 0
+            with tqdm(total=total, desc="sensitivity", unit="layer", disable=not progress) as bar:
+                for f, frame in enumerate(frames):
                     chunk = adapter.encode_frame(frame)
 
-                    def run(overrides):
+                    def run(overrides, k=0):
+                        """Last decoder layer's output [T, D] (float32), layers before k replayed."""
+                        nonlocal done
                         flash.overrides = overrides
-                        outputs.clear()
-                        adapter.append(chunk, copy_cache(base), position)
-                        bar.update()
-                        return outputs[-1].reshape(-1, outputs[-1].shape[-1])  # [T, D]
+                        recorded.clear()
+                        with _replayed(decoder, reference, k):
+                            adapter.append(chunk, copy_cache(base), position)
+                        out = recorded[-1][0] if isinstance(recorded[-1], tuple) else recorded[-1]
+                        bar.update(n_layers - k)
+                        done += n_layers - k
+                        return out.detach().float().reshape(-1, out.shape[-1])
 
-                    ref = run(None)
-                    for i, name in enumerate(inputs):
-                        for j, level in enumerate(levels):
-                            h = run({name: SelectionSettings(level, method, allocation="uniform")})
-                            error[i, j] += _relative_error2(h, ref)
+                    reference: list = []
+                    frame_scope = _vision_once(flash.model) if skip_unchanged_layers else nullcontext()
+                    with frame_scope:
+                        ref = run(None)
+                        reference = list(recorded)
+                        for n, i in enumerate(order):
+                            k = first_layer[inputs[i]]
+                            t_input = time.perf_counter()
+                            for j, level in enumerate(levels):
+                                h = run({inputs[i]: SelectionSettings(level, method, allocation="uniform")}, k)
+                                error[i, j] += _relative_error2(h, ref)
+                            if f == 0 and n == 0:  # the first measured appends: the estimate of the rest
+                                rate = (time.perf_counter() - t_input) / (len(levels) * (n_layers - k))
+                                log(f"sensitivity: {len(levels)} appends took {time.perf_counter() - t_input:.1f} s, "
+                                    f"so about {_duration(rate * (total - done))} for the rest")
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             flash.overrides = None
     finally:
         reader.close()
     seconds = time.perf_counter() - t0
     log(f"sensitivity of {len(inputs)} inputs at {len(levels)} levels on {len(frames)} frame(s): {seconds:.0f} s")
     return {"inputs": inputs, "error": error / len(frames), "levels": list(levels), "frames": len(frames),
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1), "layer_passes": total}
 
 
 def _hull(x: np.ndarray, y: np.ndarray) -> list[int]:
