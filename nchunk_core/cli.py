@@ -382,10 +382,12 @@ def _add_calibrate(sub):
                        description="Append camera frames through the store's model with every input sparsified "
                        "alone at 10-95 %, measure how much the model's output moves, and write the allocation that "
                        "spreads an average sparsity where it hurts least (sparsity_allocation.json in the store; "
-                       "nchunk convert does this too). Costs 1 + inputs x 10 frame appends per frame.")
+                       "nchunk convert does this too). Per frame: one dense append, then for every input and level the "
+                       "layers from that input's on (about half the layer passes of 1 + inputs x 10 appends).")
     p.add_argument("store", metavar="STORE", help="store directory")
     p.add_argument("--frames", metavar="FRAMES_DIR", required=True, help="folder of PNG/JPEG camera frames")
-    p.add_argument("--count", type=int, default=8, help="frames used, spread over the folder (default 8)")
+    p.add_argument("--count", type=int, default=4, help="frames used, spread over the folder (default 4, as nchunk "
+                   "convert: 4 move the allocation no more than another 4 do; docs/design.md)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
     p.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
