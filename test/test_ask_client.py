@@ -45,6 +45,7 @@ class StreamingServer:
 
         self.Ask = Ask
         self.proceed = threading.Event()
+        self.stopping = threading.Event()  # set at teardown: a goal still running ends (a failed test must not hang)
         self.cancel_requests = 0
         self.finished = []
 
@@ -62,6 +63,10 @@ class StreamingServer:
             feedback = self.Ask.Feedback(answer=" ".join(words[:i + 1]), tokens_generated=i + 1)
             goal_handle.publish_feedback(feedback)
             while not self.proceed.wait(REPUBLISH_S):
+                if self.stopping.is_set():
+                    goal_handle.abort()
+                    self.finished.append("aborted")
+                    return self.Ask.Result(success=False, error="test server stopping")
                 if goal_handle.is_cancel_requested:
                     goal_handle.canceled()
                     self.finished.append("canceled")
@@ -93,6 +98,7 @@ def server(monkeypatch):
     try:
         yield server, name, env
     finally:
+        server.stopping.set()
         server.server.destroy()
         executor.shutdown()
         spinner.join(timeout=5.0)
