@@ -15,8 +15,9 @@ mapped file pages too) is its own:
 - ``dense``, ``magnitude``, ``chunking``: the nchunk session (fp32 compute, the drive's profiled
   latency table), dense reading every row, the others at --sparsity;
 - with ``chunking``, more rows at --sparsity: ``+ overlap`` (reads in pieces multiplied as they
-  land, the next input's rows read ahead, overlap.py), ``+ cache`` (and hot rows in RAM, 25 % of the
-  backbone's bytes, row_cache.py, its default policy), ``+ cache (frame)`` (the other policy), and
+  land, the next input's rows read ahead, overlap.py), ``+ overlap auto`` (overlap on or off per pass,
+  as measured faster, overlap_choice.py), ``+ cache`` (and hot rows in RAM, 25 % of the backbone's
+  bytes, row_cache.py, its default policy "frame"), ``+ cache (static)`` (the other policy), and
   ``in RAM`` (every row cached: the same selection size with no read, the reference for exposed I/O
   = frame time minus this row's); the cache rows of both policies also run at CACHE_SWEEP sparsities
   around --sparsity, so that `cache_bytes_reduction` compares bytes at the same retained importance
@@ -314,6 +315,7 @@ def _variants(methods, sparsity: float, sweep) -> list[tuple[str, str, float, di
     if "chunking" in methods:
         label = f"chunking {sparsity:.0%}"
         out.append((f"{label} + overlap", "chunking", sparsity, {"overlap": True}))
+        out.append((f"{label} + overlap auto", "chunking", sparsity, {"overlap": "auto"}))  # on or off as measured
         for policy in CACHE_POLICIES:
             for s in [sparsity] + [round(sparsity + d, 4) for d in CACHE_SWEEP if 0.0 <= sparsity + d < 0.95]:
                 name = f"chunking {s:.0%} + cache" + ("" if policy == CACHE_POLICIES[0] else f" ({policy})")
