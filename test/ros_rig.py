@@ -27,6 +27,11 @@ from std_msgs.msg import String
 from nchunk_interfaces.action import Ask as AskAction
 from nchunk_interfaces.srv import Ask
 from nchunk_ros import diagnostics, vqa_node
+
+# First line of a child Python program that a test interrupts with SIGINT: a process started in the
+# background by a shell without job control inherits SIGINT ignored, and Python then never raises
+# KeyboardInterrupt; the tests are about the program's handling, not about how the run was started.
+SIGINT_DEFAULT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 from nchunk_ros.image_conversion import array_to_compressed, array_to_image
 from nchunk_ros.tools.synthetic_camera import random_scene, render_scene
 

@@ -27,6 +27,7 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
 
 from nchunk_ros.ask_client import TokenPrinter  # noqa: E402
+from ros_rig import SIGINT_DEFAULT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0  # only reached when something is wrong
@@ -107,7 +108,8 @@ def server(monkeypatch):
 
 
 def start_client(name, env, question):
-    return subprocess.Popen([sys.executable, "-m", "nchunk_ros.cli", "ask", "--stream", "--service", name,
+    program = SIGINT_DEFAULT + "import runpy; runpy.run_module('nchunk_ros.cli', run_name='__main__', alter_sys=True)"
+    return subprocess.Popen([sys.executable, "-c", program, "ask", "--stream", "--service", name,
                              "--wait", str(WAIT_S), question], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, cwd=ROOT)
 

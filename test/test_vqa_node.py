@@ -39,7 +39,7 @@ from nchunk_ros.image_conversion import array_to_image  # noqa: E402
 from nchunk_ros.session_tasks import printable  # noqa: E402
 from nchunk_ros.vqa_node import VQANode  # noqa: E402
 from nchunk_ros.worker import MAX_WAITING_ASKS  # noqa: E402
-from ros_rig import COMPRESSED_TOPIC, RAW_TOPIC, feed, publish_until, response, wait_for  # noqa: E402
+from ros_rig import COMPRESSED_TOPIC, RAW_TOPIC, SIGINT_DEFAULT, feed, publish_until, response, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "vqa.yaml"
@@ -517,7 +517,7 @@ sys.meta_path.insert(0, InterruptOnImport())
 
 @pytest.mark.parametrize("moment", list(INTERRUPT_AT))
 def test_sigint_during_start_up_exits_0_quietly(node_store, ros_env, moment):
-    child = INTERRUPT_AT[moment] + f"""
+    child = SIGINT_DEFAULT + INTERRUPT_AT[moment] + f"""
 import runpy, sys
 sys.argv = ["vqa_node", "--ros-args", "-p", "store_path:={node_store}"]
 runpy.run_module("nchunk_ros.vqa_node", run_name="__main__")
