@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from nchunk_core.store.format import StoreFormatError
+from nchunk_core.store.format import StoreFormatError, write_text_atomically
 
 FILE = "sparsity_allocation.json"
 FORMAT = "nchunk-sparsity-allocation"
@@ -129,14 +128,5 @@ def load_allocation(store) -> SparsityAllocation | None:
 def write_allocation(store_dir, allocation: SparsityAllocation) -> Path:
     """Write `allocation` into the store directory atomically (temporary file, fsync, rename)."""
     path = Path(store_dir) / FILE
-    tmp = path.with_name(FILE + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(allocation.to_json(), indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(allocation.to_json(), indent=1) + "\n")
     return path

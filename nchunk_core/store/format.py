@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 
@@ -382,3 +383,24 @@ def check_sizes_on_disk(root: str, sizes: dict[str, int], groups: dict[str, Grou
                 else "")
         raise StoreCorruptError(f"{name}: truncated: {actual} bytes on disk, {MANIFEST} records "
                                 f"{size}{what}")
+
+
+def write_text_atomically(path, text: str) -> None:
+    """Write `text` to `path` atomically and durably: a temporary file beside it, fsync, rename over
+    `path`, fsync of the folder. On failure the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
-import os
 from pathlib import Path
 
 from nchunk_core.runtime.select import SelectionSettings
-from nchunk_core.store.format import MANIFEST, StoreFormatError, check_header
+from nchunk_core.store.format import MANIFEST, StoreFormatError, check_header, write_text_atomically
 
 KEY = "recommended"
 
@@ -89,20 +88,6 @@ def set_recommended(store_dir, recommended: Recommended) -> Path:
     manifest = json.loads(text)
     check_header(manifest)
     manifest[KEY] = recommended.to_json()
-    tmp = path.with_name(MANIFEST + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(manifest, indent=1) + ("\n" if text.endswith("\n") else ""))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(store.path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_text_atomically(path, json.dumps(manifest, indent=1) + ("\n" if text.endswith("\n") else ""))
     Store.open(store.path, check_alignment=False)
     return path

@@ -19,7 +19,8 @@ import numpy as np
 from nchunk_core.io.checksum import crc32c_rows
 from nchunk_core.store import row_checksums
 from nchunk_core.store.format import (CHECKSUM_BLOCK_BYTES, FORMAT, MANIFEST, MIN_ALIGNMENT, PERMUTATIONS, RESIDENT,
-                     ROW_CHECKSUM_ALGO, ROW_CHECKSUMS, VERSION, WEIGHTS_PATTERN, BlockCrc, StoreError)
+                     ROW_CHECKSUM_ALGO, ROW_CHECKSUMS, VERSION, WEIGHTS_PATTERN, BlockCrc, StoreError,
+                                       write_text_atomically)
 from nchunk_core.store.naming import STORAGE_DTYPES
 
 DEFAULT_FILE_SIZE_CAP = 4 << 30
@@ -29,17 +30,7 @@ _STORE_FILE = re.compile(r"(manifest\.json(\.tmp)?|weights-\d{5}\.bin|resident\.
 
 def write_manifest(root: Path, manifest: dict) -> None:
     """Write root/manifest.json atomically and durably (temporary file, fsync, rename, fsync dir)."""
-    tmp = root / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
-    dir_fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_text_atomically(root / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _is_torch(x) -> bool:
