@@ -1,6 +1,6 @@
 // Implementation of the direct-I/O reader declared in reader.hpp: alignment queries, file opening with
-// the buffered fallback, the per-task read strategy, the row checks, the worker pool, and the io_uring
-// backend (one ring thread planning each task into up to three reads, plus row-checking threads).
+// the buffered fallback, the per-task read plan (task_plan.hpp), the row checks, the worker pool, and
+// the io_uring backend (one ring thread issuing each task's planned reads, plus row-checking threads).
 #include "reader.hpp"
 
 #include <fcntl.h>
@@ -25,6 +25,7 @@
 #include <utility>
 
 #include "crc32c.hpp"
+#include "task_plan.hpp"
 #include "uring.hpp"
 
 namespace nchunk {
@@ -34,9 +35,6 @@ using Clock = std::chrono::steady_clock;
 
 constexpr uint32_t kStatxDioAlign = 0x00002000U;  // STATX_DIOALIGN, Linux 6.1
 constexpr int64_t kPage = 4096;
-// A task whose aligned span is at most this long is read whole into the bounce buffer (one syscall);
-// a longer unaligned one reads its aligned middle straight into the destination.
-constexpr int64_t kWholeBounceBytes = 64 * 1024;
 // Sizes tried, smallest first, when the kernel does not report the alignment.
 constexpr uint32_t kProbeSizes[] = {512, 1024, 2048, 4096};
 
@@ -242,51 +240,31 @@ void require_bytes(const File& f, const Task& task, int64_t got, int64_t needed)
                        f.path(), task.offset, task.length);
 }
 
-// Reads the aligned span [begin, begin + n) into the bounce buffer and copies `length` bytes starting
-// at file offset `from` to `dest`. Returns the bytes pread returned.
-int64_t read_via_bounce(const File& f, const Task& task, AlignedBuffer& bounce, int64_t begin,
-                        int64_t n, int64_t from, int64_t length, char* dest) {
-  char* buf = bounce.get(static_cast<size_t>(n), f.alignment().memory);
-  int64_t got = pread_full(f, task, buf, n, begin);
-  require_bytes(f, task, got, from + length - begin);
-  std::memcpy(dest, buf + (from - begin), static_cast<size_t>(length));
-  return got;
+// Where a planned read of task `t` lands: the bounce buffer `bounce` or the task's destination.
+char* read_target(const Task& t, const PlannedRead& r, char* bounce) {
+  return r.bounced ? bounce + r.bounce_at : t.dest + r.dest_at;
 }
 
-// Reads one task into its destination; returns the bytes pread returned, alignment padding included.
-int64_t read_task(const File& f, const Task& t, AlignedBuffer& bounce) {
-  const int64_t end = t.offset + t.length;
-  if (!f.direct()) {
-    int64_t got = pread_full(f, t, t.dest, t.length, t.offset);
-    require_bytes(f, t, got, t.length);
-    return got;
-  }
-  const int64_t oa = f.alignment().offset;
-  const int64_t ma = f.alignment().memory;
-  const int64_t span_begin = round_down(t.offset, oa), span_end = round_up(end, oa);
-  const int64_t mid_begin = round_up(t.offset, oa), mid_end = round_down(end, oa);
-  char* mid_dest = t.dest + (mid_begin - t.offset);
-  const bool direct_mid = mid_end > mid_begin && reinterpret_cast<uintptr_t>(mid_dest) % ma == 0;
+// After a planned read returned `got` bytes at `into`: checks that the file did not end early, and
+// copies a bounced read's part of the task to the destination.
+void land_read(const File& f, const Task& t, const PlannedRead& r, const char* into, int64_t got) {
+  require_bytes(f, t, got, r.need);
+  if (r.bounced) std::memcpy(t.dest + r.dest_at, into + r.copy_from, static_cast<size_t>(r.copy_length));
+}
 
-  if (direct_mid && mid_begin == t.offset && mid_end == end) {  // fully aligned: no copy
-    int64_t got = pread_full(f, t, t.dest, t.length, t.offset);
-    require_bytes(f, t, got, t.length);
-    return got;
-  }
-  if (!direct_mid || span_end - span_begin <= kWholeBounceBytes) {
-    return read_via_bounce(f, t, bounce, span_begin, span_end - span_begin, t.offset, t.length, t.dest);
-  }
-  // Large and unaligned: head block and tail block through the bounce buffer, middle direct.
+// Reads one task into its destination as plan_task plans it; returns the bytes pread returned,
+// alignment padding included.
+int64_t read_task(const File& f, const Task& t, AlignedBuffer& bounce) {
+  const TaskPlan plan = plan_task(t.offset, t.length, reinterpret_cast<uintptr_t>(t.dest), f.alignment());
+  char* buf = plan.bounce_bytes > 0 ? bounce.get(static_cast<size_t>(plan.bounce_bytes), f.alignment().memory)
+                                    : nullptr;
   int64_t got = 0;
-  if (t.offset < mid_begin) {
-    got += read_via_bounce(f, t, bounce, span_begin, oa, t.offset, mid_begin - t.offset, t.dest);
-  }
-  int64_t mid = pread_full(f, t, mid_dest, mid_end - mid_begin, mid_begin);
-  require_bytes(f, t, mid, mid_end - mid_begin);
-  got += mid;
-  if (end > mid_end) {
-    got += read_via_bounce(f, t, bounce, mid_end, oa, mid_end, end - mid_end,
-                           t.dest + (mid_end - t.offset));
+  for (int i = 0; i < plan.count; ++i) {
+    const PlannedRead& r = plan.reads[i];
+    char* into = read_target(t, r, buf);
+    const int64_t n = pread_full(f, t, into, r.n, r.offset);
+    land_read(f, t, r, into, n);
+    got += n;
   }
   return got;
 }
@@ -348,6 +326,44 @@ ChecksumError::ChecksumError(const std::string& path, int64_t offset, int64_t le
       row_(row),
       expected_(expected),
       actual_(actual) {}
+
+// ---- task plans ----
+
+TaskPlan plan_task(int64_t offset, int64_t length, uintptr_t dest, const DioAlignment& a) {
+  TaskPlan p;
+  auto direct = [&p](int64_t at, int64_t n, int64_t dest_at) {
+    p.reads[p.count++] = PlannedRead{at, n, n, false, 0, 0, 0, dest_at};
+  };
+  // The aligned block(s) [at, at + n) into the bounce buffer at `bounce_at`; the task's bytes
+  // [from, to) among them are copied out.
+  auto bounced = [&p, offset](int64_t bounce_at, int64_t at, int64_t n, int64_t from, int64_t to) {
+    p.reads[p.count++] = PlannedRead{at, n, to - at, true, bounce_at, from - at, to - from, from - offset};
+  };
+  const int64_t end = offset + length;
+  if (!a.direct) {
+    direct(offset, length, 0);
+    return p;
+  }
+  const int64_t oa = a.offset, ma = a.memory;
+  const int64_t span_begin = round_down(offset, oa), span_end = round_up(end, oa);
+  const int64_t mid_begin = round_up(offset, oa), mid_end = round_down(end, oa);
+  const bool direct_mid = mid_end > mid_begin && (dest + static_cast<uintptr_t>(mid_begin - offset)) % ma == 0;
+  if (direct_mid && mid_begin == offset && mid_end == end) {  // fully aligned: no copy
+    direct(offset, length, 0);
+  } else if (!direct_mid || span_end - span_begin <= kWholeBounceBytes) {
+    p.kind = TaskPlan::Kind::bounce;
+    p.bounce_bytes = span_end - span_begin;
+    bounced(0, span_begin, span_end - span_begin, offset, end);
+  } else {  // large and unaligned: head block and tail block through the bounce buffer, middle direct
+    p.kind = TaskPlan::Kind::split;
+    const int64_t tail_at = round_up(oa, ma);
+    p.bounce_bytes = tail_at + oa;
+    if (offset < mid_begin) bounced(0, span_begin, oa, offset, mid_begin);
+    direct(mid_begin, mid_end - mid_begin, mid_begin - offset);
+    if (end > mid_end) bounced(tail_at, mid_end, oa, mid_end, end);
+  }
+  return p;
+}
 
 // ---- alignment ----
 
@@ -503,23 +519,16 @@ bool ReadRequest::done() const {
 
 namespace {
 
-// One read of a task on the ring. A read into a bounce buffer copies `copy_length` bytes from
-// `buf + copy_from` to `copy_dest` once it is done; `need` is the bytes it must return (fewer: the
-// file ended early).
+// One planned read of a task on the ring: it reads into `buf`, and has returned `got` bytes so far.
 struct RingRead {
-  struct iovec iov;
+  PlannedRead plan;
   char* buf;
-  int64_t n;
-  int64_t offset;
-  int64_t need;
   int64_t got;
-  int64_t copy_from;
-  int64_t copy_length;
-  char* copy_dest;
+  struct iovec iov;
 };
 
-// A task in flight on the ring: up to three reads (bounce head, direct middle, bounce tail), the same
-// spans read_task reads with pread.
+// A task in flight on the ring: its planned reads (up to three: bounce head, direct middle, bounce
+// tail), the same spans read_task reads with pread.
 struct RingSlot {
   std::shared_ptr<RequestState> request;
   Task task{};
@@ -529,35 +538,14 @@ struct RingSlot {
   int pending = 0;
   std::exception_ptr error;
 
-  void add(char* buf, int64_t n, int64_t offset, int64_t need, int64_t copy_from = 0, int64_t copy_length = 0,
-           char* copy_dest = nullptr) {
-    reads[count++] = RingRead{{buf, static_cast<size_t>(n)}, buf, n, offset, need, 0, copy_from, copy_length,
-                              copy_dest};
-  }
-
-  // Splits the task into reads exactly as read_task does.
+  // Plans the task's reads (plan_task, as read_task does).
   void plan(const File& f) {
-    count = 0;
     error = nullptr;
-    const Task& t = task;
-    const int64_t end = t.offset + t.length;
-    if (!f.direct()) return add(t.dest, t.length, t.offset, t.length);
-    const int64_t oa = f.alignment().offset;
-    const int64_t ma = f.alignment().memory;
-    const int64_t span_begin = round_down(t.offset, oa), span_end = round_up(end, oa);
-    const int64_t mid_begin = round_up(t.offset, oa), mid_end = round_down(end, oa);
-    char* mid_dest = t.dest + (mid_begin - t.offset);
-    const bool direct_mid = mid_end > mid_begin && reinterpret_cast<uintptr_t>(mid_dest) % ma == 0;
-    if (direct_mid && mid_begin == t.offset && mid_end == end) return add(t.dest, t.length, t.offset, t.length);
-    if (!direct_mid || span_end - span_begin <= kWholeBounceBytes) {
-      char* buf = bounce.get(static_cast<size_t>(span_end - span_begin), static_cast<size_t>(ma));
-      return add(buf, span_end - span_begin, span_begin, end - span_begin, t.offset - span_begin, t.length, t.dest);
-    }
-    const int64_t tail_at = round_up(oa, ma);  // head block at 0, tail block at tail_at
-    char* buf = bounce.get(static_cast<size_t>(tail_at + oa), static_cast<size_t>(ma));
-    if (t.offset < mid_begin) add(buf, oa, span_begin, oa, t.offset - span_begin, mid_begin - t.offset, t.dest);
-    add(mid_dest, mid_end - mid_begin, mid_begin, mid_end - mid_begin);
-    if (end > mid_end) add(buf + tail_at, oa, mid_end, end - mid_end, 0, end - mid_end, t.dest + (mid_end - t.offset));
+    const TaskPlan p = plan_task(task.offset, task.length, reinterpret_cast<uintptr_t>(task.dest), f.alignment());
+    char* buf = p.bounce_bytes > 0 ? bounce.get(static_cast<size_t>(p.bounce_bytes), f.alignment().memory)
+                                   : nullptr;
+    count = p.count;
+    for (int i = 0; i < count; ++i) reads[i] = RingRead{p.reads[i], read_target(task, p.reads[i], buf), 0, {}};
   }
 
   // After the last read: checks the lengths and copies out of the bounce buffer; returns the bytes
@@ -566,10 +554,8 @@ struct RingSlot {
     if (error) std::rethrow_exception(error);
     int64_t got = 0;
     for (int i = 0; i < count; ++i) {
-      const RingRead& r = reads[i];
-      require_bytes(f, task, r.got, r.need);
-      if (r.copy_length > 0) std::memcpy(r.copy_dest, r.buf + r.copy_from, static_cast<size_t>(r.copy_length));
-      got += r.got;
+      land_read(f, task, reads[i].plan, reads[i].buf, reads[i].got);
+      got += reads[i].got;
     }
     return got;
   }
@@ -744,9 +730,9 @@ void Reader::Impl::ring_main() {
   auto queue_read = [&](int index, int i) {
     RingRead& r = slots[static_cast<size_t>(index)].reads[i];
     r.iov.iov_base = r.buf + r.got;
-    r.iov.iov_len = static_cast<size_t>(r.n - r.got);
+    r.iov.iov_len = static_cast<size_t>(r.plan.n - r.got);
     uring.queue_read(slots[static_cast<size_t>(index)].request->file->fd(), &r.iov,
-                     static_cast<uint64_t>(r.offset + r.got), static_cast<uint64_t>(index) * 4 + i);
+                     static_cast<uint64_t>(r.plan.offset + r.got), static_cast<uint64_t>(index) * 4 + i);
     ++in_flight;
   };
   auto on_completion = [&](uint64_t user_data, int32_t result) {
@@ -764,7 +750,7 @@ void Reader::Impl::ring_main() {
       }
     } else if (result > 0) {
       r.got += result;
-      if (r.got < r.n) return queue_read(index, i);  // short read: ask for the rest
+      if (r.got < r.plan.n) return queue_read(index, i);  // short read: ask for the rest
     }                                                // 0: end of file, finish() tells
     if (--s.pending == 0) complete_slot(index);
   };

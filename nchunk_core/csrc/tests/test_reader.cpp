@@ -1,5 +1,5 @@
-// Standalone test of the C++ reader core (no Python): correctness of reads for aligned and unaligned
-// extents, task splitting and statistics, async requests, concurrent callers, CRC-32C on the hardware
+// Standalone test of the C++ reader core (no Python): the plan of one task's reads (task_plan.hpp),
+// correctness of reads for aligned and unaligned extents, task splitting and statistics, async requests, concurrent callers, CRC-32C on the hardware
 // and table paths, row checks and their mismatches, and every error path; all of it once with the
 // thread pool and once with the io_uring backend (where the kernel gives a ring), which must also read
 // the same bytes as the thread pool for random extents, and fall back when NCHUNK_IO_URING=off.
@@ -24,6 +24,7 @@
 
 #include "crc32c.hpp"
 #include "reader.hpp"
+#include "task_plan.hpp"
 #include "uring.hpp"
 
 using nchunk::Crc32cPath;
@@ -103,6 +104,87 @@ void test_alignment(const std::string& dir, const std::string& path) {
   check(d.direct && d.offset == a.offset, "directory alignment matches a file's");
   expect_throw<nchunk::IoError>([&] { nchunk::dio_alignment(dir + "/missing"); }, "alignment of missing file",
                                 [](const nchunk::IoError& e) { return e.error_code() == ENOENT; });
+}
+
+bool same_read(const nchunk::PlannedRead& r, const nchunk::PlannedRead& want) {
+  return r.offset == want.offset && r.n == want.n && r.need == want.need && r.bounced == want.bounced &&
+         r.bounce_at == want.bounce_at && r.copy_from == want.copy_from && r.copy_length == want.copy_length &&
+         r.dest_at == want.dest_at;
+}
+
+// The three kinds of plan, read by read, and for random tasks the properties both backends rely on.
+void test_task_plan() {
+  using nchunk::PlannedRead;
+  using nchunk::TaskPlan;
+  const nchunk::DioAlignment a{512, 512, true};
+  const uintptr_t base = 0x100000;  // an address aligned to any alignment used here
+
+  TaskPlan p = nchunk::plan_task(100, 1000, base, nchunk::DioAlignment{});
+  check(p.kind == TaskPlan::Kind::whole && p.count == 1 && p.bounce_bytes == 0 &&
+            same_read(p.reads[0], PlannedRead{100, 1000, 1000, false, 0, 0, 0, 0}),
+        "plan: a buffered file is one whole read");
+  p = nchunk::plan_task(4096, 8192, base, a);
+  check(p.kind == TaskPlan::Kind::whole && p.count == 1 && p.bounce_bytes == 0 &&
+            same_read(p.reads[0], PlannedRead{4096, 8192, 8192, false, 0, 0, 0, 0}),
+        "plan: an aligned task into an aligned destination is one direct read");
+  p = nchunk::plan_task(100, 1000, base, a);
+  check(p.kind == TaskPlan::Kind::bounce && p.count == 1 && p.bounce_bytes == 1536 &&
+            same_read(p.reads[0], PlannedRead{0, 1536, 1100, true, 0, 100, 1000, 0}),
+        "plan: a small unaligned task reads its aligned span into the bounce buffer");
+  p = nchunk::plan_task(4096, 200000, base + 1, a);
+  check(p.kind == TaskPlan::Kind::bounce && p.count == 1 && p.bounce_bytes == 200192 &&
+            same_read(p.reads[0], PlannedRead{4096, 200192, 200000, true, 0, 0, 200000, 0}),
+        "plan: a misaligned destination bounces the whole span, however long");
+  p = nchunk::plan_task(100, 200000, base + 100, a);  // the middle's destination, base + 512, is aligned
+  check(p.kind == TaskPlan::Kind::split && p.count == 3 && p.bounce_bytes == 1024 &&
+            same_read(p.reads[0], PlannedRead{0, 512, 512, true, 0, 100, 412, 0}) &&
+            same_read(p.reads[1], PlannedRead{512, 199168, 199168, false, 0, 0, 0, 412}) &&
+            same_read(p.reads[2], PlannedRead{199680, 512, 420, true, 512, 0, 420, 199580}),
+        "plan: a large unaligned task bounces its head and tail blocks and reads the middle direct");
+  p = nchunk::plan_task(0, 100000, base, nchunk::DioAlignment{4096, 512, true});
+  check(p.kind == TaskPlan::Kind::split && p.count == 2 && p.bounce_bytes == 4096 + 512 &&
+            same_read(p.reads[0], PlannedRead{0, 99840, 99840, false, 0, 0, 0, 0}) &&
+            same_read(p.reads[1], PlannedRead{99840, 512, 160, true, 4096, 0, 160, 99840}),
+        "plan: an aligned head has no head block; the tail block sits at the memory alignment");
+
+  // Random tasks: the copies and direct reads cover the task exactly once, direct reads are aligned in
+  // the file and in memory, bounced reads are aligned and fit the bounce buffer, `need` reaches the
+  // task's end, and the plan's kind matches its reads.
+  std::mt19937_64 rng(11);
+  const nchunk::DioAlignment aligns[] = {{512, 512, true}, {4096, 512, true}, {512, 4096, true}, {1, 1, false}};
+  for (int round = 0; round < 20000; ++round) {
+    const nchunk::DioAlignment& al = aligns[round % 4];
+    const int64_t offset = static_cast<int64_t>(rng() % 50000);
+    const int64_t length = 1 + static_cast<int64_t>(rng() % (round % 3 ? 300000 : 5000));
+    const uintptr_t dest = base + static_cast<uintptr_t>(rng() % 3 == 0 ? rng() % 4096 : 0);
+    p = nchunk::plan_task(offset, length, dest, al);
+    std::vector<int> covered(static_cast<size_t>(length), 0);
+    const PlannedRead& last = p.reads[p.count - 1];
+    bool ok = p.count >= 1 && p.count <= 3 && last.offset + last.need == offset + length;
+    if (p.kind == TaskPlan::Kind::whole) ok = ok && p.count == 1 && !p.reads[0].bounced && p.reads[0].n == length;
+    if (p.kind == TaskPlan::Kind::bounce) ok = ok && p.count == 1 && p.reads[0].bounced;
+    if (p.kind == TaskPlan::Kind::split) ok = ok && p.count >= 2 && p.reads[0].bounced != p.reads[1].bounced;
+    for (int i = 0; i < p.count && ok; ++i) {
+      const PlannedRead& r = p.reads[i];
+      const int64_t from = r.dest_at, to = r.dest_at + (r.bounced ? r.copy_length : r.n);
+      ok = from >= 0 && to <= length && r.offset % al.offset == 0 && r.n % al.offset == 0 && r.need <= r.n;
+      if (r.bounced) {
+        ok = ok && r.bounce_at % al.memory == 0 && r.bounce_at + r.n <= p.bounce_bytes &&
+             r.copy_from + r.copy_length <= r.need && r.offset + r.copy_from == offset + r.dest_at;
+      } else {
+        ok = ok && r.need == r.n && r.offset == offset + r.dest_at &&
+             (dest + static_cast<uintptr_t>(r.dest_at)) % al.memory == 0;
+      }
+      for (int64_t k = from; ok && k < to; ++k) ++covered[static_cast<size_t>(k)];
+    }
+    for (int c : covered) ok = ok && c == 1;
+    if (!ok) {
+      check(false, "plan: random task " + std::to_string(offset) + "+" + std::to_string(length) + " at dest +" +
+                       std::to_string(dest - base) + ", alignment " + std::to_string(al.memory) + "/" +
+                       std::to_string(al.offset));
+      break;
+    }
+  }
 }
 
 void test_reads(const std::string& path, const std::vector<char>& file) {
@@ -458,6 +540,7 @@ int main(int argc, char** argv) {
   const std::string path = write_file(dir, "reader_test_" + std::to_string(::getpid()) + ".bin", file);
 
   test_alignment(dir, path);
+  test_task_plan();
   test_crc32c();
   const std::string unavailable = uring_unavailable();
   std::vector<nchunk::ReaderBackend> backends = {nchunk::ReaderBackend::threads};
