@@ -345,6 +345,7 @@ def _add_convert(sub):
     p.add_argument("--no-reorder", action="store_true", help="skip calibration and keep the checkpoint's row order")
     p.add_argument("--no-allocation", action="store_true", help="skip the layer-wise sparsity allocation "
                    "(every matrix then drops the same fraction of rows; `nchunk calibrate` adds one later)")
+    _add_depth(p, "--sensitivity-depth")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                    help="dtype of the stored weights (default: as in the checkpoint)")
     p.add_argument("--calib-device", default="cpu", help="device for calibration: cpu or cuda (default cpu)")
@@ -367,7 +368,7 @@ def cmd_convert(args) -> int:
                        reorder=not args.no_reorder, calib_frames=args.calib_frames, calib_device=args.calib_device,
                        calib_dtype=args.calib_dtype, threads=args.threads, overwrite=args.overwrite,
                        log=lambda m: print(m, file=sys.stderr), frame_tokens=args.frame_tokens,
-                       allocation=not args.no_allocation)
+                       allocation=not args.no_allocation, sensitivity_depth=args.sensitivity_depth)
     except StoreError as exc:
         print(f"nchunk convert: {exc}", file=sys.stderr)
         return 1
@@ -383,7 +384,8 @@ def _add_calibrate(sub):
                        "alone at 10-95 %, measure how much the model's output moves, and write the allocation that "
                        "spreads an average sparsity where it hurts least (sparsity_allocation.json in the store; "
                        "nchunk convert does this too). Per frame: one dense append, then for every input and level the "
-                       "layers from that input's on (about half the layer passes of 1 + inputs x 10 appends).")
+                       "layers from that input's on (about half the layer passes of 1 + inputs x 10 appends), or "
+                       "that input's layer alone (--depth).")
     p.add_argument("store", metavar="STORE", help="store directory")
     p.add_argument("--frames", metavar="FRAMES_DIR", required=True, help="folder of PNG/JPEG camera frames")
     p.add_argument("--count", type=int, default=4, help="frames used, spread over the folder (default 4, as nchunk "
@@ -391,7 +393,16 @@ def _add_calibrate(sub):
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
     p.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
+    _add_depth(p, "--depth")
     p.set_defaults(func=cmd_calibrate)
+
+
+def _add_depth(p, flag: str) -> None:
+    p.add_argument(flag, default="auto", choices=("auto", "model", "layer"), dest="sensitivity_depth",
+                   help="where a sparsified input's error is measured: model (the last decoder layer's output), "
+                   "layer (the input's own layer's output: one layer per pass, 10-20x fewer layer passes on a "
+                   "24-36 layer model) or auto (model while the estimate from the first frame fits 15 min, else "
+                   "layer; default)")
 
 
 def cmd_calibrate(args) -> int:
@@ -401,7 +412,8 @@ def cmd_calibrate(args) -> int:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     source, frames = calibration_frames(args.frames, args.count, log)
     allocation = calibrate_allocation(args.store, [load_frame(f) for f in frames], device=args.device,
-                                      dtype=args.dtype, threads=args.threads, source=source, log=log)
+                                      dtype=args.dtype, threads=args.threads, source=source, log=log,
+                                      depth=args.sensitivity_depth)
     for average in (0.1, 0.3, 0.5):
         per_input = allocation.at(average)
         print(f"average {average:.0%}: " + ", ".join(f"{k} {v:.0%}" for k, v in per_input.items()))

@@ -43,3 +43,43 @@ def test_replayed_layers_are_restored_even_after_an_error(tiny_checkpoints):
             assert layers[0]() is sentinel and layers[1]("any", cache=None) is sentinel
             raise RuntimeError("a pass failed")
     assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+@pytest.mark.parametrize("arch", ["smolvlm", "qwen2_5_vl", "llava_onevision"])
+def test_layer_depth_measures_each_input_at_its_own_layer(arch, tiny_stores, calibration_frames):
+    frames = [load_frame(p) for p in sorted(calibration_frames.glob("frame_*"))[:2]]
+    model = measure(tiny_stores[arch], frames, LEVELS, progress=False, depth="model")
+    layer = measure(tiny_stores[arch], frames, LEVELS, progress=False, depth="layer")
+    full = measure(tiny_stores[arch], frames, LEVELS, progress=False, depth="layer", skip_unchanged_layers=False)
+    assert (model["depth"], layer["depth"], full["depth"]) == ("model", "layer", "layer")
+    assert layer["inputs"] == model["inputs"] == full["inputs"]
+    assert np.all(layer["error"] > 0)
+    # ending the pass at the input's layer measures what running the layers up to it does
+    np.testing.assert_allclose(layer["error"], full["error"], rtol=1e-4, atol=0)
+    layers = {g.input: g.layer for g in Store.open(tiny_stores[arch]).groups.values()}
+    n_layers = max(layers.values()) + 1
+    last = [i for i, name in enumerate(layer["inputs"]) if layers[name] == n_layers - 1]
+    earlier = [i for i, name in enumerate(layer["inputs"]) if layers[name] < n_layers - 1]
+    assert last and earlier
+    # the last layer's inputs are measured at the same output either way; the others are not
+    np.testing.assert_allclose(layer["error"][last], model["error"][last], rtol=1e-4, atol=0)
+    assert not np.allclose(layer["error"][earlier], model["error"][earlier], rtol=1e-2)
+    # one layer per perturbed pass
+    assert layer["layer_passes"] == len(frames) * (n_layers + len(LEVELS) * len(layer["inputs"]))
+    assert layer["layer_passes"] < model["layer_passes"]
+
+
+def test_auto_depth_takes_the_input_layer_when_the_model_depth_would_take_too_long(tiny_stores, calibration_frames):
+    frames = [load_frame(p) for p in sorted(calibration_frames.glob("frame_*"))[:1]]
+    messages = []
+    slow = measure(tiny_stores["smolvlm"], frames, LEVELS, progress=False, log=messages.append,
+                   model_depth_minutes=0.0)
+    assert slow["depth"] == "layer"
+    assert any("instead" in m for m in messages)
+    reference = measure(tiny_stores["smolvlm"], frames, LEVELS, progress=False, depth="layer")
+    np.testing.assert_allclose(slow["error"], reference["error"], rtol=1e-4, atol=0)
+    assert slow["layer_passes"] == reference["layer_passes"]
+    # a tiny model fits the default limit: the last layer's output
+    assert measure(tiny_stores["smolvlm"], frames, LEVELS, progress=False)["depth"] == "model"
+    with pytest.raises(ValueError, match="depth"):
+        measure(tiny_stores["smolvlm"], frames, LEVELS, progress=False, depth="deep")

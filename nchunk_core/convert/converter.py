@@ -36,12 +36,15 @@ resident part, which the runtime keeps in RAM anyway, is held until each store i
 4. rewrite the store permuted hot–cold, group by group from the first store, then delete the first;
 5. measure each input's sensitivity on the new store and write the sparsity allocation; the plan
    (appends and decoder layer passes) and, after the first input's appends, the estimated time of
-   the rest are logged before the bulk of it runs, and a progress bar counts the layer passes.
+   the rest are logged before the bulk of it runs, and a progress bar counts the layer passes. The
+   error is taken at the last decoder layer's output while that is estimated to fit 15 minutes,
+   else at each input's own layer (`sensitivity_depth`, sensitivity.py).
 
 The work directory needs about twice the backbone's size on the drive while step 4 runs. With
 `reorder=False` steps 3-5 are skipped (identity order, no calibration, uniform sparsity); with
 `allocation=False` step 5 is (per frame it costs 1 + inputs x levels appends, each running the
-decoder from the perturbed input's layer on: about half of that many full appends).
+decoder from the perturbed input's layer on, or only that layer: about half of that many full
+appends, or one layer each).
 """
 from __future__ import annotations
 
@@ -271,7 +274,8 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             reorder: bool = True, calib_frames: int = CALIB_FRAMES, calib_device: str = "cpu",
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
             recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
-            frame_tokens="auto", allocation: bool = True, allocation_frames: int = 4) -> Path:
+            frame_tokens="auto", allocation: bool = True, allocation_frames: int = 4,
+            sensitivity_depth: str = "auto") -> Path:
     """Convert the checkpoint in `model_dir` into a store at `store_dir` (see the module docstring)."""
     log = log or (lambda message: None)
     if recommended is not None and not isinstance(recommended, Recommended):
@@ -325,7 +329,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
                 picks = np.linspace(0, len(frames) - 1, min(allocation_frames, len(frames))).round().astype(int)
                 calibrate_allocation(final, [load_frame(frames[i]) for i in picks], device=calib_device,
                                      dtype=calib_dtype, threads=threads, source=frames_source, progress=progress,
-                                     log=log, frame_tokens=frame_tokens)
+                                     log=log, frame_tokens=frame_tokens, depth=sensitivity_depth)
         set_recommended(final, recommended or CONVERTED)
         Store.open(final)  # the result opens and validates before it replaces anything
         if dst.exists():

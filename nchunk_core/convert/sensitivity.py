@@ -6,8 +6,14 @@ and the allocation of an average sparsity that hurts least (the store's sparsity
 1. **Sensitivity** (`measure`): for every calibration frame, the frame is appended once with every
    row read (the reference), then once per input and level with that input alone sparsified
    (magnitude selection, the best rows for that count) and every other input dense. The error is
-   the squared relative error of the last decoder layer's output over the frame's tokens (each
-   token's error over its own norm, averaged), averaged over frames: `error[i, l]`. An input of
+   the squared relative error of a decoder layer's output over the frame's tokens (each token's
+   error over its own norm, averaged), averaged over frames: `error[i, l]`. The layer (`depth`):
+   "model", the last one, what the sparsity does to the whole model; "layer", the perturbed
+   input's own, which ends the pass there (one layer per pass instead of the layers from it to the
+   last: TEAL's block-wise errors, 10-20x fewer layer passes on a 24-36 layer model); "auto" (the
+   default) takes "model" while its estimate, from the reference pass of the first frame, fits
+   MODEL_DEPTH_MINUTES, and "layer" beyond (a published 0.25-3B checkpoint on a small CPU would
+   otherwise take hours to days). An input of
    decoder layer k leaves layers 0..k-1 as they were in the reference, so the reference pass
    records every layer's output and a perturbed pass replays them (those layers' forward returns
    the recorded output) and runs only layers k..L-1; inputs are taken layer by layer. The error is
@@ -61,6 +67,9 @@ from nchunk_core.store.naming import torch_dtype
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # per-input sparsities measured
 GRID_STEP = 0.025  # of average sparsity, between the allocation's grid points
+DEPTHS = ("auto", "model", "layer")  # where the error is measured (module docstring)
+MODEL_DEPTH_MINUTES = 15.0  # "auto": the last layer's output while its estimate fits this
+MEASURED_AT = {"model": "the last decoder layer's output", "layer": "each input's own decoder layer's output"}
 DEFAULT_FRAMES = 4  # calibration frames the converter measures sensitivity on (see the docstring's figures)
 
 Log = Callable[[str], None]
@@ -77,6 +86,23 @@ def _layer_of(store: Store, inputs: list[str]) -> dict[str, int]:
     """Decoder layer of each input (0 for one outside the decoder: nothing before it is skipped)."""
     layer = {g.input: g.layer for g in store.groups.values()}
     return {name: layer.get(name) or 0 for name in inputs}
+
+
+class _Stop(Exception):
+    """Ends a perturbed pass after the layer whose output is measured (depth "layer")."""
+
+
+@contextmanager
+def _stop_after(layer):
+    """The pass ends once `layer` has run (its output recorded by the hooks registered before)."""
+    def stop(module, args, out):
+        raise _Stop
+
+    handle = layer.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -124,17 +150,25 @@ def _duration(seconds: float) -> str:
         else f"{seconds / 3600:.1f} h"
 
 
+def _passes(n_layers: int, first: list[int], levels: int, depth: str, skip: bool) -> int:
+    """Decoder layer passes per frame: the reference pass, then per input (its layer in `first`) and
+    level the layers from its own (or the first) to the measured one."""
+    return n_layers + levels * sum((k + 1 if depth == "layer" else n_layers) - (k if skip else 0) for k in first)
+
+
 def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
             threads: int = 6, progress: bool = True, log: Log | None = None, method: str = "magnitude",
-            table: LatencyTable | None = None, frame_tokens="auto", skip_unchanged_layers: bool = True) -> dict:
+            table: LatencyTable | None = None, frame_tokens="auto", skip_unchanged_layers: bool = True,
+            depth: str = "auto", model_depth_minutes: float = MODEL_DEPTH_MINUTES) -> dict:
     """Output error per input and level (see the module docstring).
 
     frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode.
     skip_unchanged_layers: replay the reference pass's outputs of the layers before the perturbed
     input's and compute the frame's image features once (the same error, less work); False runs
     the vision tower and every layer at every pass.
+    depth: "model", "layer" or "auto" (module docstring; "auto" decides by `model_depth_minutes`).
     Returns {"inputs": [N names], "error": float64 [N, L], "levels": [L], "frames": n, "seconds": s,
-    "layer_passes": decoder layers run}.
+    "layer_passes": decoder layers run, "depth": "model" or "layer"}.
     """
     log = log or (lambda message: None)
     levels = tuple(float(x) for x in levels)
@@ -142,27 +176,35 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
         raise ValueError("sensitivity needs at least one calibration frame")
     if not levels or any(not 0.0 < x < 1.0 for x in levels) or list(levels) != sorted(set(levels)):
         raise ValueError(f"levels must be increasing sparsities in (0, 1), got {levels}")
+    if depth not in DEPTHS:
+        raise ValueError(f"depth must be one of {', '.join(DEPTHS)}, got {depth!r}")
     t0 = time.perf_counter()
     store = Store.open(store_path)
     reader = Reader(threads=threads)
     try:
-        # dense and magnitude selections never consult the drive's latency table
+        # dense and magnitude selections never consult the drive's latency table; no reads ahead (a
+        # "layer" pass ends early, and every pass reads what it uses anyway)
         flash = build_flash_model(store, table or LatencyTable.synthetic(), SelectionSettings(0.0, "dense"),
-                                  Workspace(reader, device), device=device, dtype=torch_dtype(dtype))
+                                  Workspace(reader, device, overlap=False), device=device, dtype=torch_dtype(dtype))
         adapter = adapter_class(flash.arch)(flash.model, load_processor(store.path, flash.arch),
                                             frame_tokens=frame_tokens)
         decoder = adapter.decoder_layers(flash.model)
         inputs = list(flash.layers)
-        first_layer = _layer_of(store, inputs) if skip_unchanged_layers else dict.fromkeys(inputs, 0)
+        own_layer = _layer_of(store, inputs)
         # inputs of one layer run one after another: they share the replayed prefix
-        order = sorted(range(len(inputs)), key=lambda i: (first_layer[inputs[i]], i))
+        order = sorted(range(len(inputs)), key=lambda i: (own_layer[inputs[i]], i))
         n_layers = len(decoder)
-        per_frame = n_layers + len(levels) * sum(n_layers - first_layer[name] for name in inputs)
-        total = len(frames) * per_frame  # decoder layer passes
+        first = [own_layer[name] for name in inputs]
+
+        def layer_passes(d: str) -> int:
+            return len(frames) * _passes(n_layers, first, len(levels), d, skip_unchanged_layers)
+
+        measured = "model" if depth == "auto" else depth  # "auto" decides after the first reference pass
+        total = layer_passes(measured)
         log(f"sensitivity of {len(inputs)} inputs at {len(levels)} levels on {len(frames)} frame(s): "
-            f"{len(frames) * (1 + len(inputs) * len(levels))} appends, {total} decoder layer passes"
-            + (f" ({1 - per_frame / (n_layers * (1 + len(inputs) * len(levels))):.0%} skipped: layers before "
-               "the perturbed input replay the reference)" if skip_unchanged_layers else ""))
+            f"{len(frames) * (1 + len(inputs) * len(levels))} appends, {total} decoder layer passes at "
+            f"{MEASURED_AT[measured]}" + (f" ({layer_passes('layer')} at {MEASURED_AT['layer']})"
+                                          if depth == "auto" else ""))
         recorded: list = []  # the reference pass's output of every decoder layer
 
         def record(module, args, out):
@@ -178,31 +220,52 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
                 for f, frame in enumerate(frames):
                     chunk = adapter.encode_frame(frame)
 
-                    def run(overrides, k=0):
-                        """Last decoder layer's output [T, D] (float32), layers before k replayed."""
+                    def run(overrides, k=0, stop=None):
+                        """Output [T, D] (float32) of decoder layer `stop` (None: the last), layers
+                        before k replayed."""
                         nonlocal done
                         flash.overrides = overrides
                         recorded.clear()
-                        with _replayed(decoder, reference, k):
-                            adapter.append(chunk, copy_cache(base), position)
-                        out = recorded[-1][0] if isinstance(recorded[-1], tuple) else recorded[-1]
-                        bar.update(n_layers - k)
-                        done += n_layers - k
-                        return out.detach().float().reshape(-1, out.shape[-1])
+                        with _replayed(decoder, reference, k), \
+                                (_stop_after(decoder[stop]) if stop is not None else nullcontext()):
+                            try:
+                                adapter.append(chunk, copy_cache(base), position)
+                            except _Stop:
+                                pass
+                        passes = (n_layers if stop is None else stop + 1) - k
+                        bar.update(passes)
+                        done += passes
+                        return _flat(recorded[-1])
 
                     reference: list = []
                     frame_scope = _vision_once(flash.model) if skip_unchanged_layers else nullcontext()
                     with frame_scope:
+                        t_ref = time.perf_counter()
                         ref = run(None)
                         reference = list(recorded)
+                        if f == 0 and depth == "auto":
+                            rate = (time.perf_counter() - t_ref) / n_layers  # vision included: on the safe side
+                            estimate = rate * (layer_passes("model") - done)
+                            if estimate > 60 * model_depth_minutes:
+                                measured = "layer"
+                                bar.total = total = layer_passes("layer")
+                                bar.refresh()
+                                log(f"sensitivity at {MEASURED_AT['model']} would take about {_duration(estimate)} "
+                                    f"(more than {model_depth_minutes:g} min): measuring at {MEASURED_AT['layer']} "
+                                    f"instead, about {_duration(rate * (total - done))}")
                         for n, i in enumerate(order):
-                            k = first_layer[inputs[i]]
+                            k = own_layer[inputs[i]]
+                            stop = k if measured == "layer" else None
+                            target = ref if stop is None else _flat(reference[k])
+                            start = k if skip_unchanged_layers else 0
                             t_input = time.perf_counter()
                             for j, level in enumerate(levels):
-                                h = run({inputs[i]: SelectionSettings(level, method, allocation="uniform")}, k)
-                                error[i, j] += _relative_error2(h, ref)
+                                h = run({inputs[i]: SelectionSettings(level, method, allocation="uniform")}, start,
+                                        stop)
+                                error[i, j] += _relative_error2(h, target)
                             if f == 0 and n == 0:  # the first measured appends: the estimate of the rest
-                                rate = (time.perf_counter() - t_input) / (len(levels) * (n_layers - k))
+                                per_append = (n_layers if stop is None else stop + 1) - start
+                                rate = (time.perf_counter() - t_input) / (len(levels) * per_append)
                                 log(f"sensitivity: {len(levels)} appends took {time.perf_counter() - t_input:.1f} s, "
                                     f"so about {_duration(rate * (total - done))} for the rest")
         finally:
@@ -212,9 +275,16 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
     finally:
         reader.close()
     seconds = time.perf_counter() - t0
-    log(f"sensitivity of {len(inputs)} inputs at {len(levels)} levels on {len(frames)} frame(s): {seconds:.0f} s")
+    log(f"sensitivity of {len(inputs)} inputs at {len(levels)} levels on {len(frames)} frame(s) at "
+        f"{MEASURED_AT[measured]}: {seconds:.0f} s")
     return {"inputs": inputs, "error": error / len(frames), "levels": list(levels), "frames": len(frames),
-            "seconds": round(seconds, 1), "layer_passes": total}
+            "seconds": round(seconds, 1), "layer_passes": total, "depth": measured}
+
+
+def _flat(out) -> torch.Tensor:
+    """A decoder layer's recorded output (a tensor or a tuple led by one) as float32 [T, D]."""
+    out = out[0] if isinstance(out, tuple) else out
+    return out.detach().float().reshape(-1, out.shape[-1])
 
 
 def _hull(x: np.ndarray, y: np.ndarray) -> list[int]:
@@ -269,18 +339,20 @@ def allocate(inputs: list[str], weights, levels, error, grid_step: float = GRID_
 
 def calibrate_allocation(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
                          threads: int = 6, source: str = "", progress: bool = True, log: Log | None = None,
-                         write: bool = True, frame_tokens=None) -> SparsityAllocation:
-    """Measure the store's sensitivity on `frames`, allocate, and (with `write`) store the result.
+                         write: bool = True, frame_tokens=None, depth: str = "auto") -> SparsityAllocation:
+    """Measure the store's sensitivity on `frames` (at `depth`, see `measure`), allocate, and (with
+    `write`) store the result.
 
     frame_tokens None: the mode the store was calibrated in (its manifest), else "auto"."""
     store = Store.open(store_path, check_alignment=False)
     if frame_tokens is None:
         frame_tokens = (store.model_info.get("calibration") or {}).get("frame_tokens", "auto")
-    sens = measure(store_path, frames, levels, device, dtype, threads, progress, log, frame_tokens=frame_tokens)
+    sens = measure(store_path, frames, levels, device, dtype, threads, progress, log, frame_tokens=frame_tokens,
+                   depth=depth)
     sizes = input_bytes(store)
     basis = {"frames": sens["frames"], "source": source, "levels": sens["levels"], "frame_tokens": frame_tokens,
              "selection": "magnitude", "seconds": sens["seconds"],
-             "error": "squared relative error of the last decoder layer's output over a frame's tokens",
+             "depth": sens["depth"], "error": f"squared relative error of {MEASURED_AT[sens['depth']]} over a frame's tokens",
              "sensitivity": {name: [round(float(e), 8) for e in row]
                              for name, row in zip(sens["inputs"], sens["error"])}}
     allocation = allocate(sens["inputs"], [sizes[n] for n in sens["inputs"]], sens["levels"], sens["error"],
