@@ -67,8 +67,8 @@ PARAMETERS = (
               "max_frames/2 frames and the new one (a change applies from the next frame)", 1, 1024),
     ParamSpec("ram_budget_mib", 0.0, "RAM in MiB for the hottest backbone rows, kept between frames and "
               "never read again (0 = none; a change re-reads the cache before the next frame)", 0.0, 1048576.0),
-    ParamSpec("cache_policy", CACHE_POLICIES[0], "which rows the RAM budget keeps: frame (rows each frame "
-              "read replace cached rows that mattered less lately) or static (the calibration's hottest rows); "
+    ParamSpec("cache_policy", CACHE_POLICIES[0], "which rows the RAM budget keeps: static (the calibration's "
+              "hottest rows) or frame (rows each frame read replace cached rows that mattered less lately); "
               "a change re-reads the cache before the next frame"),
     ParamSpec("image_topics", ["/camera/image_raw"], "camera topics; a name ending in /compressed is "
               "sensor_msgs/CompressedImage (JPEG/PNG), any other sensor_msgs/Image; the newest frame of "

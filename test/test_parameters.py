@@ -162,6 +162,6 @@ def test_frame_tokens_and_decoding_are_checked_for_form_and_by_the_running_model
 
 
 def test_cache_policy_parameter():
-    assert DEFAULTS["cache_policy"] == "frame" and "cache_policy" in parameters.SESSION_PARAMETERS  # live
+    assert DEFAULTS["cache_policy"] == "static" and "cache_policy" in parameters.SESSION_PARAMETERS  # live
     assert "cache_policy must be one of" in check_parameters({"cache_policy": "lru"}, DEFAULTS, True).reason
     assert check_parameters({"cache_policy": "static"}, DEFAULTS, True).successful

@@ -57,7 +57,7 @@ def test_every_method_has_a_row():
     methods = {v[1] for v in variants()}
     assert methods == {"floor", "in_ram", "dense", "magnitude", "chunking", "dp", "accelerate"}
     for label in ("chunking 50%", "chunking 50% + overlap", "chunking 50% + cache", "chunking 50% in RAM",
-                  "chunking 60% + cache", "chunking 50% + cache (static)", "chunking 45% + cache (static)"):
+                  "chunking 60% + cache", "chunking 50% + cache (frame)", "chunking 45% + cache (frame)"):
         assert label in labels
     assert CACHE_POLICIES[0] == SessionConfig().cache_policy  # the "+ cache" row is the runtime's default
 
@@ -105,7 +105,7 @@ def test_report_ratios_compute_from_the_results(results):
     table = session_report.format_table({**res, "machine": "test", "model": session_bench.model_settings(2),
                                          "backbone_bytes_on_drive": 1, "rounds": 1, "frames": FRAMES,
                                          "drive": {"peak_mb_per_s": 1.0, "saturation_kib": 1}, "runs": rows})
-    assert "chunking 50% + cache (static)" in table and "cache_bytes_reduction" in table
+    assert "chunking 50% + cache (frame)" in table and "cache_bytes_reduction" in table
 
 
 def _row(label, sparsity, retained, bytes_read, wasted=0.0, policy="static"):

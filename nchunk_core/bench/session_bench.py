@@ -17,7 +17,7 @@ mapped file pages too) is its own:
 - with ``chunking``, more rows at --sparsity: ``+ overlap`` (reads in pieces multiplied as they
   land, the next input's rows read ahead, overlap.py), ``+ overlap auto`` (overlap on or off per pass,
   as measured faster, overlap_choice.py), ``+ cache`` (and hot rows in RAM, 25 % of the backbone's
-  bytes, row_cache.py, its default policy "frame"), ``+ cache (static)`` (the other policy), and
+  bytes, row_cache.py, its default policy "static"), ``+ cache (frame)`` (the other policy), and
   ``in RAM`` (every row cached: the same selection size with no read, the reference for exposed I/O
   = frame time minus this row's); the cache rows of both policies also run at CACHE_SWEEP sparsities
   around --sparsity, so that `cache_bytes_reduction` compares bytes at the same retained importance

@@ -67,7 +67,7 @@ class SessionConfig:
     frame_tokens: str | int = "auto"  # what a frame costs (setting_values.py); the model's adapter checks the mode
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
-    cache_policy: str = "frame"  # which rows the row cache keeps: select.CACHE_POLICIES
+    cache_policy: str = "static"  # which rows the row cache keeps: select.CACHE_POLICIES
     # read in pieces and prefetch the next input's rows while computing (overlap.py); "auto": on or off
     # per pass through the layers, as measured faster on this machine (overlap_choice.py)
     overlap: bool | str = True

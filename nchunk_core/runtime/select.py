@@ -37,10 +37,11 @@ METHODS = ("dense", "magnitude", "chunking", "dp")
 # allocation (store/allocation.py; uniform when the store has none), "uniform" gives every matrix
 # the same sparsity.
 ALLOCATIONS = ("layerwise", "uniform")
-# Which rows the row cache (row_cache.py) keeps, the first the default: "frame" lets the rows each
-# call read replace cached rows of lower decayed importance (RowCache.observe); "static" keeps the
-# planned front rows.
-CACHE_POLICIES = ("frame", "static")
+# Which rows the row cache (row_cache.py) keeps, the first the default: "static" keeps the planned
+# front rows; "frame" lets the rows each call read replace cached rows of lower decayed importance
+# (RowCache.observe). "frame" reads fewer bytes for the same importance, "static" appends frames
+# faster (docs/design.md, "Cache policies").
+CACHE_POLICIES = ("static", "frame")
 
 
 def check_cache_policy(value) -> str:
