@@ -68,9 +68,10 @@ class SessionConfig:
     decoding: str = "checkpoint"  # "checkpoint": generation_config.json's greedy settings; "greedy" (decoding.py)
     ram_budget_mib: float = 0.0  # RAM for hot backbone rows kept between calls (row_cache.py); 0: none
     cache_policy: str = "static"  # which rows the row cache keeps: select.CACHE_POLICIES
-    # read in pieces and prefetch the next input's rows while computing (overlap.py); "auto": on or off
-    # per pass through the layers, as measured faster on this machine (overlap_choice.py)
-    overlap: bool | str = True
+    # True: read in pieces and prefetch the next input's rows while computing (overlap.py); "auto"
+    # (default): on or off per pass through the layers, as measured faster on this machine
+    # (overlap_choice.py); False: read, then compute
+    overlap: bool | str = "auto"
     # > 0: each frame's sparsity is chosen so that its estimated time fits this many ms (budget.py),
     # from 0 up to budget_max_sparsity; selection.sparsity is then ignored for frames. 0: off.
     frame_budget_ms: float = 0.0
