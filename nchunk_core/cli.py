@@ -228,7 +228,7 @@ def _add_bench(sub):
                          "extrapolated). Writes published_<layout>.json as each layout finishes, and published.json "
                          "and published.png (every layout result in --out) at the end; progress goes to stderr.")
     pb.add_argument("--layouts", default="idefics3,smolvlm,llava_onevision,qwen2_5_vl",
-                    help="comma-separated layouts (default: all four)")
+                    help="comma-separated layouts (default: all four; empty: only report the results in --out)")
     pb.add_argument("--work", default=None, help="folder for replicas, stores and calibration frames, reused while "
                     "their settings match (default: <system temp dir>/nchunk-bench-published); about 25 GB for all")
     pb.add_argument("--dimensions", default="published", choices=("published", "tiny"),
@@ -331,7 +331,7 @@ def cmd_bench_published(args) -> int:
     modes = args.modes.split(",") if args.modes else None
     run = {"argv": sys.argv[1:], "start": published_bench.machine()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731 (long run: progress even with --json)
-    for layout in args.layouts.split(","):
+    for layout in [name for name in args.layouts.split(",") if name]:
         arch_modes = published_bench.adapter_modes(layout)
         res = published_bench.run_layout(
             layout, work, dimensions=args.dimensions, text_layers=args.qwen_layers if layout == "qwen2_5_vl" else None,
