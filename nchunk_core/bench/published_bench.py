@@ -139,18 +139,23 @@ def sensitivity_passes(store_path) -> tuple[int, int]:
     return per_frame, layers + len(LEVELS) * (layers - min(first.values()))
 
 
-def timed_sensitivity(store: Path, frames: list, vision_s: float, limit_s: float, threads: int, log: Log) -> dict:
+def timed_sensitivity(store: Path, frames: list, vision_s: float, limit_s: float, threads: int, log: Log,
+                      estimate_frames: int | None = None) -> dict:
     """Run the converter's allocation step on `store`; stop after the first input when its estimate
     is above `limit_s` (the estimate is then the result, flagged).
 
-    The estimate: the time from the plan to the first input's estimate, less one frame's vision
-    time `vision_s` (computed once per frame), per decoder layer pass done by then (the reference
-    and the first input's levels), times the passes left, plus the other frames' vision time."""
+    The estimate, for `estimate_frames` frames (default: as many as given; more are always
+    estimated): the time from the plan to the first input's estimate, less one frame's vision time
+    `vision_s` (computed once per frame), per decoder layer pass done by then (the reference and
+    the first input's levels), times the passes left, plus the other frames' vision time."""
     from nchunk_core.convert.converter import load_frame
     from nchunk_core.convert.sensitivity import calibrate_allocation
 
     per_frame, first_passes = sensitivity_passes(store)
-    total_passes = per_frame * len(frames)
+    estimate_frames = max(estimate_frames or len(frames), len(frames))
+    if estimate_frames > len(frames):
+        limit_s = 0.0
+    total_passes = per_frame * estimate_frames
     marks: dict = {}
     t0 = time.perf_counter()
 
@@ -161,7 +166,7 @@ def timed_sensitivity(store: Path, frames: list, vision_s: float, limit_s: float
             marks["plan"] = now
         elif message.startswith("sensitivity:") and "plan" in marks and "estimate" not in marks:
             rate = max(0.0, now - marks["plan"] - vision_s) / first_passes  # s per decoder layer pass
-            marks["estimate"] = (now - t0) + rate * (total_passes - first_passes) + vision_s * (len(frames) - 1)
+            marks["estimate"] = (now - t0) + rate * (total_passes - first_passes) + vision_s * (estimate_frames - 1)
             if marks["estimate"] > limit_s:
                 raise _SensitivityCut
 
@@ -172,9 +177,10 @@ def timed_sensitivity(store: Path, frames: list, vision_s: float, limit_s: float
         log(f"sensitivity stopped after its first input: estimated {marks['estimate']:.0f} s "
             f"(limit {limit_s:g} s); the store keeps no allocation (uniform sparsity)")
         return {"sensitivity_s": round(marks["estimate"], 1), "sensitivity_estimated": True,
-                "sensitivity_measured_s": round(time.perf_counter() - t0, 1), "layer_passes": total_passes}
+                "sensitivity_measured_s": round(time.perf_counter() - t0, 1), "layer_passes": total_passes,
+                "allocation_frames": estimate_frames}
     return {"sensitivity_s": round(time.perf_counter() - t0, 1), "sensitivity_estimated": False,
-            "layer_passes": total_passes}
+            "layer_passes": total_passes, "allocation_frames": len(frames)}
 
 
 def timed_conversion(checkpoint: Path, store: Path, calib: Path, calib_frames: int, threads: int, log: Log) -> dict:
@@ -191,6 +197,21 @@ def timed_conversion(checkpoint: Path, store: Path, calib: Path, calib_frames: i
             "visual_tokens": calibration["visual_tokens"]}
 
 
+def calibration_forwards(frames: int, max_frames: int = 8) -> int:
+    """Frame forwards a calibration of `frames` frames runs: every frame, and the kept frames
+    (max_frames // 2) that each context rebuild re-encodes (the session's policy, at SessionConfig's
+    default max_frames, which the converter's calibration session uses)."""
+    kept = max_frames // 2
+    context = forwards = 0
+    for _ in range(frames):
+        if context >= max_frames:
+            context = min(kept, context)
+            forwards += context
+        context += 1
+        forwards += 1
+    return forwards
+
+
 def timed_allocation(store: Path, calib: Path, conversion: dict, allocation_frames: int, vision_s: float,
                      limit_s: float, threads: int, log: Log) -> dict:
     """`conversion` completed by the allocation step on the frames convert picks for it, and its total."""
@@ -198,10 +219,25 @@ def timed_allocation(store: Path, calib: Path, conversion: dict, allocation_fram
 
     _, frames = calibration_frames(calib, conversion["calib_frames"], log)
     picks = np.linspace(0, len(frames) - 1, min(allocation_frames, len(frames))).round().astype(int)
-    out = dict(conversion, allocation_frames=len(picks),
-               **timed_sensitivity(store, [frames[i] for i in picks], vision_s, limit_s, threads, log))
-    out["total_s"] = round(sum(out[k] for k in ("write_s", "calibration_s", "reorder_s", "sensitivity_s")), 1)
-    return out
+    out = dict(conversion, **timed_sensitivity(store, [frames[i] for i in picks], vision_s, limit_s, threads, log,
+                                               estimate_frames=allocation_frames))
+    return with_total(out)
+
+
+def with_total(conv: dict, default_frames: int | None = None) -> dict:
+    """`conv` with the calibration of the converter's default frame count (`calibration_default_s`:
+    measured, or scaled by calibration_forwards from fewer frames and flagged) and the total a user
+    waits with the defaults."""
+    from nchunk_core.convert.converter import CALIB_FRAMES
+
+    default_frames = default_frames or CALIB_FRAMES
+    measured = conv["calib_frames"]
+    scale = calibration_forwards(default_frames) / calibration_forwards(measured)
+    conv = dict(conv, default_calib_frames=default_frames, calibration_estimated=measured != default_frames,
+                calibration_default_s=round(conv["calibration_s"] * scale, 1))
+    conv["total_s"] = round(sum(conv[k] for k in ("write_s", "calibration_default_s", "reorder_s", "sensitivity_s")),
+                            1)
+    return conv
 
 
 # ---- frames -----------------------------------------------------------------------------------------
@@ -246,7 +282,8 @@ def scale_to_published(res: dict) -> dict:
     """A layout result measured with fewer decoder layers, scaled to the published depth L from N:
     a frame keeps its vision time and scales the rest by L/N; writing and the hot–cold rewrite scale
     with the bytes written (resident part fixed, backbone by L/N); calibration frames as the dense
-    frame of the calibrated mode; sensitivity by its decoder layer passes, L + 10 × 4 × L(L+1)/2."""
+    frame of the calibrated mode (and to the default frame count, with_total); sensitivity by its
+    decoder layer passes, L + 10 × 4 × L(L+1)/2."""
     n, big = res["text_layers"], res["published_layers"]
     ratio = big / n
     frames = []
@@ -267,7 +304,7 @@ def scale_to_published(res: dict) -> dict:
     conv.update(write_s=round(conv["write_s"] * bytes_ratio, 1), reorder_s=round(conv["reorder_s"] * bytes_ratio, 1),
                 calibration_s=round(conv["calibration_s"] * (vision_share + (1 - vision_share) * ratio), 1),
                 sensitivity_s=round(conv["sensitivity_s"] * passes(big) / passes(n), 1), sensitivity_estimated=True)
-    conv["total_s"] = round(sum(conv[k] for k in ("write_s", "calibration_s", "reorder_s", "sensitivity_s")), 1)
+    conv = with_total(conv, conv["default_calib_frames"])
     for key in ("measured_wall_s", "sensitivity_measured_s", "layer_passes"):
         conv.pop(key, None)
     return {"from_layers": n, "to_layers": big, "frames": frames, "conversion": conv,

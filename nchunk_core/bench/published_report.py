@@ -43,8 +43,11 @@ def _seconds(value: float | None) -> str:
 
 def _conversion_line(conv: dict, label: str) -> str:
     flag = " (sensitivity estimated from its first input)" if conv["sensitivity_estimated"] else ""
+    calib = f"{conv['calibration_default_s']:.1f} ({conv['default_calib_frames']} frames, {conv['frame_mode']}"
+    if conv["calibration_estimated"]:
+        calib += f"; ESTIMATED from {conv['calib_frames']} frames measured in {conv['calibration_s']:.1f} s"
     return (f"  conversion{label}: {_seconds(conv['total_s'])} s = write {conv['write_s']:.1f} + calibration "
-            f"{conv['calibration_s']:.1f} ({conv.get('calib_frames', '?')} frames, {conv['frame_mode']}) + reorder "
+            f"{calib}) + reorder "
             f"{conv['reorder_s']:.1f} + sensitivity {conv['sensitivity_s']:.1f} "
             f"({conv.get('allocation_frames', '?')} frames){flag}")
 
