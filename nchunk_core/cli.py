@@ -236,7 +236,7 @@ def _add_bench(sub):
     pb.add_argument("--qwen-layers", type=int, default=None, help="decoder layers of the Qwen2.5-VL replica "
                     "(default: all 36)")
     pb.add_argument("--frames", type=int, default=2, help="measured frames per mode and sparsity, after one "
-                    "warm-up frame per mode (default 2)")
+                    "warm-up frame per mode (default 2; 0: the warm-up frame alone, at the first sparsity)")
     pb.add_argument("--sparsities", default=None, help="comma-separated (default: 0 and the shipped store's "
                     "recommended sparsity)")
     pb.add_argument("--modes", default=None, help="comma-separated frame modes, where a layout has them "

@@ -245,7 +245,8 @@ def with_total(conv: dict, default_frames: int | None = None) -> dict:
 def timed_frames(store: Path, mode: str, sparsities: list[float], frames: int, threads: int, log: Log,
                  table=None) -> list[dict]:
     """One Session in frame mode `mode`: a warm-up frame, then `frames` rounds of one frame per sparsity
-    (interleaved); per sparsity the visual tokens and median FrameStats times."""
+    (interleaved); per sparsity the visual tokens and median FrameStats times. `frames` 0: the
+    warm-up frame alone is the measurement, at the first sparsity (`warmup_only`)."""
     from nchunk_core.runtime.select import SelectionSettings
     from nchunk_core.runtime.session import Session, SessionConfig
 
@@ -265,10 +266,12 @@ def timed_frames(store: Path, mode: str, sparsities: list[float], frames: int, t
                     raise RuntimeError("the context was rebuilt during the benchmark; max_frames too low")
                 stats[s].append(st)
                 log(f"  {mode} sparsity {s:g}: {st.total_s:.1f} s (vision {st.vision_s:.1f} s)")
+    if frames == 0:
+        stats = {sparsities[0]: [warm]}
     rows = []
     for s, runs in stats.items():
         row = {"mode": mode, "sparsity": s, "visual_tokens": runs[0].visual_tokens, "frame_mode": runs[0].frame_mode,
-               "frames": len(runs), "warmup_s": round(warm.total_s, 3),
+               "frames": len(runs), "warmup_s": round(warm.total_s, 3), "warmup_only": frames == 0,
                "total_s_all": [round(r.total_s, 3) for r in runs],
                "bytes_read": int(statistics.median(r.bytes_read for r in runs))}
         row.update({k: round(statistics.median(getattr(r, k) for r in runs), 3) for k in FRAME_FIELDS})
@@ -330,8 +333,8 @@ def run_layout(layout: str, work: Path, *, dimensions: str = "published", text_l
     from nchunk_core.convert.converter import CALIB_FRAMES
     from nchunk_core.convert.sensitivity import DEFAULT_FRAMES
 
-    if frames < 1:
-        raise ValueError(f"frames must be at least 1, got {frames}")
+    if frames < 0:
+        raise ValueError(f"frames must be at least 0, got {frames}")
     calib_frames = calib_frames or CALIB_FRAMES
     allocation_frames = allocation_frames or DEFAULT_FRAMES
     sparsities = sparsities if sparsities is not None else [0.0, shipped_sparsity()]

@@ -62,7 +62,7 @@ def format_layout(res: dict) -> str:
     for r in res["frames"]:
         lines.append(f"  {r['mode']:<7} {r['sparsity']:>8g} {r['visual_tokens']:>7} {r['total_s']:>9.2f} "
                      f"{r['vision_s']:>7.2f} {r['select_s']:>7.2f} {r['io_s']:>7.2f} {r['compute_s']:>8.2f} "
-                     f"{r['frames']:>6}")
+                     f"{'warm-up' if r.get('warmup_only') else r['frames']:>6}")
     lines.append(_conversion_line(res["conversion"], ""))
     ext = res.get("extrapolated")
     if ext:
