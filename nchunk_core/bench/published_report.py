@@ -101,8 +101,9 @@ def plot(report: dict, path) -> str:
             ax.bar_label(bars, labels=[str(by_mode[m]["visual_tokens"]) for m in modes], fontsize=7)
         ax.set_xticks([i + width * (len(sparsities) - 1) / 2 for i in range(len(modes))], modes)
         layers = f"{res['text_layers']}/{res['published_layers']} layers"
-        ax.set_title(f"{res['layout']}\n({layers}; conversion {res['conversion']['total_s'] / 60:.1f} min)",
-                     fontsize=9)
+        conv = res["conversion"]
+        estimated = " est." if conv["sensitivity_estimated"] or conv["calibration_estimated"] else ""
+        ax.set_title(f"{res['layout']}\n({layers}; conversion {conv['total_s'] / 3600:.1f} h{estimated})", fontsize=9)
         ax.set_ylabel("append s per 640x480 frame (median)")
         ax.legend(fontsize=7)
     fig.suptitle("nchunk bench published (bar labels: visual tokens per frame)", fontsize=10)
