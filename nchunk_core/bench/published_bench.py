@@ -10,14 +10,13 @@ llava_onevision = llava-onevision-qwen2-0.5b-ov-hf, qwen2_5_vl = Qwen2.5-VL-3B-I
    (rendered 640×480 shape scenes written as PNGs, `calib_frames` of them, as `--calib` takes them):
    `converter.convert(..., allocation=False)` times writing, calibration and the hot–cold rewrite,
    then `sensitivity.calibrate_allocation` on the allocation frames convert would pick (its step 5,
-   the same call) times the layer-wise allocation (after step 3, see there). When the sensitivity estimate after its first
-   input (the time of those passes × the plan's decoder layer passes) exceeds
-   `sensitivity_limit_s`, it stops there and the estimate is reported, flagged `estimated`;
+   the same call) times the layer-wise allocation, after step 3. When its estimate after the first
+   input (sensitivity_estimate: the rate of that input's appends over the plan's decoder layer
+   passes) exceeds `sensitivity_limit_s`, it stops there and the estimate is reported, flagged;
 3. per frame mode of the adapter (`frame_tokens`) a Session on the store appends 640×480 scenes:
    one warm-up, then `frames` frames at each sparsity, interleaved; medians of FrameStats' times.
    They run before the allocation step (a sparsity is then spread uniformly over the inputs, the
-   same bytes as layer-wise), so that the allocation's estimate can leave out the vision tower,
-   which it runs once per frame: the vision time of a dense frame in the calibrated mode.
+   same bytes as layer-wise).
 
 A replica with fewer decoder layers than published (`text_layers`, for Qwen2.5-VL-3B where 36 do not
 fit the time or memory) is measured as built, and every figure is also given scaled to the published
@@ -139,19 +138,23 @@ def sensitivity_passes(store_path) -> tuple[int, int]:
     return per_frame, layers + len(LEVELS) * (layers - min(first.values()))
 
 
-def timed_sensitivity(store: Path, frames: list, vision_s: float, limit_s: float, threads: int, log: Log,
+def sensitivity_estimate(elapsed_s: float, first_s: float, first_passes: int, done_passes: int,
+                         total_passes: int) -> float:
+    """Seconds of the whole allocation step: `elapsed_s` so far, and the passes left at the rate of the
+    first input's appends (`first_s` for `first_passes` decoder layer passes), as the converter's own
+    estimate; like it, this leaves out the vision tower of the frames after the first (once each)."""
+    return elapsed_s + first_s / first_passes * (total_passes - done_passes)
+
+
+def timed_sensitivity(store: Path, frames: list, limit_s: float, threads: int, log: Log,
                       estimate_frames: int | None = None) -> dict:
     """Run the converter's allocation step on `store`; stop after the first input when its estimate
-    is above `limit_s` (the estimate is then the result, flagged).
-
-    The estimate, for `estimate_frames` frames (default: as many as given; more are always
-    estimated): the time from the plan to the first input's estimate, less one frame's vision time
-    `vision_s` (computed once per frame), per decoder layer pass done by then (the reference and
-    the first input's levels), times the passes left, plus the other frames' vision time."""
+    (sensitivity_estimate, for `estimate_frames` frames: default as many as given; more are always
+    estimated) is above `limit_s`, and report the estimate, flagged."""
     from nchunk_core.convert.converter import load_frame
     from nchunk_core.convert.sensitivity import calibrate_allocation
 
-    per_frame, first_passes = sensitivity_passes(store)
+    per_frame, done_passes = sensitivity_passes(store)
     estimate_frames = max(estimate_frames or len(frames), len(frames))
     if estimate_frames > len(frames):
         limit_s = 0.0
@@ -159,26 +162,21 @@ def timed_sensitivity(store: Path, frames: list, vision_s: float, limit_s: float
     marks: dict = {}
     t0 = time.perf_counter()
 
-    def watch(message: str) -> None:
-        log(message)
-        now = time.perf_counter()
-        if message.startswith("sensitivity of") and "plan" not in marks:
-            marks["plan"] = now
-        elif message.startswith("sensitivity:") and "plan" in marks and "estimate" not in marks:
-            rate = max(0.0, now - marks["plan"] - vision_s) / first_passes  # s per decoder layer pass
-            marks["estimate"] = (now - t0) + rate * (total_passes - first_passes) + vision_s * (estimate_frames - 1)
-            if marks["estimate"] > limit_s:
-                raise _SensitivityCut
+    def first_input(seconds: float, passes: int) -> None:
+        marks["first_input_s"] = round(seconds, 1)
+        marks["estimate"] = sensitivity_estimate(time.perf_counter() - t0, seconds, passes, done_passes, total_passes)
+        if marks["estimate"] > limit_s:
+            raise _SensitivityCut
 
     try:
-        calibrate_allocation(store, [load_frame(f) for f in frames], threads=threads, progress=False, log=watch,
-                             frame_tokens="auto")
+        calibrate_allocation(store, [load_frame(f) for f in frames], threads=threads, progress=False, log=log,
+                             frame_tokens="auto", first_input=first_input)
     except _SensitivityCut:
         log(f"sensitivity stopped after its first input: estimated {marks['estimate']:.0f} s "
             f"(limit {limit_s:g} s); the store keeps no allocation (uniform sparsity)")
         return {"sensitivity_s": round(marks["estimate"], 1), "sensitivity_estimated": True,
-                "sensitivity_measured_s": round(time.perf_counter() - t0, 1), "layer_passes": total_passes,
-                "allocation_frames": estimate_frames}
+                "sensitivity_measured_s": round(time.perf_counter() - t0, 1), "first_input_s": marks["first_input_s"],
+                "layer_passes": total_passes, "allocation_frames": estimate_frames}
     return {"sensitivity_s": round(time.perf_counter() - t0, 1), "sensitivity_estimated": False,
             "layer_passes": total_passes, "allocation_frames": len(frames)}
 
@@ -212,14 +210,14 @@ def calibration_forwards(frames: int, max_frames: int = 8) -> int:
     return forwards
 
 
-def timed_allocation(store: Path, calib: Path, conversion: dict, allocation_frames: int, vision_s: float,
-                     limit_s: float, threads: int, log: Log) -> dict:
+def timed_allocation(store: Path, calib: Path, conversion: dict, allocation_frames: int, limit_s: float,
+                     threads: int, log: Log) -> dict:
     """`conversion` completed by the allocation step on the frames convert picks for it, and its total."""
     from nchunk_core.convert.converter import calibration_frames
 
     _, frames = calibration_frames(calib, conversion["calib_frames"], log)
     picks = np.linspace(0, len(frames) - 1, min(allocation_frames, len(frames))).round().astype(int)
-    out = dict(conversion, **timed_sensitivity(store, [frames[i] for i in picks], vision_s, limit_s, threads, log,
+    out = dict(conversion, **timed_sensitivity(store, [frames[i] for i in picks], limit_s, threads, log,
                                                estimate_frames=allocation_frames))
     return with_total(out)
 
@@ -353,12 +351,10 @@ def run_layout(layout: str, work: Path, *, dimensions: str = "published", text_l
     log(f"{layout}: converting (nchunk convert defaults, {calib_frames} calibration frames)")
     calib = calibration_folder(work, calib_frames)
     conversion = timed_conversion(checkpoint, store, calib, calib_frames, threads, log)
-    rows = []  # frames before the allocation step, whose estimate takes the vision time of a dense frame
+    rows = []
     for mode in modes:
         rows += timed_frames(store, mode, sparsities, frames, threads, log, table)
-    dense = [r for r in rows if r["frame_mode"] == conversion["frame_mode"] and r["sparsity"] == 0.0]
-    conversion = timed_allocation(store, calib, conversion, allocation_frames, dense[0]["vision_s"] if dense else 0.0,
-                                  sensitivity_limit_s, threads, log)
+    conversion = timed_allocation(store, calib, conversion, allocation_frames, sensitivity_limit_s, threads, log)
     log(f"{layout}: conversion {conversion['total_s']:.0f} s" + (" (sensitivity estimated)"
                                                                   if conversion["sensitivity_estimated"] else ""))
     resident, backbone = _store_bytes(store)

@@ -126,13 +126,16 @@ def _duration(seconds: float) -> str:
 
 def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
             threads: int = 6, progress: bool = True, log: Log | None = None, method: str = "magnitude",
-            table: LatencyTable | None = None, frame_tokens="auto", skip_unchanged_layers: bool = True) -> dict:
+            table: LatencyTable | None = None, frame_tokens="auto", skip_unchanged_layers: bool = True,
+            first_input: Callable[[float, int], None] | None = None) -> dict:
     """Output error per input and level (see the module docstring).
 
     frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode.
     skip_unchanged_layers: replay the reference pass's outputs of the layers before the perturbed
     input's and compute the frame's image features once (the same error, less work); False runs
     the vision tower and every layer at every pass.
+    first_input(seconds, layer_passes), if given, is called with the time and decoder layer passes
+    of the first input's appends (what the logged estimate is made from); it may raise to stop.
     Returns {"inputs": [N names], "error": float64 [N, L], "levels": [L], "frames": n, "seconds": s,
     "layer_passes": decoder layers run}.
     """
@@ -205,6 +208,8 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
                                 rate = (time.perf_counter() - t_input) / (len(levels) * (n_layers - k))
                                 log(f"sensitivity: {len(levels)} appends took {time.perf_counter() - t_input:.1f} s, "
                                     f"so about {_duration(rate * (total - done))} for the rest")
+                                if first_input is not None:
+                                    first_input(time.perf_counter() - t_input, len(levels) * (n_layers - k))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -269,14 +274,16 @@ def allocate(inputs: list[str], weights, levels, error, grid_step: float = GRID_
 
 def calibrate_allocation(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
                          threads: int = 6, source: str = "", progress: bool = True, log: Log | None = None,
-                         write: bool = True, frame_tokens=None) -> SparsityAllocation:
+                         write: bool = True, frame_tokens=None,
+                         first_input: Callable[[float, int], None] | None = None) -> SparsityAllocation:
     """Measure the store's sensitivity on `frames`, allocate, and (with `write`) store the result.
 
     frame_tokens None: the mode the store was calibrated in (its manifest), else "auto"."""
     store = Store.open(store_path, check_alignment=False)
     if frame_tokens is None:
         frame_tokens = (store.model_info.get("calibration") or {}).get("frame_tokens", "auto")
-    sens = measure(store_path, frames, levels, device, dtype, threads, progress, log, frame_tokens=frame_tokens)
+    sens = measure(store_path, frames, levels, device, dtype, threads, progress, log, frame_tokens=frame_tokens,
+                   first_input=first_input)
     sizes = input_bytes(store)
     basis = {"frames": sens["frames"], "source": source, "levels": sens["levels"], "frame_tokens": frame_tokens,
              "selection": "magnitude", "seconds": sens["seconds"],
