@@ -212,6 +212,42 @@ def _add_bench(sub):
     ca.add_argument("--out", default="out", help="folder for the plot and the JSON result (default: out)")
     ca.add_argument("--json", action="store_true", help="print one JSON object")
     ca.set_defaults(func=cmd_bench_calibration)
+    pb = bsub.add_parser("published", help="tokens per frame, append time and conversion time of the published "
+                         "checkpoints (replicas at their real dimensions)",
+                         description="For each layout (idefics3 = SmolVLM-256M-Instruct, smolvlm = "
+                         "SmolVLM2-256M-Video-Instruct, llava_onevision = llava-onevision-qwen2-0.5b-ov-hf, "
+                         "qwen2_5_vl = Qwen2.5-VL-3B-Instruct): builds a replica at the published dimensions "
+                         "(random weights, bf16 shards; reused from --work), converts it with nchunk convert's "
+                         "defaults on rendered 640x480 scenes (write, calibration, hot-cold rewrite, sensitivity; "
+                         "a sensitivity step estimated above --sensitivity-limit is stopped after its first input "
+                         "and its estimate reported), then appends 640x480 frames in every frame mode at each "
+                         "sparsity (one warm-up, medians): visual tokens per frame and append time split into "
+                         "vision, selection, I/O and compute. On 2 CPU cores expect about 15 min per SmolVLM "
+                         "layout, 30-60 min for LLaVA-OneVision (its tiles mode is 1-3 min a frame) and longer "
+                         "for Qwen2.5-VL-3B (use --qwen-layers: figures are then also scaled to 36 layers, marked "
+                         "extrapolated). Writes published_<layout>.json as each layout finishes, and published.json "
+                         "and published.png (every layout result in --out) at the end; progress goes to stderr.")
+    pb.add_argument("--layouts", default="idefics3,smolvlm,llava_onevision,qwen2_5_vl",
+                    help="comma-separated layouts (default: all four; empty: only report the results in --out)")
+    pb.add_argument("--work", default=None, help="folder for replicas, stores and calibration frames, reused while "
+                    "their settings match (default: <system temp dir>/nchunk-bench-published); about 25 GB for all")
+    pb.add_argument("--dimensions", default="published", choices=("published", "tiny"),
+                    help="published (real sizes) or tiny (the test backbone; seconds)")
+    pb.add_argument("--qwen-layers", type=int, default=None, help="decoder layers of the Qwen2.5-VL replica "
+                    "(default: all 36)")
+    pb.add_argument("--frames", type=int, default=2, help="measured frames per mode and sparsity, after one "
+                    "warm-up frame per mode (default 2; 0: the warm-up frame alone, at the first sparsity)")
+    pb.add_argument("--sparsities", default=None, help="comma-separated (default: 0 and the shipped store's "
+                    "recommended sparsity)")
+    pb.add_argument("--modes", default=None, help="comma-separated frame modes, where a layout has them "
+                    "(default: every mode of each layout)")
+    pb.add_argument("--calib-frames", type=int, default=None, help="calibration frames (default: nchunk convert's)")
+    pb.add_argument("--sensitivity-limit", type=float, default=300.0, help="seconds: a sensitivity step "
+                    "estimated longer is stopped after its first input, and its estimate reported (default 300)")
+    pb.add_argument("--threads", type=int, default=6, help="reader threads (default 6)")
+    pb.add_argument("--out", default="out", help="folder for the plot and the JSON results (default: out)")
+    pb.add_argument("--json", action="store_true", help="print one JSON object")
+    pb.set_defaults(func=cmd_bench_published)
 
 
 def cmd_bench_reader(args) -> int:
@@ -285,6 +321,29 @@ def cmd_bench_calibration(args) -> int:
     else:
         print("\n\n".join(calibration_bench.format_table(r) for r in results) + f"\nplot: {png}\njson: {json_path}")
     return 0
+
+
+def cmd_bench_published(args) -> int:
+    from nchunk_core.bench import published_bench, published_report
+
+    work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "nchunk-bench-published"
+    sparsities = [float(v) for v in args.sparsities.split(",")] if args.sparsities else None
+    modes = args.modes.split(",") if args.modes else None
+    run = {"argv": sys.argv[1:], "start": published_bench.machine()}
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731 (long run: progress even with --json)
+    for layout in [name for name in args.layouts.split(",") if name]:
+        arch_modes = published_bench.adapter_modes(layout)
+        res = published_bench.run_layout(
+            layout, work, dimensions=args.dimensions, text_layers=args.qwen_layers if layout == "qwen2_5_vl" else None,
+            calib_frames=args.calib_frames, frames=args.frames, sparsities=sparsities,
+            modes=[m for m in modes if m in arch_modes] if modes else None,
+            sensitivity_limit_s=args.sensitivity_limit, threads=args.threads, log=log)
+        log(f"saved {published_report.save_layout(res, args.out)}")
+    run["end"] = published_bench.machine()
+    report = published_report.merged(args.out, run)
+    png = published_report.plot(report, Path(args.out, published_report.PLOT))
+    return _report(args, published_report.MERGED, json.dumps(report, indent=1),
+                   published_report.format_table(report) + f"\nplot: {png}")
 
 
 def _add_train_demo(sub):

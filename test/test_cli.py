@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "transformers"}
 ROS = {"rclpy", "nchunk_interfaces", "nchunk_ros.ask_client"}
 HELPS = [[], ["profile"], ["bench"], ["bench", "reader"], ["bench", "io"], ["bench", "session"],
-         ["bench", "accuracy"], ["convert"], ["train-demo"], ["verify"], ["upgrade"], ["ask"], ["demo"], ["soak"]]
+         ["bench", "accuracy"], ["bench", "published"], ["convert"], ["train-demo"], ["verify"], ["upgrade"],
+         ["ask"], ["demo"], ["soak"]]
 
 
 def test_nchunk_ask_help_imports_no_torch():

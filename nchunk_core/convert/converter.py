@@ -275,9 +275,21 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             calib_dtype: str = "float32", threads: int = 6, overwrite: bool = False,
             recommended: Recommended | None = None, progress: bool = True, log: Log | None = None,
             frame_tokens="auto", allocation: bool = True, allocation_frames: int = 4,
-            sensitivity_depth: str = "auto") -> Path:
-    """Convert the checkpoint in `model_dir` into a store at `store_dir` (see the module docstring)."""
+            sensitivity_depth: str = "auto", timings: dict | None = None) -> Path:
+    """Convert the checkpoint in `model_dir` into a store at `store_dir` (see the module docstring).
+
+    `timings`, if given, receives the seconds of each step that ran: write_s (checkpoint → first
+    store), calibration_s, reorder_s (the permuted rewrite) and allocation_s (sensitivity)."""
     log = log or (lambda message: None)
+    timings = {} if timings is None else timings
+    step = time.perf_counter()
+
+    def done(name: str) -> None:
+        nonlocal step
+        now = time.perf_counter()
+        timings[name] = round(now - step, 3)
+        step = now
+
     if recommended is not None and not isinstance(recommended, Recommended):
         raise ValueError(f"recommended must be a Recommended or None, got {type(recommended).__name__}")
     if dtype != "auto" and dtype not in DTYPES:
@@ -305,6 +317,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
         try:
             write_store(ck, first, bundle, None if dtype == "auto" else torch_dtype(dtype), info, progress)
             copy_model_files(source, first)
+            done("write_s")
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -315,6 +328,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             mode = {}
             calibration = calibrate(first, frames, calib_device, calib_dtype, threads, progress, log, frame_tokens,
                                     mode)
+            done("calibration_s")
             info["calibration"] = {"frames": len(frames), "source": frames_source, "frame_tokens": frame_tokens,
                                    **mode,
                                    "synthetic": calib is None, "active_fraction": 0.5,
@@ -323,6 +337,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             permute_store(first, final, calibration, info, progress)
             copy_model_files(source, final)
             shutil.rmtree(first)
+            done("reorder_s")
             if allocation:
                 from nchunk_core.convert.sensitivity import calibrate_allocation
 
@@ -330,6 +345,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
                 calibrate_allocation(final, [load_frame(frames[i]) for i in picks], device=calib_device,
                                      dtype=calib_dtype, threads=threads, source=frames_source, progress=progress,
                                      log=log, frame_tokens=frame_tokens, depth=sensitivity_depth)
+                done("allocation_s")
         set_recommended(final, recommended or CONVERTED)
         Store.open(final)  # the result opens and validates before it replaces anything
         if dst.exists():

@@ -159,7 +159,8 @@ def _passes(n_layers: int, first: list[int], levels: int, depth: str, skip: bool
 def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
             threads: int = 6, progress: bool = True, log: Log | None = None, method: str = "magnitude",
             table: LatencyTable | None = None, frame_tokens="auto", skip_unchanged_layers: bool = True,
-            depth: str = "auto", model_depth_minutes: float = MODEL_DEPTH_MINUTES) -> dict:
+            depth: str = "auto", model_depth_minutes: float = MODEL_DEPTH_MINUTES,
+            first_input: Callable[[dict], None] | None = None) -> dict:
     """Output error per input and level (see the module docstring).
 
     frames: PIL images or uint8 [H, W, 3] arrays, encoded in the `frame_tokens` mode.
@@ -167,6 +168,9 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
     input's and compute the frame's image features once (the same error, less work); False runs
     the vision tower and every layer at every pass.
     depth: "model", "layer" or "auto" (module docstring; "auto" decides by `model_depth_minutes`).
+    first_input, if given, is called after the first input's appends with {"seconds", "passes"}
+    (their time and decoder layer passes: what the logged estimate is made from), "done" (passes so
+    far), "total" (passes of the whole plan) and "depth" (the one measured); it may raise to stop.
     Returns {"inputs": [N names], "error": float64 [N, L], "levels": [L], "frames": n, "seconds": s,
     "layer_passes": decoder layers run, "depth": "model" or "layer"}.
     """
@@ -268,6 +272,9 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
                                 rate = (time.perf_counter() - t_input) / (len(levels) * per_append)
                                 log(f"sensitivity: {len(levels)} appends took {time.perf_counter() - t_input:.1f} s, "
                                     f"so about {_duration(rate * (total - done))} for the rest")
+                                if first_input is not None:
+                                    first_input({"seconds": time.perf_counter() - t_input, "depth": measured,
+                                                 "passes": len(levels) * per_append, "done": done, "total": total})
         finally:
             for hook in hooks:
                 hook.remove()
@@ -339,16 +346,17 @@ def allocate(inputs: list[str], weights, levels, error, grid_step: float = GRID_
 
 def calibrate_allocation(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
                          threads: int = 6, source: str = "", progress: bool = True, log: Log | None = None,
-                         write: bool = True, frame_tokens=None, depth: str = "auto") -> SparsityAllocation:
+                         write: bool = True, frame_tokens=None, depth: str = "auto",
+                         first_input: Callable[[dict], None] | None = None) -> SparsityAllocation:
     """Measure the store's sensitivity on `frames` (at `depth`, see `measure`), allocate, and (with
-    `write`) store the result.
+    `write`) store the result; `first_input` as `measure`'s.
 
     frame_tokens None: the mode the store was calibrated in (its manifest), else "auto"."""
     store = Store.open(store_path, check_alignment=False)
     if frame_tokens is None:
         frame_tokens = (store.model_info.get("calibration") or {}).get("frame_tokens", "auto")
     sens = measure(store_path, frames, levels, device, dtype, threads, progress, log, frame_tokens=frame_tokens,
-                   depth=depth)
+                   depth=depth, first_input=first_input)
     sizes = input_bytes(store)
     basis = {"frames": sens["frames"], "source": source, "levels": sens["levels"], "frame_tokens": frame_tokens,
              "selection": "magnitude", "seconds": sens["seconds"],
