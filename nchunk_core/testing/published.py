@@ -280,7 +280,10 @@ def build_published(layout: str, out_dir, seed: int = 0, dimensions: str = "tiny
     _write_json(out / "config.json", config)
     config = AutoConfig.from_pretrained(str(out), local_files_only=True)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config).eval()
+    # at the real sizes the weights are made in bf16, as written: a 3B model in fp32 plus its bf16
+    # copy would need about 22 GB
+    kwargs = {"dtype": torch.bfloat16} if dimensions == "published" else {}
+    model = AutoModelForImageTextToText.from_config(config, **kwargs).eval()
     write_weights(model, spec, out)
     _write_json(out / "generation_config.json", spec.generation)
     build_tokenizer(spec).save_pretrained(str(out))
