@@ -124,25 +124,28 @@ def _replayed(layers, recorded: list, k: int):
 
 @contextmanager
 def _vision_once(model):
-    """The frame's image features computed at its first pass and reused by the others (the same
-    pixels through the same vision tower): `get_image_features` of the inner model memoised."""
+    """The frame's image or video features computed at its first pass and reused by the others (the
+    same pixels through the same vision tower): `get_image_features` and `get_video_features` of
+    the inner model memoised (LLaVA-OneVision's video mode takes the second)."""
     inner = getattr(model, "model", None)
-    compute = getattr(inner, "get_image_features", None)
-    if compute is None:
-        yield
-        return
-    memo: list = []
+    memoised = [name for name in ("get_image_features", "get_video_features") if hasattr(inner, name)]
 
-    def once(*args, **kwargs):
-        if not memo:
-            memo.append(compute(*args, **kwargs))
-        return memo[0]
+    def once(compute):
+        memo: list = []
 
-    inner.get_image_features = once
+        def call(*args, **kwargs):
+            if not memo:
+                memo.append(compute(*args, **kwargs))
+            return memo[0]
+        return call
+
+    for name in memoised:
+        setattr(inner, name, once(getattr(inner, name)))
     try:
         yield
     finally:
-        del inner.get_image_features
+        for name in memoised:
+            delattr(inner, name)
 
 
 def _duration(seconds: float) -> str:
