@@ -126,23 +126,27 @@ def _replayed(layers, recorded: list, k: int):
 def _vision_once(model):
     """The frame's image or video features computed at its first pass and reused by the others (the
     same pixels through the same vision tower): `get_image_features` and `get_video_features` of
-    the inner model memoised (LLaVA-OneVision's video mode takes the second)."""
+    the inner model memoised (LLaVA-OneVision's video mode takes the second). Yields a dict whose
+    "seconds" is the time the features took."""
     inner = getattr(model, "model", None)
     memoised = [name for name in ("get_image_features", "get_video_features") if hasattr(inner, name)]
+    timing = {"seconds": 0.0}
 
     def once(compute):
         memo: list = []
 
         def call(*args, **kwargs):
             if not memo:
+                t0 = time.perf_counter()
                 memo.append(compute(*args, **kwargs))
+                timing["seconds"] += time.perf_counter() - t0
             return memo[0]
         return call
 
     for name in memoised:
         setattr(inner, name, once(getattr(inner, name)))
     try:
-        yield
+        yield timing
     finally:
         for name in memoised:
             delattr(inner, name)
@@ -245,13 +249,14 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
                         return _flat(recorded[-1])
 
                     reference: list = []
-                    frame_scope = _vision_once(flash.model) if skip_unchanged_layers else nullcontext()
-                    with frame_scope:
+                    frame_scope = _vision_once(flash.model) if skip_unchanged_layers else nullcontext({"seconds": 0.0})
+                    with frame_scope as vision:
                         t_ref = time.perf_counter()
                         ref = run(None)
                         reference = list(recorded)
                         if f == 0 and depth == "auto":
-                            rate = (time.perf_counter() - t_ref) / n_layers  # vision included: on the safe side
+                            # per layer pass: the reference pass without its vision tower (the others reuse it)
+                            rate = (time.perf_counter() - t_ref - vision["seconds"]) / n_layers
                             estimate = rate * (layer_passes("model") - done)
                             if estimate > 60 * model_depth_minutes:
                                 measured = "layer"
@@ -363,7 +368,8 @@ def calibrate_allocation(store_path, frames: list, levels=LEVELS, device: str = 
     sizes = input_bytes(store)
     basis = {"frames": sens["frames"], "source": source, "levels": sens["levels"], "frame_tokens": frame_tokens,
              "selection": "magnitude", "seconds": sens["seconds"],
-             "depth": sens["depth"], "error": f"squared relative error of {MEASURED_AT[sens['depth']]} over a frame's tokens",
+             "depth": sens["depth"],
+             "error": f"squared relative error of {MEASURED_AT[sens['depth']]} over a frame's tokens",
              "sensitivity": {name: [round(float(e), 8) for e in row]
                              for name, row in zip(sens["inputs"], sens["error"])}}
     allocation = allocate(sens["inputs"], [sizes[n] for n in sens["inputs"]], sens["levels"], sens["error"],
