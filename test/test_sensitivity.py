@@ -83,3 +83,15 @@ def test_auto_depth_takes_the_input_layer_when_the_model_depth_would_take_too_lo
     assert measure(tiny_stores["smolvlm"], frames, LEVELS, progress=False)["depth"] == "model"
     with pytest.raises(ValueError, match="depth"):
         measure(tiny_stores["smolvlm"], frames, LEVELS, progress=False, depth="deep")
+
+
+def test_video_frames_measure_the_same_error_with_their_features_reused(tiny_stores, calibration_frames):
+    """LLaVA-OneVision's video mode takes its features from get_video_features: reused within a frame
+    like image features, they give the error of running the vision tower at every pass."""
+    frames = [load_frame(p) for p in sorted(calibration_frames.glob("frame_*"))[:1]]
+    store = tiny_stores["llava_onevision"]
+    fast = measure(store, frames, LEVELS, progress=False, frame_tokens="video", depth="layer")
+    plain = measure(store, frames, LEVELS, progress=False, frame_tokens="video", depth="layer",
+                    skip_unchanged_layers=False)
+    assert np.all(fast["error"] > 0)
+    np.testing.assert_allclose(fast["error"], plain["error"], rtol=1e-4, atol=0)

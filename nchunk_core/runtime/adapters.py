@@ -312,8 +312,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
             newline = self.model.model.image_newline.to(self.model.dtype)
             features = BaseModelOutputWithPooling(pooler_output=newline[None, None])  # [1, 1, D]
         else:  # a frame: the model's video features of one frame, less the newline that closes them
-            features = self.model.get_video_features(chunk.vision["pixel_values_videos"], return_dict=True)
-            features.pooler_output = features.pooler_output[:, :-1]  # [1, 196, D]
+            video = self.model.get_video_features(chunk.vision["pixel_values_videos"], return_dict=True)
+            features = BaseModelOutputWithPooling(pooler_output=video.pooler_output[:, :-1])  # [1, 196, D]
         return {"input_ids": chunk.input_ids, "mm_encoder_outputs": {"video": features}}
 
 
