@@ -108,3 +108,15 @@ def test_a_shallower_replica_is_scaled_and_marked(results):
     assert ext["conversion"]["sensitivity_s"] > res["conversion"]["sensitivity_s"]
     res["extrapolated"] = ext
     assert "EXTRAPOLATED to 3 layers from 1" in published_report.format_layout(res)
+
+
+def test_the_command_reports_the_saved_layouts(results, tmp_path, capsys):
+    """`nchunk bench published --layouts ''` merges what --out holds: the command's own report path."""
+    from nchunk_core import cli
+
+    for res, _ in results.values():
+        published_report.save_layout(res, tmp_path)
+    assert cli.main(["bench", "published", "--layouts", "", "--out", str(tmp_path), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed["layouts"]) == ["idefics3", "llava_onevision"]
+    assert (tmp_path / published_report.MERGED).is_file() and (tmp_path / published_report.PLOT).is_file()

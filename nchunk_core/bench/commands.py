@@ -257,7 +257,7 @@ def cmd_bench_published(args) -> int:
             sensitivity_limit_s=args.sensitivity_limit, threads=args.threads, log=log)
         log(f"saved {published_report.save_layout(res, args.out)}")
     run["end"] = published_bench.machine()
-    report = published_report.merged(args.out, run)
-    png = published_report.plot(report, Path(args.out, published_report.PLOT))
-    return report(args, published_report.MERGED, json.dumps(report, indent=1),
-                   published_report.format_table(report) + f"\nplot: {png}")
+    merged = published_report.merged(args.out, run)
+    png = published_report.plot(merged, Path(args.out, published_report.PLOT))
+    return report(args, published_report.MERGED, json.dumps(merged, indent=1),
+                  published_report.format_table(merged) + f"\nplot: {png}")
