@@ -192,7 +192,7 @@ def cmd_bench_io(args) -> int:
                        threads=args.threads, progress=not args.json, log=log, sparsities=sparsities)
     res["plots"] = io_bench.plot(res, args.out)
     return report(args, "bench_io.json", io_bench.to_json(res),
-                   io_bench.format_table(res) + "\nplots: " + ", ".join(res["plots"]))
+                  io_bench.format_table(res) + "\nplots: " + ", ".join(res["plots"]))
 
 
 def cmd_bench_session(args) -> int:
@@ -206,7 +206,7 @@ def cmd_bench_session(args) -> int:
                             layers=args.layers, threads=args.threads, rounds=args.rounds, log=log)
     res["plot"] = session_report.plot(res, args.out)
     return report(args, "bench_session.json", json.dumps(res, indent=1),
-                   session_report.format_table(res) + f"\nplot: {res['plot']}")
+                  session_report.format_table(res) + f"\nplot: {res['plot']}")
 
 
 def cmd_bench_accuracy(args) -> int:
@@ -220,7 +220,7 @@ def cmd_bench_accuracy(args) -> int:
                              allocations=tuple(a.strip() for a in args.allocations.split(",") if a.strip()))
     res["plot"] = accuracy_bench.plot(res, args.out)
     return report(args, "bench_accuracy.json", accuracy_bench.to_json(res),
-                   accuracy_bench.format_table(res) + f"\nplot: {res['plot']}")
+                  accuracy_bench.format_table(res) + f"\nplot: {res['plot']}")
 
 
 def cmd_bench_calibration(args) -> int:
