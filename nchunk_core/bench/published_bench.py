@@ -275,7 +275,7 @@ def scale_to_published(res: dict) -> dict:
     frame of the calibrated mode (and to the default frame count, with_total); sensitivity by its
     decoder layer passes at the depth the converter's "auto" would take at L layers (sensitivity.py):
     L + 10 × 4 × L(L+1)/2 at the last layer's output, L + 10 × 4 × L at each input's own layer."""
-    from nchunk_core.convert.sensitivity import MODEL_DEPTH_MINUTES
+    from nchunk_core.convert.sensitivity import LEVELS, MODEL_DEPTH_MINUTES, passes_per_frame
 
     n, big = res["text_layers"], res["published_layers"]
     ratio = big / n
@@ -289,10 +289,8 @@ def scale_to_published(res: dict) -> dict:
     bytes_ratio = (resident + backbone * ratio) / (resident + backbone)
     dense = [r for r in res["frames"] if r["mode"] == conv["frame_mode"] and r["sparsity"] == 0.0]
     vision_share = dense[0]["vision_s"] / dense[0]["total_s"] if dense and dense[0]["total_s"] else 0.0
-    inputs = 4  # bundled groups per layer: q|k|v, o, gate|up, down
-
-    def passes(layers, depth):
-        return layers + 10 * inputs * layers * ((layers + 1) / 2 if depth == "model" else 1)
+    def passes(layers, depth):  # four bundled inputs per layer: q|k|v, o, gate|up, down
+        return passes_per_frame(layers, [k for k in range(layers) for _ in range(4)], len(LEVELS), depth)
 
     per_pass = conv["sensitivity_s"] / passes(n, conv.get("sensitivity_depth", "model"))
     depth = "model" if per_pass * passes(big, "model") <= 60 * MODEL_DEPTH_MINUTES else "layer"

@@ -157,10 +157,11 @@ def _duration(seconds: float) -> str:
         else f"{seconds / 3600:.1f} h"
 
 
-def _passes(n_layers: int, first: list[int], levels: int, depth: str, skip: bool) -> int:
-    """Decoder layer passes per frame: the reference pass, then per input (its layer in `first`) and
-    level the layers from its own (or the first) to the measured one."""
-    return n_layers + levels * sum((k + 1 if depth == "layer" else n_layers) - (k if skip else 0) for k in first)
+def passes_per_frame(n_layers: int, input_layers: list[int], levels: int, depth: str, skip: bool = True) -> int:
+    """Decoder layer passes per frame: the reference pass, then per input (its decoder layer in
+    `input_layers`) and level the layers from its own (`skip`, else the first) to the measured one."""
+    return n_layers + levels * sum((k + 1 if depth == "layer" else n_layers) - (k if skip else 0)
+                                   for k in input_layers)
 
 
 def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype: str = "float32",
@@ -205,10 +206,9 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
         # inputs of one layer run one after another: they share the replayed prefix
         order = sorted(range(len(inputs)), key=lambda i: (own_layer[inputs[i]], i))
         n_layers = len(decoder)
-        first = [own_layer[name] for name in inputs]
-
         def layer_passes(d: str) -> int:
-            return len(frames) * _passes(n_layers, first, len(levels), d, skip_unchanged_layers)
+            return len(frames) * passes_per_frame(n_layers, [own_layer[name] for name in inputs], len(levels), d,
+                                                  skip_unchanged_layers)
 
         measured = "model" if depth == "auto" else depth  # "auto" decides after the first reference pass
         total = layer_passes(measured)
