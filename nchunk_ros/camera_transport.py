@@ -8,7 +8,9 @@ to it over UDP into a 4 MiB socket buffer (config/fastdds_camera*.xml). It leave
 alone when the user configured Fast DDS themselves or runs another RMW.
 
 `SilenceWatch` tells when a camera topic has publishers but no frame has arrived for
-`SILENCE_S` seconds, and logs once per silence what usually causes that (`silence_cause`).
+`SILENCE_S` seconds, and logs once per silence what usually causes that (`silence_cause`). It also
+tells when a topic has more than one publisher: the node appends the frames of all of them as if
+they came from one camera (a forgotten camera process left running, most often).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ PROFILE = "fastdds_camera.xml"
 PROFILE_LOCALHOST = "fastdds_camera_localhost.xml"
 USER_SETTINGS = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE", "RMW_FASTRTPS_USE_QOS_FROM_XML")
 SILENCE_S = 5.0  # publishers present and no frame for this long: warn
+UNKNOWN_NODE = "_NODE_NAME_UNKNOWN_"  # rmw's name for a publisher whose node is not discovered yet
 
 
 def _config_file(name: str) -> Path | None:
@@ -91,6 +94,13 @@ def silence_cause(reliability: str, publisher_reliabilities: list[str], environ=
             "buffers, or frames above 4 MiB): see docs/camera_transport.md, or set qos_reliability to reliable")
 
 
+def publisher_nodes(node, topic: str) -> list[str]:
+    """The fully qualified names of the nodes publishing on `topic`, as `node` (an rclpy Node) sees them
+    ("a node not yet discovered" for a publisher whose node name has not arrived)."""
+    return [f"{i.node_namespace.rstrip('/')}/{i.node_name}" if i.node_name != UNKNOWN_NODE
+            else "a node not yet discovered" for i in node.get_publishers_info_by_topic(topic)]
+
+
 class SilenceWatch:
     """Per camera topic: whether publishers have been present for SILENCE_S seconds without a frame.
 
@@ -109,6 +119,7 @@ class SilenceWatch:
             self._heard = {t: now for t in topics}  # last frame, subscription, or a publisher's arrival
             self._publishers = {t: None for t in topics}  # present at the last update; None: not asked yet
             self._silent: set[str] = set()
+            self._shared: set[str] = set()  # more than one publisher
 
     def frame(self, topic: str, now: float) -> None:
         with self._lock:
@@ -134,6 +145,21 @@ class SilenceWatch:
                     newly.append(topic)
         return newly
 
+    def update_shared(self, publishers: dict[str, int]) -> list[str]:
+        """Topics that have more than one publisher now and did not at the last call, given the number
+        of `publishers` per topic."""
+        with self._lock:
+            shared = {t for t in self._heard if publishers.get(t, 0) > 1}
+            newly = sorted(shared - self._shared)
+            self._shared = shared
+        return newly
+
+    @property
+    def shared(self) -> list[str]:
+        """Topics with more than one publisher at the last check."""
+        with self._lock:
+            return sorted(self._shared)
+
     @property
     def silent(self) -> list[str]:
         """Topics with publishers and no frame for SILENCE_S seconds, now."""
@@ -142,10 +168,17 @@ class SilenceWatch:
 
     def check(self, node, reliability: str) -> list[str]:
         """Ask `node` (an rclpy Node) for the publishers of the watched topics, log one warning for
-        each topic that became silent, and return the silent topics."""
+        each topic that became silent or shared, and return the silent topics (`shared` then holds the
+        shared ones)."""
         with self._lock:
             topics = list(self._heard)
         publishers = {t: node.count_publishers(t) for t in topics}
+        for topic in self.update_shared(publishers):
+            names = sorted(publisher_nodes(node, topic))
+            node.get_logger().warning(
+                f"camera topic {topic} has {publishers[topic]} publishers ({', '.join(names)}): their frames are "
+                f"appended as if from one camera; stop the ones you did not mean to run (a camera process left "
+                f"running?), or give each camera its own topic in image_topics")
         for topic in self.update(publishers):
             offered = ["reliable" if i.qos_profile.reliability == ReliabilityPolicy.RELIABLE else "best_effort"
                        for i in node.get_publishers_info_by_topic(topic)]

@@ -9,8 +9,8 @@ messages; until here they travel as dataclasses. Each message holds one Diagnost
   appended with, the session's device, dtype and reader_threads, its topic and stamp; ERROR with
   the reason when an append failed.
 - INTAKE ("vqa_node: intake"), once a second; key "silent_topics" lists (comma-separated) the camera
-  topics with publishers but no frame for camera_transport.SILENCE_S seconds, and the level is WARN
-  while there are any.
+  topics with publishers but no frame for camera_transport.SILENCE_S seconds, key "shared_topics" the
+  camera topics with more than one publisher, and the level is WARN while either has any.
 - RELOAD ("vqa_node: reload"), after a model reload: OK, or ERROR with the reason; key "changes".
 
 Every status also carries the counters (one key per field of worker.Counters) and frames_in_context.
@@ -60,11 +60,13 @@ def frame_message(stats: FrameStats) -> str:
             f"ms ({mib_s:.0f} MiB/s), {stats.frames_in_context} frames in context")
 
 
-def intake_message(counters: Counters, silent_topics=()) -> str:
-    """The human-readable line of an INTAKE status; `silent_topics`: topics with publishers but no frames."""
+def intake_message(counters: Counters, silent_topics=(), shared_topics=()) -> str:
+    """The human-readable line of an INTAKE status; `silent_topics`: topics with publishers but no frames;
+    `shared_topics`: topics with more than one publisher."""
     silent = f"; publishers but no frames on {', '.join(silent_topics)}" if silent_topics else ""
+    shared = f"; more than one publisher on {', '.join(shared_topics)}" if shared_topics else ""
     return (f"{counters.frames_appended} frames appended, {counters.frames_skipped} skipped, "
-            f"{counters.frames_malformed} malformed{silent}")
+            f"{counters.frames_malformed} malformed{silent}{shared}")
 
 
 def status_array(name: str, level: bytes, message: str, values: dict, counters: Counters,

@@ -17,7 +17,8 @@ Interfaces (node name `vqa_node`):
 - publishes each successful answer's text on `~/answer` (std_msgs/String) and statistics on
   `~/statistics` (diagnostic_msgs/DiagnosticArray; names and keys in diagnostics.py): after every
   frame append, once a second (intake counters; WARN naming the camera topics that have publishers
-  but sent no frame for camera_transport.SILENCE_S seconds, also logged once) and after a model reload.
+  but sent no frame for camera_transport.SILENCE_S seconds, or that have more than one publisher, each
+  also logged once) and after a model reload.
 
 The node is a shell around three parts:
 
@@ -78,6 +79,7 @@ try:  # these take about half a second to load: a Ctrl-C meanwhile ends the vqa_
     from nchunk_interfaces.srv import Ask
 
     from nchunk_ros import camera_transport, diagnostics
+    from nchunk_ros.entry_args import check_arguments
     from nchunk_ros.ask_action import AskActionServer
     from nchunk_ros.image_conversion import message_to_rgb
     from nchunk_ros.parameters import (PARAMETERS, RELOAD_PARAMETERS, SELECTION_PARAMETERS, SESSION_PARAMETERS,
@@ -93,6 +95,16 @@ except KeyboardInterrupt:
     sys.exit(0)
 
 NODE_NAME = "vqa_node"
+USAGE = """vqa_node [-h] [--ros-args [--params-file FILE] [-p NAME:=VALUE ...]]
+ros2 launch nchunk_ros vqa.launch.py [params_file:=FILE]"""
+SUMMARY = ("Answers questions about what the cameras see with a vision-language model whose backbone "
+           "is read from the drive, row by row, for every frame and layer. Subscribes to image_topics, "
+           "serves /ask (nchunk_interfaces/srv/Ask and action/Ask; `nchunk ask \"...\"` from a shell), and "
+           "publishes ~/answer and ~/statistics. Every parameter below also applies live, with `ros2 param "
+           "set /vqa_node NAME VALUE`.")
+EPILOG = ("config/vqa.yaml documents every parameter; `nchunk convert MODEL_DIR STORE` makes a store from a "
+          "Hugging Face checkpoint. Exit status: 0 after Ctrl-C or SIGTERM, 1 when the node cannot start "
+          "(the reason on stderr), 2 for a bad command line.")
 SERVICE = "/ask"
 MAX_QUESTION_CHARS = 4000  # longer questions are refused before they reach the tokenizer
 EXECUTOR_THREADS = MAX_WAITING_ASKS + 6  # waiting /ask calls and goals + the running one + camera, timer, params, action
@@ -306,8 +318,10 @@ class VQANode(Node):
 
     def _publish_intake(self) -> None:
         silent = self._watch.check(self, self._values["qos_reliability"])
-        self.publish_status(diagnostics.INTAKE, DiagnosticStatus.WARN if silent else DiagnosticStatus.OK,
-                            diagnostics.intake_message(self.counters(), silent), {"silent_topics": ",".join(silent)})
+        shared = self._watch.shared
+        self.publish_status(diagnostics.INTAKE, DiagnosticStatus.WARN if silent or shared else DiagnosticStatus.OK,
+                            diagnostics.intake_message(self.counters(), silent, shared),
+                            {"silent_topics": ",".join(silent), "shared_topics": ",".join(shared)})
 
     # -- shutdown -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -329,8 +343,13 @@ class VQANode(Node):
 def main(args=None) -> int:
     """Console entry point `vqa_node`: ROS arguments as usual (--ros-args --params-file FILE -p k:=v).
 
-    Exit status 0 after SIGINT / SIGTERM (also during start-up), 1 when the node cannot start.
+    Exit status 0 after SIGINT / SIGTERM (also during start-up) and after --help, 1 when the node cannot
+    start, 2 for an argument before --ros-args.
     """
+    argv = sys.argv if args is None else args
+    code = check_arguments(argv, NODE_NAME, USAGE, SUMMARY, PARAMETERS, EPILOG)
+    if code is not None:
+        return code
     try:
         return run(args)
     except KeyboardInterrupt:  # Ctrl-C before rclpy's signal handlers are installed, or a second one while stopping

@@ -1,4 +1,4 @@
-"""The node's camera transport set-up and its watch for silent topics, without DDS (the end-to-end
+"""The node's camera transport set-up and its watch for silent and shared topics, without DDS (the end-to-end
 check with a VGA camera in another process is in test_node_robustness.py)."""
 from pathlib import Path
 
@@ -44,6 +44,16 @@ def test_silence_is_reported_once_per_silence_and_only_with_publishers():
     assert watch.update({"/a": 1, "/b": 1}, now=22.0) == []
     assert watch.update({"/a": 1, "/b": 1}, now=22.5) == ["/a"]  # silent again: said again
     assert watch.update({"/a": 0, "/b": 1}, now=23.0) == [] and watch.silent == ["/b"]  # no publisher, no silence
+
+
+def test_a_shared_topic_is_reported_once_while_it_stays_shared():
+    watch = SilenceWatch()
+    watch.restart(["/a", "/b"], now=0.0)
+    assert watch.update_shared({"/a": 1, "/b": 0}) == [] and watch.shared == []
+    assert watch.update_shared({"/a": 2, "/b": 1, "/other": 3}) == ["/a"]  # /other is not watched
+    assert watch.update_shared({"/a": 3, "/b": 2}) == ["/b"] and watch.shared == ["/a", "/b"]
+    assert watch.update_shared({"/a": 1, "/b": 2}) == [] and watch.shared == ["/b"]
+    assert watch.update_shared({"/a": 2, "/b": 2}) == ["/a"]  # shared again: said again
 
 
 def test_silence_causes():

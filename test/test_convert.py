@@ -87,6 +87,29 @@ def test_store_holds_the_model(models, stores, case):
     assert store.verify().ok
 
 
+def test_calibration_encodes_each_frame_once(stores, monkeypatch):
+    """More frames than a context holds: a full context starts again empty instead of rebuilding (a
+    rebuild's replays would cost dense forwards and add no samples)."""
+    from nchunk_core.convert import converter
+    from nchunk_core.runtime.session import SessionConfig
+
+    phases = []
+
+    class Recorder(converter.ImportanceRecorder):
+        def __call__(self, phase, name, x):
+            if name == "layers.0.attn_in":  # once per chunk
+                phases.append(phase)
+            super().__call__(phase, name, x)
+
+    monkeypatch.setattr(converter, "ImportanceRecorder", Recorder)
+    frames = [make_frame(seed=s) for s in range(SessionConfig().max_frames + 3)]
+    log = []
+    converter.calibrate(stores[ARCHS[0]], frames, progress=False, log=log.append)
+    assert phases.count("frame") == len(frames) and "replay" not in phases
+    assert phases.count("prefix") == 2  # a second context after max_frames frames
+    assert not any("rebuilt" in line for line in log)
+
+
 def test_sharded_checkpoint_and_dtype(models, tmp_path):
     """A checkpoint in several shards with an index converts to the same rows; --dtype casts them."""
     model, _ = load_tiny_vlm(models["smolvlm"])

@@ -4,7 +4,7 @@ Every /ask call of a burst gets a response; back-to-back questions do not starve
 damaged or unreadable store fails the frame or question that reads it, with the file, group, row
 and offset, and the node keeps serving; a store replaced on disk is opened again by setting
 store_path to its value; max_new_tokens is held to what the model can hold; a camera topic with
-publishers but no frames is reported. No assertion here bounds a wall-clock time: each asserts an
+publishers but no frames, or with two publishers, is reported. No assertion here bounds a wall-clock time: each asserts an
 outcome, or an age against the configured append interval with a margin.
 """
 import errno
@@ -266,6 +266,24 @@ def test_a_silent_camera_topic_is_reported_once(rig):
     finally:
         tester.set_params(image_topics=[RAW_TOPIC, COMPRESSED_TOPIC])
         tester.destroy_publisher(publisher)
+
+
+def test_a_camera_topic_with_two_publishers_is_reported(rig):
+    tester = rig.tester
+    warnings = node_log(rig, Log.WARN)
+    second = tester.create_publisher(Image, RAW_TOPIC, qos_profile_sensor_data)  # beside rig.tester's own
+    try:
+        status = wait_for(lambda: [(level, v) for name, level, v in list(tester.statuses)
+                                   if name == diagnostics.INTAKE and RAW_TOPIC in v.get("shared_topics", "")],
+                          timeout=TIMEOUT_S, what="the shared topic on ~/statistics")[-1]
+        assert status[0] == DiagnosticStatus.WARN
+        said = wait_for(lambda: [w for w in warnings if "publishers" in w and RAW_TOPIC in w],
+                        what="the warning in the log")
+        assert f"/{tester.get_name()}" in said[0] and "image_topics" in said[0]
+    finally:
+        tester.destroy_publisher(second)
+    wait_for(lambda: [v for name, _, v in list(tester.statuses)[-3:]
+                      if name == diagnostics.INTAKE and v.get("shared_topics") == ""], what="the topic no longer shared")
 
 
 # ---- VGA frames from a camera in another process -----------------------------------------------

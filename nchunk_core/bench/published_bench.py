@@ -184,21 +184,6 @@ def timed_conversion(checkpoint: Path, store: Path, calib: Path, calib_frames: i
             "visual_tokens": calibration["visual_tokens"]}
 
 
-def calibration_forwards(frames: int, max_frames: int = 8) -> int:
-    """Frame forwards a calibration of `frames` frames runs: every frame, and the kept frames
-    (max_frames // 2) that each context rebuild re-encodes (the session's policy, at SessionConfig's
-    default max_frames, which the converter's calibration session uses)."""
-    kept = max_frames // 2
-    context = forwards = 0
-    for _ in range(frames):
-        if context >= max_frames:
-            context = min(kept, context)
-            forwards += context
-        context += 1
-        forwards += 1
-    return forwards
-
-
 def timed_allocation(store: Path, calib: Path, conversion: dict, allocation_frames: int, limit_s: float,
                      threads: int, log: Log) -> dict:
     """`conversion` completed by the allocation step on the frames convert picks for it, and its total."""
@@ -213,13 +198,13 @@ def timed_allocation(store: Path, calib: Path, conversion: dict, allocation_fram
 
 def with_total(conv: dict, default_frames: int | None = None) -> dict:
     """`conv` with the calibration of the converter's default frame count (`calibration_default_s`:
-    measured, or scaled by calibration_forwards from fewer frames and flagged) and the total a user
+    measured, or scaled by the frame count from fewer frames and flagged) and the total a user
     waits with the defaults."""
     from nchunk_core.convert.converter import CALIB_FRAMES
 
     default_frames = default_frames or CALIB_FRAMES
     measured = conv["calib_frames"]
-    scale = calibration_forwards(default_frames) / calibration_forwards(measured)
+    scale = default_frames / measured  # one dense forward per frame (converter.calibrate)
     conv = dict(conv, default_calib_frames=default_frames, calibration_estimated=measured != default_frames,
                 calibration_default_s=round(conv["calibration_s"] * scale, 1))
     conv["total_s"] = round(sum(conv[k] for k in ("write_s", "calibration_default_s", "reorder_s", "sensitivity_s")),

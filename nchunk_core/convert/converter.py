@@ -203,8 +203,10 @@ def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = 
     `mode`, if given, receives the frame mode the frames were encoded in: frame_mode, token_budget
     (or None) and visual_tokens of the first frame (the manifest's calibration record).
 
-    Every frame is a full dense forward (every row read): the time of the first one, logged before
-    the others run, gives the estimate of the whole calibration; a progress bar follows the rest.
+    Every frame is a full dense forward (every row read), in contexts of up to max_frames frames (a
+    full context starts again empty, so no frame is encoded twice): the time of the first one,
+    logged before the others run, gives the estimate of the whole calibration; a progress bar
+    follows the rest.
     """
     from nchunk_core.runtime.select import SelectionSettings
     from nchunk_core.runtime.session import Session, SessionConfig
@@ -227,6 +229,8 @@ def calibrate(store_path: Path, frames: list, device: str = "cpu", dtype: str = 
             f"{len(frames) - 1}")
         for frame in tqdm(frames[1:], desc="calibrating", unit="frame", initial=1, total=len(frames),
                           disable=not progress):
+            if session.frames_in_context >= cfg.max_frames:
+                session.reset()  # a new context: a rebuild would re-encode kept frames, which add no samples
             session.append_frame(load_frame(frame))
     return recorder.results()
 

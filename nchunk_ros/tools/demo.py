@@ -17,6 +17,10 @@ Needs no ROS install (the PyPI wheels of scripts/setup.sh do), no model download
    and an out-of-range value refused with its reason;
 5. the intake counters; then everything shuts down. About 30 s once the drive profile is cached
    (the first run on a drive adds the one-time quick profile).
+
+Exit status 0 when every answer was right, 1 when one was wrong or a step failed. The demo refuses to
+run when another process publishes on its camera topics (a camera left running, most often): its
+frames and ground truth would be mixed with the demo's.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ SCENES = 3  # scenes whose questions are asked
 SETTINGS = (("chunking", 0.0), ("magnitude", 0.5), ("chunking", 0.5), ("chunking", 0.7))
 FRAMES_PER_SETTING = 3
 WAIT_S = 15.0  # for anything that should take a second or two
+TOPICS = ("/camera/image_raw", "/camera/scene")  # the synthetic camera's defaults
 
 
 def _wait_until(condition, timeout_s: float = WAIT_S, what: str = "") -> None:
@@ -79,6 +84,21 @@ def _observer_class():
             return list(future.result().results)
 
     return Observer
+
+
+def other_publishers(node) -> str:
+    """What is wrong when a topic of TOPICS has a publisher besides the demo's camera, as `node` sees
+    the graph; "" when none has."""
+    from nchunk_ros.camera_transport import publisher_nodes
+
+    for topic in TOPICS:
+        names = publisher_nodes(node, topic)
+        if len(names) > 1:
+            return (f"{len(names)} publishers on {topic} ({', '.join(sorted(names))}): another process publishes "
+                    f"on the demo's camera topics, and the demo would ask about its frames with the wrong ground "
+                    f"truth. Stop it (a synthetic_camera left running: `pkill -f synthetic_camera`), or run the "
+                    f"demo with another ROS_DOMAIN_ID")
+    return ""
 
 
 def _next_scene_in_context(observer) -> dict:
@@ -194,6 +214,10 @@ def run(store: str | None = None) -> int:
               f"{NODE['sparsity']:g}, at most {NODE['max_append_rate_hz']:g} frames/s appended, "
               f"answers of up to {NODE['max_new_tokens']} tokens", flush=True)
         _wait_until(lambda: node.session.frames_in_context >= 1, what="the first camera frame")
+        crowded = other_publishers(observer)
+        if crowded:
+            print(f"nchunk demo: {crowded}", file=sys.stderr)
+            return 1
 
         print(f"\n== 1. questions about {SCENES} scenes over /ask (a separate DDS participant, as another "
               f"process would be)")
@@ -245,6 +269,11 @@ def run(store: str | None = None) -> int:
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s. Next: `nchunk convert MODEL_DIR STORE`, then "
               f"`vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=STORE`, "
               f"and `nchunk ask \"...\"` from another shell.")
+        if right < total:
+            crowded = other_publishers(observer)
+            print(f"nchunk demo: {total - right} of {total} answers were wrong" + (f"; {crowded}" if crowded else ""),
+                  file=sys.stderr)
+            return 1
         return 0
     except StartupError as exc:
         print(f"nchunk demo: {exc}", file=sys.stderr)

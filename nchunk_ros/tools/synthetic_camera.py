@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 import rclpy
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
@@ -33,17 +33,28 @@ from std_msgs.msg import String
 from nchunk_core.demo.scenes import (COLUMNS, SPLIT_IDS, Scene, questions_for, random_scene, render_scene,
                                 split_scene)
 
+from nchunk_ros.entry_args import check_arguments
 from nchunk_ros.image_conversion import array_to_image
+from nchunk_ros.parameters import ParamSpec
 
 __all__ = ["SyntheticCamera", "main", "random_scene", "render_scene"]
 
-def _describe(text, lo=None, hi=None, integer=False) -> ParameterDescriptor:
-    d = ParameterDescriptor(description=text)
-    if lo is not None and integer:
-        d.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=1)]
-    elif lo is not None:
-        d.floating_point_range = [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
-    return d
+PARAMETERS = (  # read once: a camera's geometry and rate are fixed while it runs
+    ParamSpec("image_topic", "/camera/image_raw", "topic the frames are published on (sensor_msgs/Image rgb8)"),
+    ParamSpec("scene_topic", "/camera/scene", "topic of each scene's ground truth (std_msgs/String JSON)"),
+    ParamSpec("frame_id", "camera", "header.frame_id of the frames"),
+    ParamSpec("rate_hz", 5.0, "frames per second", 0.1, 120.0),
+    ParamSpec("scene_period_s", 4.0, "seconds between scene changes", 0.1, 3600.0),
+    ParamSpec("width", 320, "frame width in px", 16, 4096),
+    ParamSpec("height", 240, "frame height in px", 16, 4096),
+    ParamSpec("max_shapes", COLUMNS, "most shapes in a scene", 1, COLUMNS),
+    ParamSpec("seed", 0, "seed of the scene generator", 0, 2**31 - 1),
+    ParamSpec("split", "test", "generator split the scenes come from: test (held out from training), val or train"),
+)
+USAGE = "synthetic_camera [-h] [--ros-args -p NAME:=VALUE ...]"
+SUMMARY = ("Publishes scenes of coloured shapes, the kind the built-in model was trained on, as sensor_msgs/Image "
+           "frames, and each scene's ground truth and questions as JSON on scene_topic. The settings are read "
+           "once, at start.")
 
 
 class SyntheticCamera(Node):
@@ -51,23 +62,9 @@ class SyntheticCamera(Node):
 
     def __init__(self, **node_options):
         super().__init__("synthetic_camera", **node_options)
-        # Settings are read once: a camera's geometry and rate are fixed while it runs.
-        self.declare_parameter("image_topic", "/camera/image_raw",
-                               _describe("topic the frames are published on (sensor_msgs/Image rgb8)"))
-        self.declare_parameter("scene_topic", "/camera/scene",
-                               _describe("topic of each scene's ground truth (std_msgs/String JSON)"))
-        self.declare_parameter("frame_id", "camera", _describe("header.frame_id of the frames"))
-        self.declare_parameter("rate_hz", 5.0, _describe("frames per second", 0.1, 120.0))
-        self.declare_parameter("scene_period_s", 4.0, _describe("seconds between scene changes", 0.1, 3600.0))
-        self.declare_parameter("width", 320, _describe("frame width in px", 16, 4096, integer=True))
-        self.declare_parameter("height", 240, _describe("frame height in px", 16, 4096, integer=True))
-        self.declare_parameter("max_shapes", COLUMNS, _describe("most shapes in a scene", 1, COLUMNS, integer=True))
-        self.declare_parameter("seed", 0, _describe("seed of the scene generator", 0, 2**31 - 1, integer=True))
-        self.declare_parameter("split", "test", _describe(
-            "generator split the scenes come from: test (held out from training), val or train"))
-        p = {name: self.get_parameter(name).value for name in
-             ("image_topic", "scene_topic", "frame_id", "rate_hz", "scene_period_s", "width", "height",
-              "max_shapes", "seed", "split")}
+        for spec in PARAMETERS:
+            self.declare_parameter(spec.name, spec.default, spec.descriptor())
+        p = {spec.name: self.get_parameter(spec.name).value for spec in PARAMETERS}
         if p["split"] not in SPLIT_IDS:
             raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, not {p['split']!r}")
         self._p = p
@@ -105,19 +102,28 @@ class SyntheticCamera(Node):
 
 
 def main(args=None) -> int:
-    """Console entry point `synthetic_camera` (ROS arguments as usual: --ros-args -p rate_hz:=10.0)."""
-    rclpy.init(args=sys.argv if args is None else args)
+    """Console entry point `synthetic_camera` (ROS arguments as usual: --ros-args -p rate_hz:=10.0); exit
+    status 0, 1 for a bad parameter value (the reason on stderr), 2 for an argument before --ros-args."""
+    argv = sys.argv if args is None else args
+    code = check_arguments(argv, "synthetic_camera", USAGE, SUMMARY, PARAMETERS)
+    if code is not None:
+        return code
+    rclpy.init(args=argv)
     node = None
+    code = 0
     try:
         node = SyntheticCamera()
         rclpy.spin(node)
+    except (ValueError, ParameterException) as exc:
+        print(f"synthetic_camera: {' '.join(str(exc).split())}", file=sys.stderr)
+        code = 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":
