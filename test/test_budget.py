@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from nchunk_core.io.latency import LatencyTable
-from nchunk_core.runtime.budget import FrameBudget, io_estimator
+from nchunk_core.runtime.budget import NEAR_FASTEST, FrameBudget, io_estimator
 from nchunk_core.runtime.config import SessionConfig
 from nchunk_core.runtime.select import SelectionSettings
 from nchunk_core.runtime.session import Session
@@ -53,6 +53,26 @@ def test_a_smaller_budget_gets_a_higher_sparsity(estimator):
     one = budget.plan(SelectionSettings(0.0, "chunking"), 2.5 * dense_s, 0.9, chunks=1)
     three = budget.plan(SelectionSettings(0.0, "chunking"), 2.5 * dense_s, 0.9, chunks=3)
     assert one.selection.sparsity == 0.0 < three.selection.sparsity
+
+
+def test_a_budget_out_of_reach_costs_no_accuracy_for_a_gain_below_the_noise(estimator):
+    budget = FrameBudget(estimator)
+    plan = budget.plan(SelectionSettings(0.0, "chunking"), budget_s=1e-9, max_sparsity=0.9)
+    assert not plan.met and plan.selection.sparsity == 0.9  # reads are all of the frame: the fastest
+    io_dense, io_fastest = budget.io(SelectionSettings(0.0, "chunking")), budget.io(SelectionSettings(0.9, "chunking"))
+    # a frame whose reads are a small part: besides them it takes 100x what reading every row takes
+    budget.observe(plan, total_s=plan.io_s + 100 * io_dense)
+    plan = budget.plan(SelectionSettings(0.0, "chunking"), budget_s=1e-9, max_sparsity=0.9)
+    assert not plan.met and plan.selection.sparsity == 0.0  # 0.9 would gain under 1 %
+    assert plan.predicted_s <= (budget.base_s + io_fastest) * (1 + NEAR_FASTEST)
+    # where 0.9 gains more than NEAR_FASTEST, the plan takes the lowest sparsity that is that fast
+    budget = FrameBudget(estimator)
+    budget.observe(plan, total_s=plan.io_s + 2 * io_dense)
+    plan = budget.plan(SelectionSettings(0.0, "chunking"), budget_s=1e-9, max_sparsity=0.9)
+    fastest_s = budget.base_s + io_fastest
+    assert 0.0 < plan.selection.sparsity <= 0.9 and plan.predicted_s <= fastest_s * (1 + NEAR_FASTEST)
+    lower = dataclasses.replace(plan.selection, sparsity=round(plan.selection.sparsity - 0.05, 6))
+    assert budget.base_s + budget.io(lower) > fastest_s * (1 + NEAR_FASTEST)
 
 
 def test_planning_uses_a_high_quantile_of_recent_frames(estimator):

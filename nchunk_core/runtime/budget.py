@@ -16,9 +16,10 @@ The estimated time of a frame appended at sparsity s is chunks x (base + io(s)):
   last HISTORY frames, so that a frame fits the budget as often as the recent ones would have.
 
 The plan takes the lowest sparsity on a grid of STEP (0, 0.05, ... up to max_sparsity) whose
-estimate fits; when none does it takes the one with the lowest estimate (usually max_sparsity; on a
-model whose matrices are below the drive's saturation size reading everything can be the fastest)
-and says the budget is not met. Before any frame was measured, base is 0.
+estimate fits. When none does it says the budget is not met and takes the lowest sparsity whose
+estimate is within NEAR_FASTEST of the lowest estimate: usually max_sparsity, but where reads are
+a small part of the frame (a model whose weights are a few MB) a higher sparsity would cost accuracy
+for a gain below the frame-to-frame noise. Before any frame was measured, base is 0.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from nchunk_core.runtime.select import SelectionSettings
 STEP = 0.05  # grid of sparsities the plan chooses from
 HISTORY = 16  # frames whose base time is remembered
 QUANTILE = 0.8  # of the remembered base times, used to plan
+NEAR_FASTEST = 0.05  # a budget that cannot be met: estimates this close to the fastest count as fast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +83,15 @@ class FrameBudget:
             predicted = chunks * (self.base_s + io)
             return BudgetPlan(selection, predicted, predicted <= budget_s, chunks, io)
         base = self.base_s
-        fastest = None
+        options = []  # (selection, io estimate), by rising sparsity
         for option in self.candidates(selection, max_sparsity):
             io = self.io(option)
             predicted = chunks * (base + io)
             if predicted <= budget_s:
                 return BudgetPlan(option, predicted, True, chunks, io)
-            if fastest is None or io < fastest[1] * (1.0 - 1e-6):
-                fastest = (option, io)
-        option, io = fastest
+            options.append((option, io))
+        fastest = min(base + io for _, io in options)
+        option, io = next((o, io) for o, io in options if base + io <= fastest * (1.0 + NEAR_FASTEST))
         return BudgetPlan(option, chunks * (base + io), False, chunks, io)
 
     def plan_frame(self, cfg, chunks: int, log: Callable[[str], None]) -> BudgetPlan:
