@@ -44,11 +44,13 @@ def test_nchunk_demo_answers_questions_about_the_current_scene(tmp_path, monkeyp
         assert expected in out, f"{expected!r} missing from:\n{out}"
     assert "first run on this drive" not in out  # the profile was found in the cache
     assert "Traceback" not in done.stderr and "terminate called" not in done.stderr
-    answers = re.findall(r"  Q: .+? A: (.*?)\s+truth: (.*?)\s+([✓✗])", out)
-    assert len(answers) >= 6, out
-    assert all((a == t) == (mark == "✓") for a, t, mark in answers)
+    answers = re.findall(r"  Q: .+? A: (.*?)\s+truth: (.*?)\s+([✓✗?])  .*?ms(.*)", out)
+    graded = [(a, t, mark) for a, t, mark, late in answers if mark != "?"]
+    assert all(("from a frame of the" in late) == (mark == "?") for *_, mark, late in answers)
+    assert len(graded) >= 6, out  # of 12: the camera moves on every 5 s, and 4 questions take well under that
+    assert all((a == t) == (mark == "✓") for a, t, mark in graded)
     right, total = map(int, re.search(r"(\d+) of (\d+) answers correct", out).groups())
-    assert total == len(answers) and right >= 0.75 * total, out
+    assert total == len(graded) and right >= 0.75 * total, out
     assert done.returncode == (0 if right == total else 1), done.stderr  # a wrong answer fails the demo
     assert (f"{total - right} of {total} answers were wrong" in done.stderr) == (right < total)
 

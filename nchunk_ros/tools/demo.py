@@ -18,7 +18,9 @@ Needs no ROS install (the PyPI wheels of scripts/setup.sh do), no model download
 5. the intake counters; then everything shuts down. About 30 s once the drive profile is cached
    (the first run on a drive adds the one-time quick profile).
 
-Exit status 0 when every answer was right, 1 when one was wrong or a step failed. The demo refuses to
+Exit status 0 when every answer was right, 1 when one was wrong (or none could be graded) or a step
+failed. An answer based on a frame of another scene than the question's (the camera moved on while
+the questions were asked, on a busy machine) is shown with "?" and not graded. The demo refuses to
 run when another process publishes on its camera topics (a camera left running, most often): its
 frames and ground truth would be mixed with the demo's.
 """
@@ -221,7 +223,7 @@ def run(store: str | None = None) -> int:
 
         print(f"\n== 1. questions about {SCENES} scenes over /ask (a separate DDS participant, as another "
               f"process would be)")
-        right = total = 0
+        right = total = ungraded = 0
         with AskClient() as client:
             if not client.wait_for_service(WAIT_S):
                 raise TimeoutError("demo: the /ask service did not appear")
@@ -235,12 +237,17 @@ def run(store: str | None = None) -> int:
                         return 1
                     stamp = response.newest_frame_stamp.sec + response.newest_frame_stamp.nanosec * 1e-9
                     ok = response.answer == q["answer"]
-                    right, total = right + ok, total + 1
                     late = _other_scene(stamp, scene, observer.scene)
+                    if late:  # the truth is of another frame than the one the answer saw: not graded
+                        ungraded += 1
+                    else:
+                        right, total = right + ok, total + 1
+                    mark = "?" if late else "✓" if ok else "✗"
                     print(f"  Q: {q['question']:<36} A: {response.answer:<16} truth: {q['answer']:<16} "
-                          f"{'✓' if ok else '✗'}  {response.total_s * 1e3:4.0f} ms{late}", flush=True)
+                          f"{mark}  {response.total_s * 1e3:4.0f} ms{late}", flush=True)
         print(f"\n{right} of {total} answers correct ({NODE['method']} at sparsity {NODE['sparsity']:g}; "
-              f"{accuracy_note(path)})\n")
+              f"{accuracy_note(path)})" + (f"; {ungraded} answered from another scene's frame, not graded (?)"
+                                           if ungraded else "") + "\n")
 
         print("== 2. selection changed live through the parameter service "
               "(as `ros2 param set /vqa_node sparsity 0.7`)\n")
@@ -269,7 +276,7 @@ def run(store: str | None = None) -> int:
         print(f"\ndemo finished in {time.monotonic() - t0:.1f} s. Next: `nchunk convert MODEL_DIR STORE`, then "
               f"`vqa_node --ros-args --params-file config/vqa.yaml -p store_path:=STORE`, "
               f"and `nchunk ask \"...\"` from another shell.")
-        if right < total:
+        if right < total or not total:
             crowded = other_publishers(observer)
             print(f"nchunk demo: {total - right} of {total} answers were wrong" + (f"; {crowded}" if crowded else ""),
                   file=sys.stderr)
