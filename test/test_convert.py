@@ -17,7 +17,7 @@ from nchunk_core.convert.converter import CONVERTED, convert
 from nchunk_core.runtime.adapters import adapter_class
 from nchunk_core.store import Recommended, Store, StoreError
 from nchunk_core.store.naming import CALIBRATION_PREFIX
-from nchunk_core.testing.tiny_models import ARCHS, build_tiny_vlm, load_tiny_vlm, make_frame
+from nchunk_core.testing.tiny_models import ARCHS, load_tiny_vlm, make_frame
 
 
 @pytest.fixture(scope="module")

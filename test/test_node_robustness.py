@@ -244,7 +244,7 @@ def test_store_replaced_by_rename_is_opened_again_and_a_smaller_model_lowers_max
 # ---- camera topics with publishers but no frames -------------------------------------------------
 
 def test_a_silent_camera_topic_is_reported_once(rig):
-    node, tester = rig.node, rig.tester
+    tester = rig.tester
     topic = "/silent_cam/image_raw"
     warnings = node_log(rig, Log.WARN)
     publisher = tester.create_publisher(Image, topic, qos_profile_sensor_data)  # it never publishes
