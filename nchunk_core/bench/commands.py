@@ -16,6 +16,11 @@ def progress_log(args):
     return (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
 
 
+def items(text: str | None) -> list[str]:
+    """The items of a comma-separated option (None: none), stripped, empty ones left out."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
 def report(args, json_name: str, json_text: str, table: str) -> int:
     """Save a benchmark's JSON result under --out and print it (--json) or its table."""
     Path(args.out, json_name).write_text(json_text)
@@ -200,9 +205,9 @@ def cmd_bench_session(args) -> int:
 
     directory = Path(args.dir) if args.dir else Path(tempfile.gettempdir()) / "nchunk-bench-session"
     log = progress_log(args)
-    sweep = tuple(float(x) for x in args.sweep.split(",") if x.strip())
+    sweep = tuple(float(x) for x in items(args.sweep))
     res = session_bench.run(directory, frames=args.frames, sparsity=args.sparsity, sweep=sweep,
-                            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                            methods=tuple(items(args.methods)),
                             layers=args.layers, threads=args.threads, rounds=args.rounds, log=log)
     res["plot"] = session_report.plot(res, args.out)
     return report(args, "bench_session.json", json.dumps(res, indent=1),
@@ -214,10 +219,10 @@ def cmd_bench_accuracy(args) -> int:
     from nchunk_core.demo.train_settings import TEST_SCENES
 
     res = accuracy_bench.run(args.store, scene_count=args.scenes or TEST_SCENES,
-                             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                             methods=tuple(items(args.methods)),
                              threads=args.threads, log=progress_log(args),
-                             budgets_ms=[float(b) for b in args.budgets_ms.split(",") if b.strip()] or None,
-                             allocations=tuple(a.strip() for a in args.allocations.split(",") if a.strip()))
+                             budgets_ms=[float(b) for b in items(args.budgets_ms)] or None,
+                             allocations=tuple(items(args.allocations)))
     res["plot"] = accuracy_bench.plot(res, args.out)
     return report(args, "bench_accuracy.json", accuracy_bench.to_json(res),
                   accuracy_bench.format_table(res) + f"\nplot: {res['plot']}")
@@ -228,7 +233,7 @@ def cmd_bench_calibration(args) -> int:
     from nchunk_core.demo.model import shipped_store
 
     width, height = (int(v) for v in args.size.lower().split("x"))
-    results = [calibration_bench.run(store, args.frames, [int(n) for n in args.snapshots.split(",") if n.strip()],
+    results = [calibration_bench.run(store, args.frames, [int(n) for n in items(args.snapshots)],
                                      args.held_out, args.frame_tokens, width, height, args.threads,
                                      log=progress_log(args))
                for store in (args.stores or [shipped_store()])]
@@ -245,10 +250,10 @@ def cmd_bench_published(args) -> int:
 
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "nchunk-bench-published"
     sparsities = [float(v) for v in args.sparsities.split(",")] if args.sparsities else None
-    modes = args.modes.split(",") if args.modes else None
+    modes = items(args.modes) or None
     run = {"argv": sys.argv[1:], "start": published_bench.machine()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731 (long run: progress even with --json)
-    for layout in [name for name in args.layouts.split(",") if name]:
+    for layout in items(args.layouts):
         arch_modes = published_bench.adapter_modes(layout)
         res = published_bench.run_layout(
             layout, work, dimensions=args.dimensions, text_layers=args.qwen_layers if layout == "qwen2_5_vl" else None,

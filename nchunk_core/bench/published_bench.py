@@ -187,11 +187,10 @@ def timed_conversion(checkpoint: Path, store: Path, calib: Path, calib_frames: i
 def timed_allocation(store: Path, calib: Path, conversion: dict, allocation_frames: int, limit_s: float,
                      threads: int, log: Log) -> dict:
     """`conversion` completed by the allocation step on the frames convert picks for it, and its total."""
-    from nchunk_core.convert.converter import calibration_frames
+    from nchunk_core.convert.converter import calibration_frames, spread
 
     _, frames = calibration_frames(calib, conversion["calib_frames"], log)
-    picks = np.linspace(0, len(frames) - 1, min(allocation_frames, len(frames))).round().astype(int)
-    out = dict(conversion, **timed_sensitivity(store, [frames[i] for i in picks], limit_s, threads, log,
+    out = dict(conversion, **timed_sensitivity(store, spread(frames, allocation_frames), limit_s, threads, log,
                                                estimate_frames=allocation_frames))
     return with_total(out)
 
@@ -274,6 +273,7 @@ def scale_to_published(res: dict) -> dict:
     bytes_ratio = (resident + backbone * ratio) / (resident + backbone)
     dense = [r for r in res["frames"] if r["mode"] == conv["frame_mode"] and r["sparsity"] == 0.0]
     vision_share = dense[0]["vision_s"] / dense[0]["total_s"] if dense and dense[0]["total_s"] else 0.0
+
     def passes(layers, depth):  # four bundled inputs per layer: q|k|v, o, gate|up, down
         return passes_per_frame(layers, [k for k in range(layers) for _ in range(4)], len(LEVELS), depth)
 
@@ -284,7 +284,7 @@ def scale_to_published(res: dict) -> dict:
                 sensitivity_s=round(per_pass * passes(big, depth), 1), sensitivity_estimated=True,
                 sensitivity_depth=depth)
     conv = with_total(conv, conv["default_calib_frames"])
-    for key in ("measured_wall_s", "sensitivity_measured_s", "layer_passes"):
+    for key in ("sensitivity_measured_s", "layer_passes"):
         conv.pop(key, None)
     return {"from_layers": n, "to_layers": big, "frames": frames, "conversion": conv,
             "how": scale_to_published.__doc__.split(":", 1)[1].strip()}

@@ -123,6 +123,13 @@ def copy_model_files(model_dir: Path, store: Path) -> list[str]:
 
 # ---- calibration -----------------------------------------------------------------------------------
 
+def spread(items: list, count: int) -> list:
+    """Up to `count` of `items`, evenly spaced from the first to the last (all of them when fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
+
+
 def calibration_frames(directory, limit: int, log: Log):
     """(source description, list of frame paths or images): up to `limit` frames spread over the folder.
 
@@ -143,9 +150,7 @@ def calibration_frames(directory, limit: int, log: Log):
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"calibration folder {directory} holds no {'/'.join(FRAME_SUFFIXES)} images")
-    if len(files) > limit:  # frames of a video: spread the picks over the whole clip
-        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
-    return str(directory), files
+    return str(directory), spread(files, limit)  # frames of a video: picks over the whole clip
 
 
 def load_frame(frame):
@@ -345,8 +350,7 @@ def convert(model_dir, store_dir, calib=None, *, bundle: bool = True, dtype: str
             if allocation:
                 from nchunk_core.convert.sensitivity import calibrate_allocation
 
-                picks = np.linspace(0, len(frames) - 1, min(allocation_frames, len(frames))).round().astype(int)
-                calibrate_allocation(final, [load_frame(frames[i]) for i in picks], device=calib_device,
+                calibrate_allocation(final, [load_frame(f) for f in spread(frames, allocation_frames)], device=calib_device,
                                      dtype=calib_dtype, threads=threads, source=frames_source, progress=progress,
                                      log=log, frame_tokens=frame_tokens, depth=sensitivity_depth)
                 done("allocation_s")

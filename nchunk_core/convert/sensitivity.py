@@ -206,9 +206,10 @@ def measure(store_path, frames: list, levels=LEVELS, device: str = "cpu", dtype:
         # inputs of one layer run one after another: they share the replayed prefix
         order = sorted(range(len(inputs)), key=lambda i: (own_layer[inputs[i]], i))
         n_layers = len(decoder)
+        input_layers = [own_layer[name] for name in inputs]
+
         def layer_passes(d: str) -> int:
-            return len(frames) * passes_per_frame(n_layers, [own_layer[name] for name in inputs], len(levels), d,
-                                                  skip_unchanged_layers)
+            return len(frames) * passes_per_frame(n_layers, input_layers, len(levels), d, skip_unchanged_layers)
 
         measured = "model" if depth == "auto" else depth  # "auto" decides after the first reference pass
         total = layer_passes(measured)
