@@ -38,7 +38,7 @@ def merged(out_dir, run: dict) -> dict:
 def _seconds(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.1f}" if value < 120 else f"{value:.0f} ({value / 60:.1f} min)"
+    return f"{value:.1f} s" if value < 120 else f"{value:.0f} s ({value / 60:.1f} min)"
 
 
 def _conversion_line(conv: dict, label: str) -> str:
@@ -46,7 +46,7 @@ def _conversion_line(conv: dict, label: str) -> str:
     calib = f"{conv['calibration_default_s']:.1f} ({conv['default_calib_frames']} frames, {conv['frame_mode']}"
     if conv["calibration_estimated"]:
         calib += f"; ESTIMATED from {conv['calib_frames']} frames measured in {conv['calibration_s']:.1f} s"
-    return (f"  conversion{label}: {_seconds(conv['total_s'])} s = write {conv['write_s']:.1f} + calibration "
+    return (f"  conversion{label}: {_seconds(conv['total_s'])} = write {conv['write_s']:.1f} + calibration "
             f"{calib}) + reorder "
             f"{conv['reorder_s']:.1f} + sensitivity {conv['sensitivity_s']:.1f} "
             f"({conv.get('allocation_frames', '?')} frames, at {conv.get('sensitivity_depth', 'model')} depth){flag}")
