@@ -15,7 +15,7 @@ ENTRY_POINTS = {"nchunk_ros.vqa_node": parameters.PARAMETERS, "nchunk_ros.tools.
                 synthetic_camera.PARAMETERS}
 
 
-def entry_point(module, *args, timeout=60):
+def entry_point(module, *args, timeout=180):  # a hang guard, not a speed bound
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
 
 
